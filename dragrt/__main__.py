@@ -1,0 +1,3 @@
+from dragrt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Shared test setup: offline hubs, the Triton interpreter on CPU machines, markers, fixed seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from dragrt.runtime.config import cuda_usable  # noqa: E402
+
+HAS_CUDA = cuda_usable()
+if not HAS_CUDA:
+    # Without a GPU the Triton kernels run through Triton's interpreter, on CPU tensors (tiny shapes).
+    # Must be set before the first Triton kernel module is imported (they are imported lazily).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--require-cuda", action="store_true", default=False,
+                     help="fail (instead of skip) tests marked cuda when no GPU is usable; "
+                          "also set by DRAGRT_REQUIRE_CUDA=1")
+
+
+def _tensorrt_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:
+        return ("TensorRT is not installed here (its PyPI packages fetch their libraries from NVIDIA at "
+                f"install time, which this environment cannot reach): {type(exc).__name__}")
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "cuda" in item.keywords and not HAS_CUDA:
+        require = item.config.getoption("--require-cuda") or os.environ.get("DRAGRT_REQUIRE_CUDA", "0") not in ("", "0")
+        if require:
+            pytest.fail("needs a CUDA GPU, and --require-cuda / DRAGRT_REQUIRE_CUDA=1 forbids skipping it")
+        pytest.skip("needs a CUDA GPU (run on the device machine: bash bench/gpu.sh)")
+    if "trt" in item.keywords:
+        reason = _tensorrt_reason()
+        if reason:
+            pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The fast device of this machine: CUDA when usable, else the CPU."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
