@@ -7,9 +7,10 @@ which implementation runs is decided at call time by :mod:`dragrt.kernels.dispat
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from dragrt.kernels import dispatch, reference
 from dragrt.kernels import triton as _triton_impls  # noqa: F401  (registers the Triton implementations)
-from torch import Tensor
 
 
 def _select(op: str, t: Tensor) -> dispatch.Implementation:

@@ -24,8 +24,9 @@ affine map ``x * n / S``, which differs wherever a native pixel centre falls bet
 from __future__ import annotations
 
 import torch
-from dragrt.kernels import dispatch
 from torch import Tensor
+
+from dragrt.kernels import dispatch
 
 METRICS = ("l1", "l2")
 

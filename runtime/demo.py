@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
 from dragrt.kernels import bilinear_sample, patch_track
 from dragrt.runtime.config import RuntimeConfig
-from PIL import Image, ImageDraw
 
 WHAT_IT_IS = (
     "no generative model has landed yet (DragGAN engine: issue #5, model zoo: issue #7), so this demo drags a "
@@ -95,9 +96,13 @@ def _draw(img: torch.Tensor, handles: torch.Tensor, targets: torch.Tensor, scale
     return pil
 
 
-def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 300, lr: float = 0.5,
+def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 400, lr: float = 1.0,
              device: str = "auto", progress: bool = True) -> dict:
-    """Drag two handles of a procedural image; write before.png, after.png, drag.gif and edit.json."""
+    """Drag two handles of a procedural image; write before.png, after.png, drag.gif and edit.json.
+
+    ``lr`` is Adam's step on the disc centres, in pixels (DragGAN's 1e-3 is for StyleGAN's ``w``). With
+    seed 0 at 256 px, lr 0.5 left the handles 10-30 px short after 300 steps; lr 1.0 reached in 248.
+    """
     from tqdm import tqdm
 
     if size < 64 or size > 1024 or size % 2:
@@ -184,7 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("dragrt-demo"), help="output folder (default: ./dragrt-demo)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels, 64-1024 (default 256)")
-    p.add_argument("--steps", type=int, default=300, help="maximum optimisation steps, 1-10000 (default 300)")
+    p.add_argument("--steps", type=int, default=400, help="maximum optimisation steps, 1-10000 (default 400)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 

@@ -12,6 +12,7 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from dragrt.runtime.config import cuda_usable  # noqa: E402
 
 HAS_CUDA = cuda_usable()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+
 from dragrt.kernels import dispatch
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from dragrt.kernels.triton.bilinear_sample import _corner
 from torch import Tensor
+
+from dragrt.kernels.triton.bilinear_sample import _corner
 
 
 @triton.jit

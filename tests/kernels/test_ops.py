@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dragrt.kernels import bilinear_sample, masked_blend, patch_track, reference, use_kernels
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

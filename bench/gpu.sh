@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Run dragrt's GPU work on a bare GPU machine that has torch and triton but no network.
+#
+#   bash bench/gpu.sh OUT_DIR [STEP ...]
+#
+# Steps (default: info cuda-tests):
+#   info          dragrt info (text and JSON)
+#   cuda-tests    the tests marked cuda, with skips turned into failures (--require-cuda)
+#   tests         the whole test suite on this machine (GPU tests included)
+#   bench:NAME    one benchmark scenario (dragrt bench list names them); results JSON under OUT_DIR/results
+#
+# Wheels of packages the machine lacks (diffusers, importlib_metadata, xformers, ...) are installed from
+# the folder .whl/ at the repository root, or from $DRAGRT_WHEELS, without touching the network
+# (CONTRIBUTING.md says how to fetch them). Logs and results go to OUT_DIR.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(info cuda-tests)
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out/results"
+cd "$root" || exit 1
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DRAGRT_BENCH_RESULTS="$out/results"
+
+wheels=${DRAGRT_WHEELS:-$root/.whl}
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  site=/tmp/dragrt-site
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
+    || { echo "gpu.sh: installing the wheels in $wheels failed" >&2; exit 1; }
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# dragrt itself: an editable install from this checkout, with no dependency resolution (offline).
+$py -m pip install -q --no-index --no-deps --no-build-isolation -e "$root" >"$out/install.log" 2>&1 \
+  || { echo "gpu.sh: pip install -e failed (see $out/install.log)" >&2; cat "$out/install.log" >&2; exit 1; }
+
+status=0
+for step in "${steps[@]}"; do
+  echo "=== gpu.sh: $step"
+  case "$step" in
+    info)
+      $py -m dragrt info | tee "$out/info.txt" || status=1
+      $py -m dragrt info --json >"$out/info.json" || status=1 ;;
+    cuda-tests)
+      $py -m pytest -m cuda --require-cuda -q -p no:cacheprovider 2>&1 | tee "$out/cuda-tests.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    tests)
+      $py -m pytest --require-cuda -q -p no:cacheprovider 2>&1 | tee "$out/tests.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    bench:*)
+      $py -m dragrt bench run "${step#bench:}" --out "$out/results" 2>&1 | tee -a "$out/bench.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    *)
+      echo "gpu.sh: unknown step '$step' (info, cuda-tests, tests, bench:NAME)" >&2; status=2 ;;
+  esac
+done
+exit $status

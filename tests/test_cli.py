@@ -1,0 +1,56 @@
+"""The dragrt command: info tells the truth, unfinished commands say so, bad input gets one clear line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dragrt import cli
+
+
+def test_info_json_reports_versions_devices_and_kernels(capsys) -> None:
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["packages"]["torch"] == torch.__version__.split("+")[0] or info["packages"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+    assert info["devices"][0]["type"] == "cpu"
+    assert (len(info["devices"]) > 1) == torch.cuda.is_available()
+    ops = info["kernels"]
+    assert {"bilinear_sample", "patch_track", "masked_blend"} <= set(ops)
+    for op in ops.values():
+        assert op["reference"]["cpu"] == "usable"
+        assert set(op["triton"]) == {"cpu", "cuda"}
+    if not torch.cuda.is_available():
+        assert info["cuda_unavailable_reason"]
+        assert ops["patch_track"]["triton"]["cuda"] != "usable"
+
+
+def test_info_text_explains_refusals(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "kernel implementations" in out and "patch_track" in out
+    if not torch.cuda.is_available():
+        assert "set TRITON_INTERPRET=1" in out
+        assert "no GPU:" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "convert", "serve"])
+def test_unfinished_commands_say_so_and_fail(command, capsys) -> None:
+    assert cli.main([command]) == cli.EXIT_NOT_AVAILABLE
+    err = capsys.readouterr().err
+    assert "not available yet" in err and "issue" in err
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_demo_bad_size_is_one_clear_error(capsys, tmp_path) -> None:
+    assert cli.main(["demo", "--size", "7", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "size=7 is not allowed" in err and "64 to 1024" in err
+    assert "Traceback" not in err

@@ -1,0 +1,64 @@
+"""Packaging: one import name, no shadowed top-level packages, a working plain checkout, README == CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+def test_subpackages_import_under_dragrt() -> None:
+    import dragrt.bench
+    import dragrt.export
+    import dragrt.kernels
+    import dragrt.runtime.config
+
+    assert Path(dragrt.kernels.__file__).parent.name == "kernels"
+    assert dragrt.runtime.config.RuntimeConfig
+
+
+def test_folders_refuse_to_be_top_level_packages() -> None:
+    proc = _run("import kernels", cwd=ROOT)
+    assert proc.returncode != 0
+    assert "this folder is the package 'dragrt.kernels'" in proc.stderr
+
+
+def test_plain_checkout_works_without_install(tmp_path) -> None:
+    """A copy of the tree with no install imports dragrt.kernels from the copy (the checkout's own files)."""
+    for name in ("dragrt", "kernels", "runtime", "export", "bench"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    code = ("import sys; sys.path.insert(0, '.'); import dragrt, dragrt.kernels, dragrt.runtime.config; "
+            "print(dragrt.kernels.__file__); from dragrt.cli import main; raise SystemExit(main(['--version']))")
+    proc = _run(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith(str(tmp_path))
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    demo_cmd, test_cmd = blocks
+    assert demo_cmd.endswith("dragrt demo")
+    assert test_cmd.endswith("pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert test_cmd in ci
+    # Both commands pin the CPU torch first: a CPU machine never pulls a CUDA build.
+    assert demo_cmd.startswith("pip install torch==") and test_cmd.startswith("pip install torch==")
+    # The README's first lines lead to the two commands.
+    assert readme.index(demo_cmd) < readme.index(test_cmd) < readme.index("## ")
+
+
+def test_markers_are_declared() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    for marker in ("cuda:", "slow:", "trt:"):
+        assert marker in text
