@@ -39,6 +39,17 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def collect_info() -> dict:
     """Everything ``dragrt info`` reports, as plain data (also used by the benchmarks and tests)."""
     import torch
@@ -47,7 +58,7 @@ def collect_info() -> dict:
     from dragrt.kernels import dispatch
     from dragrt.runtime.config import RuntimeConfig, cuda_usable
 
-    devices = [{"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}]
+    devices = [{"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}]
     if cuda_usable():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)

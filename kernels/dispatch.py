@@ -58,6 +58,11 @@ class Implementation:
     def refusal(self, device: torch.device | str, dtype: torch.dtype | None) -> str | None:
         """``None`` if this implementation can run on ``device``/``dtype`` here, else why not."""
         dev = torch.device(device).type
+        if dev == "cuda":
+            from dragrt.runtime.config import cuda_usable
+
+            if not cuda_usable():
+                return "no CUDA GPU is usable in this process"
         if self.requirement is not None:
             reason = self.requirement(dev)
             if reason:
@@ -217,9 +222,7 @@ def triton_requirement(device_type: str) -> str | None:
     if err:
         return err
     if device_type == "cuda":
-        from dragrt.runtime.config import cuda_usable
-
-        return None if cuda_usable() else "no CUDA GPU is usable in this process"
+        return None  # whether a GPU is usable is checked for every implementation
     if device_type == "cpu":
         return None if triton_interpret() else "on the CPU only under the interpreter (set TRITON_INTERPRET=1)"
     return f"no Triton backend for {device_type}"

@@ -99,18 +99,21 @@ def patch_track(feat: Tensor, ref_vectors: Tensor, centers: Tensor, radius: int,
 # --- masked_blend ------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("dragrt::masked_blend", mutates_args=())
-def _masked_blend_op(fg: Tensor, src: Tensor, mask: Tensor, alpha: Tensor | None, noise: Tensor | None) -> Tensor:
-    return _select("masked_blend", fg).fn(fg, src, mask, alpha, noise)
+def _masked_blend_op(fg: Tensor, src: Tensor, mask: Tensor, alpha: Tensor | None, alpha_scalar: float,
+                     noise: Tensor | None) -> Tensor:
+    alpha_t = alpha if alpha is not None else alpha_scalar
+    return _select("masked_blend", fg).fn(fg, src, mask, alpha_t, noise)
 
 
 @_masked_blend_op.register_fake
-def _(fg, src, mask, alpha, noise) -> Tensor:
+def _(fg, src, mask, alpha, alpha_scalar, noise) -> Tensor:
     return torch.empty_like(fg)
 
 
 def _blend_setup(ctx, inputs, output) -> None:
-    fg, src, mask, alpha, noise = inputs
+    fg, src, mask, alpha, alpha_scalar, noise = inputs
     ctx.save_for_backward(fg, src, mask, alpha, noise)
+    ctx.alpha_scalar = alpha_scalar
 
 
 def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
@@ -122,19 +125,20 @@ def _blend_backward(ctx, grad: Tensor):
     fg, src, mask, alpha, noise = ctx.saved_tensors
     acc = torch.float64 if fg.dtype == torch.float64 else torch.float32
     g, m = grad.to(acc), mask.to(acc)
-    bg_scale = None if noise is None else torch.sqrt(alpha.to(acc))[:, None, None, None]
-    bg = src.to(acc) if noise is None else bg_scale * src.to(acc) + torch.sqrt(1 - alpha.to(acc))[
-        :, None, None, None] * noise.to(acc)
     g_bg = g * (1 - m)
+    if noise is None:
+        src_scale, noise_scale, bg = 1.0, 0.0, src.to(acc)
+    else:
+        a = alpha.to(acc)[:, None, None, None] if alpha is not None else torch.tensor(ctx.alpha_scalar, dtype=acc)
+        src_scale, noise_scale = torch.sqrt(a), torch.sqrt(1 - a)
+        bg = src_scale * src.to(acc) + noise_scale * noise.to(acc)
     d_fg = (g * m).to(fg.dtype) if ctx.needs_input_grad[0] else None
-    d_src = None
-    if ctx.needs_input_grad[1]:
-        d_src = _sum_to(g_bg if bg_scale is None else g_bg * bg_scale, src.shape).to(src.dtype)
+    d_src = _sum_to(g_bg * src_scale, src.shape).to(src.dtype) if ctx.needs_input_grad[1] else None
     d_mask = _sum_to(g * (fg.to(acc) - bg), mask.shape).to(mask.dtype) if ctx.needs_input_grad[2] else None
     d_noise = None
-    if noise is not None and ctx.needs_input_grad[4]:
-        d_noise = (g_bg * torch.sqrt(1 - alpha.to(acc))[:, None, None, None]).to(noise.dtype)
-    return d_fg, d_src, d_mask, None, d_noise
+    if noise is not None and ctx.needs_input_grad[5]:
+        d_noise = (g_bg * noise_scale).to(noise.dtype)
+    return d_fg, d_src, d_mask, None, None, d_noise
 
 
 _masked_blend_op.register_autograd(_blend_backward, setup_context=_blend_setup)
@@ -143,13 +147,16 @@ _masked_blend_op.register_autograd(_blend_backward, setup_context=_blend_setup)
 def masked_blend(fg: Tensor, src: Tensor, mask: Tensor, alpha_t: float | Tensor | None = None,
                  noise: Tensor | None = None) -> Tensor:
     """``fg * m + (sqrt(alpha_t) * src + sqrt(1 - alpha_t) * noise) * (1 - m)``, or ``fg * m + src * (1 - m)``
-    without ``noise``. ``mask`` 1 = keep ``fg``; broadcasts over batch and channels.
-    Definition: :func:`dragrt.kernels.reference.masked_blend`.
+    without ``noise``. ``mask`` 1 = keep ``fg``; broadcasts over batch and channels. A Python number
+    ``alpha_t`` travels as a kernel argument (no host-to-device copy, so the call can be graph-captured);
+    a tensor gives one alpha per sample. Definition: :func:`dragrt.kernels.reference.masked_blend`.
     """
     reference._check_blend_args(fg, src, mask, noise)
-    alpha = reference.alpha_vector(alpha_t, fg.shape[0], fg.device)
-    if noise is not None and alpha is None:
-        raise ValueError("alpha_t is required when noise is given (alphas_cumprod[t], in [0, 1])")
     if noise is None:
-        alpha = None
-    return torch.ops.dragrt.masked_blend(fg, src, mask, None if alpha is None else alpha.contiguous(), noise)
+        return torch.ops.dragrt.masked_blend(fg, src, mask, None, 1.0, None)
+    if alpha_t is None:
+        raise ValueError("alpha_t is required when noise is given (alphas_cumprod[t], in [0, 1])")
+    if isinstance(alpha_t, (int, float)):
+        return torch.ops.dragrt.masked_blend(fg, src, mask, None, reference.check_alpha(alpha_t), noise)
+    alpha = reference.alpha_vector(alpha_t, fg.shape[0], fg.device)
+    return torch.ops.dragrt.masked_blend(fg, src, mask, alpha.contiguous(), 1.0, noise)

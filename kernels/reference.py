@@ -23,6 +23,8 @@ affine map ``x * n / S``, which differs wherever a native pixel centre falls bet
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -242,6 +244,14 @@ def _check_blend_args(fg: Tensor, src: Tensor, mask: Tensor, noise: Tensor | Non
             raise ValueError(f"{name} is on {t.device} but fg is on {fg.device}")
 
 
+def check_alpha(alpha_t: float) -> float:
+    """A number ``alpha_t`` as a float in [0, 1], else a ``ValueError`` naming the range."""
+    a = float(alpha_t)
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"alpha_t={alpha_t!r} is not allowed; it is alphas_cumprod[t], in [0, 1]")
+    return a
+
+
 def alpha_vector(alpha_t: float | Tensor | None, n: int, device: torch.device) -> Tensor | None:
     """``alpha_t`` (a float, a 0-d tensor or ``[N]`` per sample) as a float32 ``[N]`` tensor."""
     if alpha_t is None:
@@ -279,10 +289,13 @@ def masked_blend(fg: Tensor, src: Tensor, mask: Tensor, alpha_t: float | Tensor 
     acc = torch.float64 if fg.dtype == torch.float64 else torch.float32
     bg = src.to(acc)
     if noise is not None:
-        a = alpha_vector(alpha_t, fg.shape[0], fg.device)
-        if a is None:
+        if alpha_t is None:
             raise ValueError("alpha_t is required when noise is given")
-        a = a.to(acc)[:, None, None, None]
-        bg = torch.sqrt(a) * bg + torch.sqrt(1.0 - a) * noise.to(acc)
+        if isinstance(alpha_t, (int, float)):
+            a = check_alpha(alpha_t)
+            bg = math.sqrt(a) * bg + math.sqrt(1.0 - a) * noise.to(acc)
+        else:
+            av = alpha_vector(alpha_t, fg.shape[0], fg.device).to(acc)[:, None, None, None]
+            bg = torch.sqrt(av) * bg + torch.sqrt(1.0 - av) * noise.to(acc)
     m = mask.to(acc)
     return (fg.to(acc) * m + bg * (1.0 - m)).to(fg.dtype)

@@ -117,13 +117,13 @@ def test_affine_map_is_not_the_upsample() -> None:
 
 @pytest.mark.parametrize("shape,size", [((2, 5, 7, 9), (28, 36)), ((1, 3, 13, 11), (52, 44)), ((1, 4, 5, 6), None),
                                         ((1, 2, 16, 16), (64, 64))])
-def test_bilinear_sample_equals_draggan_path(shape, size) -> None:
+def test_bilinear_sample_equals_draggan_path(device, shape, size) -> None:
     feat = torch.randn(*shape, dtype=torch.float64)
     gh, gw = size or shape[-2:]
     pts = edge_points(gh, gw, extra=9).double()
     for impl in ("reference", "triton"):
         if impl == "triton":
-            feat32, pts32 = feat.float(), pts.float()
+            feat32, pts32 = feat.float().to(device), pts.float().to(device)
             with use_kernels("triton"):
                 got = bilinear_sample(feat32, pts32, size)
             assert_close(got, draggan_sample(feat32, pts32, (gh, gw)))
@@ -133,9 +133,9 @@ def test_bilinear_sample_equals_draggan_path(shape, size) -> None:
             torch.testing.assert_close(got, draggan_sample(feat, pts, (gh, gw)), atol=1e-12, rtol=1e-12)
 
 
-def test_bilinear_sample_equals_dragdiffusion_patch() -> None:
+def test_bilinear_sample_equals_dragdiffusion_patch(device) -> None:
     """DragDiffusion: up_blocks[2] map upsampled to half the image, 3x3 patch shifted by a unit vector."""
-    feat = torch.randn(1, 6, 16, 16)
+    feat = torch.randn(1, 6, 16, 16, device=device)
     size = (64, 64)
     up = F.interpolate(feat, size, mode="bilinear", align_corners=False)
     for (hx, hy), (dx, dy) in [((20, 31), (0.6, -0.8)), ((5, 60), (-0.28, 0.96)), ((40, 2), (1.0, 0.0))]:
@@ -143,7 +143,7 @@ def test_bilinear_sample_equals_dragdiffusion_patch() -> None:
         c1, c2 = max(0, hx - 1), min(size[1], hx + 2)
         lit = dragdiffusion_patch(up, r1 + dy, r2 + dy, c1 + dx, c2 + dx)  # [1, C, rows, cols]
         ys, xs = torch.meshgrid(torch.arange(r1, r2) + dy, torch.arange(c1, c2) + dx, indexing="ij")
-        pts = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).float()
+        pts = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1).float().to(device)
         for impl in ("reference", "triton"):
             with use_kernels(impl):
                 got = bilinear_sample(feat, pts, size)
@@ -184,14 +184,14 @@ def test_bilinear_sample_backward_triton_matches_reference(device, dtype) -> Non
     torch.testing.assert_close(grads["triton"].double(), grads["reference"].double(), atol=4 * atol, rtol=4 * rtol)
 
 
-def test_bilinear_sample_backward_touches_only_taps() -> None:
-    feat = torch.randn(1, 4, 9, 9, requires_grad=True)
-    pts = torch.tensor([[2.0, 3.0]])  # integer point on the native grid: exactly one pixel
+def test_bilinear_sample_backward_touches_only_taps(device) -> None:
+    feat = torch.randn(1, 4, 9, 9, device=device, requires_grad=True)
+    pts = torch.tensor([[2.0, 3.0]], device=device)  # integer point on the native grid: exactly one pixel
     with use_kernels("triton"):
         bilinear_sample(feat, pts).sum().backward()
     nz = feat.grad.abs().sum(1)[0].nonzero().tolist()
     assert nz == [[3, 2]]
-    torch.testing.assert_close(feat.grad[0, :, 3, 2], torch.ones(4))
+    torch.testing.assert_close(feat.grad[0, :, 3, 2], torch.ones(4, device=device))
 
 
 def test_bilinear_sample_gradcheck_float64() -> None:
@@ -214,7 +214,7 @@ def test_bilinear_sample_rejects_bad_input() -> None:
 
 @pytest.mark.parametrize("metric", ["l1", "l2"])
 @pytest.mark.parametrize("size,radius", [((44, 52), 5), (None, 3), ((26, 33), 2)])
-def test_patch_track_equals_literal(metric, size, radius) -> None:
+def test_patch_track_equals_literal(device, metric, size, radius) -> None:
     feat = torch.randn(1, 23, 11, 13)
     gh, gw = size or (11, 13)
     centers = torch.tensor([[3.0, 4.0], [gw - 1, gh - 1], [0.0, 0.0], [gw / 2, 1.0], [gw - 2.0, gh / 2]])
@@ -230,15 +230,15 @@ def test_patch_track_equals_literal(metric, size, radius) -> None:
     expected = literal_track(feat, refs, centers, radius, metric, size)
     for impl in ("reference", "triton"):
         with use_kernels(impl):
-            got = patch_track(feat, refs, centers, radius, metric, size)
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+            got = patch_track(feat.to(device), refs.to(device), centers.to(device), radius, metric, size)
+        torch.testing.assert_close(got.cpu(), expected, atol=0, rtol=0)
 
 
-def test_patch_track_ties_go_to_the_first_candidate() -> None:
-    feat = torch.ones(1, 5, 9, 9)
-    refs = torch.zeros(3, 5)
-    centers = torch.tensor([[4.0, 4.0], [0.0, 8.0], [8.4, 1.6]])
-    expected = torch.tensor([[2.0, 2.0], [0.0, 6.0], [6.0, 0.0]])  # top-left of each clipped window
+def test_patch_track_ties_go_to_the_first_candidate(device) -> None:
+    feat = torch.ones(1, 5, 9, 9, device=device)
+    refs = torch.zeros(3, 5, device=device)
+    centers = torch.tensor([[4.0, 4.0], [0.0, 8.0], [8.4, 1.6]], device=device)
+    expected = torch.tensor([[2.0, 2.0], [0.0, 6.0], [6.0, 0.0]], device=device)  # top-left of clipped windows
     for impl in ("reference", "triton"):
         with use_kernels(impl):
             torch.testing.assert_close(patch_track(feat, refs, centers, 2, "l1"), expected)
@@ -273,7 +273,7 @@ def test_patch_track_rejects_bad_input() -> None:
 def blend_formula(fg, src, mask, alpha, noise):
     if noise is None:
         return fg * mask + src * (1 - mask)
-    a = torch.as_tensor(alpha, dtype=fg.dtype).reshape(-1, 1, 1, 1)
+    a = torch.as_tensor(alpha, dtype=fg.dtype, device=fg.device).reshape(-1, 1, 1, 1)
     return fg * mask + (a.sqrt() * src + (1 - a).sqrt() * noise) * (1 - mask)
 
 
@@ -316,11 +316,13 @@ def test_masked_blend_gradcheck_float64() -> None:
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_masked_blend_gradients_match_formula(impl) -> None:
-    args = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), torch.rand(2, 1, 4, 5), torch.randn(2, 3, 4, 5)]
+def test_masked_blend_gradients_match_formula(device, impl) -> None:
+    shapes = [(2, 3, 4, 5), (1, 3, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5)]
+    args = [torch.randn(s, device=device) for s in shapes]
+    args[2] = args[2].sigmoid()
     ours = [a.clone().requires_grad_(True) for a in args]
     theirs = [a.clone().requires_grad_(True) for a in args]
-    g = torch.randn(2, 3, 4, 5)
+    g = torch.randn(2, 3, 4, 5, device=device)
     with use_kernels(impl):
         (masked_blend(ours[0], ours[1], ours[2], 0.4, ours[3]) * g).sum().backward()
     (blend_formula(theirs[0], theirs[1], theirs[2], 0.4, theirs[3]) * g).sum().backward()
@@ -350,16 +352,16 @@ def _drag_step(feat_src, w, ref, handles, targets, fg, src, mask, noise):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_ops_compile_fullgraph_without_breaks(impl) -> None:
+def test_ops_compile_fullgraph_without_breaks(device, impl) -> None:
     torch._dynamo.reset()
-    feat_src = torch.randn(1, 8, 6, 7)
-    ref = torch.randn(2, 8)
-    handles = torch.tensor([[5.0, 6.0], [20.0, 11.0]])
-    targets = torch.tensor([[9.0, 9.0], [15.0, 3.0]])
-    fg, src, noise = torch.randn(3, 2, 4, 5, 5).unbind(0)
-    mask = torch.rand(1, 1, 5, 5)
-    w1 = torch.ones(1, 8, 1, 1, requires_grad=True)
-    w2 = torch.ones(1, 8, 1, 1, requires_grad=True)
+    feat_src = torch.randn(1, 8, 6, 7, device=device)
+    ref = torch.randn(2, 8, device=device)
+    handles = torch.tensor([[5.0, 6.0], [20.0, 11.0]], device=device)
+    targets = torch.tensor([[9.0, 9.0], [15.0, 3.0]], device=device)
+    fg, src, noise = torch.randn(3, 2, 4, 5, 5, device=device).unbind(0)
+    mask = torch.rand(1, 1, 5, 5, device=device)
+    w1 = torch.ones(1, 8, 1, 1, device=device, requires_grad=True)
+    w2 = torch.ones(1, 8, 1, 1, device=device, requires_grad=True)
     compiled = torch.compile(_drag_step, fullgraph=True, backend="aot_eager")
     with use_kernels(impl):
         loss_c, new_c = compiled(feat_src, w1, ref, handles, targets, fg, src, mask, noise)
@@ -387,3 +389,39 @@ def test_patch_track_and_sample_have_no_host_sync() -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert new.device.type == "cuda"
+
+
+@pytest.mark.cuda
+def test_ops_capture_in_a_cuda_graph() -> None:
+    """The engines replay their step from a CUDA graph: every op must be capturable and replay correctly."""
+    feat = torch.randn(1, 64, 32, 32, device="cuda")
+    ref = torch.randn(3, 64, device="cuda")
+    handles = torch.tensor([[10.0, 20.0], [60.0, 70.0], [127.0, 0.0]], device="cuda")
+    fg, src, noise = torch.randn(3, 2, 4, 16, 16, device="cuda").unbind(0)
+    mask = torch.rand(1, 1, 16, 16, device="cuda")
+
+    def step():
+        new = patch_track(feat, ref, handles, 5, "l2", (128, 128))
+        return new, bilinear_sample(feat, new, (128, 128)), masked_blend(fg, src, mask, 0.3, noise)
+
+    with use_kernels("triton"):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step()
+        feat.copy_(torch.randn_like(feat))  # new inputs in place, as an engine does between steps
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = step()
+    for got, exp in zip(outs, expected):
+        torch.testing.assert_close(got, exp)
+
+
+def test_masked_blend_alpha_out_of_range_is_a_clear_error() -> None:
+    fg = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"alpha_t=1.5 is not allowed; it is alphas_cumprod\[t\], in \[0, 1\]"):
+        masked_blend(fg, fg, torch.rand(1, 1, 5, 5), 1.5, torch.randn_like(fg))

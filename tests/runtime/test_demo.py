@@ -33,10 +33,10 @@ def test_disc_renderer_gradient_reaches_the_latent() -> None:
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
-def test_demo_same_result_with_triton_kernels(tmp_path) -> None:
-    """The demo's loop through the Triton kernels (interpreter on CPU) tracks the same points."""
+def test_demo_same_result_with_triton_kernels(tmp_path, device) -> None:
+    """The demo's loop through the Triton kernels (the interpreter on a CPU) tracks the same points."""
     with use_kernels("reference"):
-        a = demo.run_demo(tmp_path / "a", size=64, max_steps=3, progress=False, device="cpu")
+        a = demo.run_demo(tmp_path / "a", size=64, max_steps=3, progress=False, device=str(device))
     with use_kernels("triton"):
-        b = demo.run_demo(tmp_path / "b", size=64, max_steps=3, progress=False, device="cpu")
+        b = demo.run_demo(tmp_path / "b", size=64, max_steps=3, progress=False, device=str(device))
     assert a["final_points"] == b["final_points"]
