@@ -1,0 +1,313 @@
+"""The benchmark harness on a CPU: structure and arithmetic only, never timing values."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dragrt.bench import cli, harness, report, scenarios
+from dragrt.bench.harness import Timing
+
+HAS_CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
+TIMING_KEYS = {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms", "mean_ms", "n", "clock", "peak_mem_mb"}
+
+
+def fake_env(gpu: str = "Fake GPU 80GB", time_utc: str = "2025-01-02T03:04:05+00:00") -> dict:
+    return {
+        "gpu": gpu,
+        "driver": None,
+        "cuda": None,
+        "torch": torch.__version__,
+        "triton": None,
+        "diffusers": None,
+        "xformers": None,
+        "python": "3",
+        "commit": "abc1234",
+        "hostname": "test",
+        "time_utc": time_utc,
+    }
+
+
+def rec(scenario: str = "s1", ours_ms: float = 2.0, ref_ms: float = 5.0, **env_kw) -> dict:
+    ours = Timing([ours_ms] * 10)
+    ref = Timing([ref_ms] * 10)
+    return harness.make_record(scenario, {"k": 1}, ours, ref, env=fake_env(**env_kw))
+
+
+@pytest.fixture(autouse=True)
+def _no_git(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(harness.COMMIT_ENV, "testcommit")
+    monkeypatch.setenv(harness.RESULTS_ENV, str(tmp_path / "default_results"))
+
+
+def test_percentiles_of_known_times() -> None:
+    t = Timing(times_ms=[float(i) for i in range(100, 0, -1)])
+    assert t.n == 100
+    assert t.p50_ms == pytest.approx(50.5)
+    assert t.p90_ms == pytest.approx(90.1)
+    assert t.p95_ms == pytest.approx(95.05)
+    assert t.p99_ms == pytest.approx(99.01)
+    assert t.min_ms == 1.0
+    assert t.mean_ms == pytest.approx(50.5)
+    assert harness.percentile([3.0], 99) == 3.0
+    assert harness.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert math.isnan(Timing([]).p50_ms)
+
+
+def test_timing_to_dict_rounds_to_four_significant_digits() -> None:
+    d = Timing([1.234567, 1.234567], clock="cuda_events", peak_mem_mb=12.3456).to_dict()
+    assert TIMING_KEYS <= set(d)
+    assert d["p50_ms"] == 1.235
+    assert d["n"] == 2 and d["clock"] == "cuda_events"
+    assert d["peak_mem_mb"] == 12.35
+    assert Timing([1.0]).to_dict()["peak_mem_mb"] is None
+
+
+def test_make_record_keys_and_speedup() -> None:
+    r = harness.make_record(
+        "demo",
+        {"shape": torch.Size([2, 3]), "dtype": torch.float16},
+        Timing([3.0] * 5),
+        {"p50_ms": 10.0, "p95_ms": 11.0, "peak_mem_mb": 7.0},
+        compile_s=1.23456,
+        extra={"gbs": 100.0},
+        env=fake_env(),
+    )
+    for key in ("scenario", "env", "config", "ours", "reference", "speedup", "compile_s"):
+        assert key in r
+    assert r["scenario"] == "demo"
+    for side in ("ours", "reference"):
+        assert {"p50_ms", "p95_ms", "peak_mem_mb"} <= set(r[side])
+    assert TIMING_KEYS <= set(r["ours"])
+    assert r["speedup"] == 3.33
+    assert r["compile_s"] == 1.235
+    assert r["extra"] == {"gbs": 100.0}
+    assert r["config"] == {"shape": [2, 3], "dtype": "torch.float16"}
+    json.dumps(r, allow_nan=False)
+
+
+def test_make_record_stages_and_default_env() -> None:
+    flat = harness.make_record("x", {}, Timing([1.0]), Timing([2.0]), stages={"a": Timing([0.4]), "b": Timing([0.6])})
+    assert set(flat["ours"]["stages"]) == {"a", "b"} and "stages" not in flat["reference"]
+    assert flat["ours"]["stages"]["a"]["p50_ms"] == 0.4
+    per_side = harness.make_record(
+        "x",
+        {},
+        Timing([1.0]),
+        Timing([2.0]),
+        stages={"ours": {"a": Timing([1.0])}, "reference": {"a": Timing([2.0])}},
+    )
+    assert per_side["reference"]["stages"]["a"]["p50_ms"] == 2.0
+    env = flat["env"]
+    for key in (
+        "gpu",
+        "driver",
+        "cuda",
+        "torch",
+        "triton",
+        "diffusers",
+        "xformers",
+        "python",
+        "commit",
+        "hostname",
+        "time_utc",
+    ):
+        assert key in env
+    assert env["commit"] == "testcommit"
+    assert harness.parse_time_utc(env["time_utc"]).year >= 2024
+    assert flat["speedup"] == 2.0
+
+
+def test_make_record_rejects_bad_timing() -> None:
+    with pytest.raises(ValueError):
+        harness.make_record("x", {}, {"p95_ms": 1.0}, Timing([1.0]), env=fake_env())
+    zero = harness.make_record("x", {}, {"p50_ms": 0.0, "p95_ms": 0.0}, Timing([1.0]), env=fake_env())
+    assert zero["speedup"] is None
+
+
+def test_write_and_load_round_trip(tmp_path: Path) -> None:
+    r = rec("round/trip")
+    p = harness.write_record(r, tmp_path)
+    assert p.parent == tmp_path
+    assert p.name == "round-trip__fake-gpu-80gb__20250102T030405.json"
+    text = p.read_text()
+    assert text.endswith("\n") and json.loads(text) == r
+    assert list(json.loads(text)) == sorted(json.loads(text))
+    p2 = harness.write_record(r, tmp_path)
+    assert p2 != p and p2.exists()
+    (tmp_path / "junk.json").write_text("not json")
+    assert harness.load_records(tmp_path) == [r, r]
+
+
+def test_results_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(harness.RESULTS_ENV, str(tmp_path / "env_dir"))
+    p = harness.write_record(rec())
+    assert p.parent == tmp_path / "env_dir"
+    assert len(harness.load_records()) == 1
+    assert harness.load_records(tmp_path / "missing") == []
+
+
+def test_latest_by_scenario_picks_newest() -> None:
+    old = rec("a", ours_ms=1.0, time_utc="2025-01-01T00:00:00+00:00")
+    new = rec("a", ours_ms=2.0, time_utc="2025-03-01T00:00:00Z")
+    other_gpu = rec("a", ours_ms=3.0, gpu="Other", time_utc="2024-01-01T00:00:00+00:00")
+    b = rec("b", time_utc="2025-02-01T00:00:00+00:00")
+    latest = harness.latest_by_scenario([new, old, other_gpu, b])
+    assert len(latest) == 3
+    assert latest[harness.record_key(new)] is new
+    assert latest[harness.record_key(other_gpu)] is other_gpu
+    assert {v["scenario"] for v in latest.values()} == {"a", "b"}
+
+
+def test_format_table_contains_scenario() -> None:
+    r = rec("my-scenario")
+    table = report.format_table([r])
+    lines = table.strip().splitlines()
+    assert len(lines) == 3
+    assert "my-scenario" in lines[2] and "Fake GPU 80GB" in lines[2] and "2.5x" in lines[2]
+    assert "abc1234" in lines[2]
+    assert len(report.format_table([]).strip().splitlines()) == 2
+
+
+def test_plot_writes_png(tmp_path: Path) -> None:
+    staged = harness.make_record(
+        "staged",
+        {},
+        Timing([3.0]),
+        Timing([9.0]),
+        stages={"ours": {"unet": Timing([2.0]), "vae": Timing([1.0])}, "reference": {"unet": Timing([8.0])}},
+        env=fake_env(),
+    )
+    for records, name in (([rec("a"), staged], "two.png"), ([], "empty.png")):
+        out = report.plot(records, tmp_path / name)
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_cuda_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    calls = []
+    t = harness.time_cuda(lambda: calls.append(1), warmup_ms=1, budget_ms=1, min_reps=12, max_reps=1000)
+    assert t.clock == "perf_counter"
+    assert t.n >= 12 and t.n <= 1000
+    assert len(calls) == t.n + t.warmup_reps and t.warmup_reps >= 1
+    assert t.peak_mem_mb is None
+    assert all(x >= 0 for x in t.times_ms)
+    capped = harness.time_cuda(lambda: None, warmup_ms=0, budget_ms=10_000, min_reps=3, max_reps=5)
+    assert capped.n == 5
+    with pytest.raises(ValueError):
+        harness.time_cuda(lambda: None, min_reps=5, max_reps=4)
+
+
+def test_measure_compile_and_sync_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    assert harness.measure_compile(lambda: sum(range(10))) >= 0.0
+    wrapped = harness.sync_wrapper(lambda a, b=1: a + b)
+    assert wrapped(1, b=2) == 3
+
+
+def test_copy_bandwidth_helper() -> None:
+    assert harness.gbs(2e9, 1000.0) == pytest.approx(2.0)
+    assert harness.copy_bandwidth_gbs(1 << 16, 1, device="cpu") > 0
+    if not HAS_CUDA:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            harness.copy_bandwidth_gbs(1 << 16, 1)
+
+
+def test_env_info_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = harness.env_info()
+    assert env["torch"] == torch.__version__
+    assert env["commit"] == "testcommit"
+    assert env["gpu"] == ("cpu" if not HAS_CUDA else env["gpu"])
+    monkeypatch.delenv(harness.COMMIT_ENV)
+    assert harness._git_commit(Path("/nonexistent-dir")) is None
+
+
+def test_registry() -> None:
+    assert "device-copy" in scenarios.names()
+    s = scenarios.get("device-copy")
+    assert s.needs_cuda and s.description
+    with pytest.raises(KeyError, match="device-copy"):
+        scenarios.get("no-such-scenario")
+    with pytest.raises(ValueError):
+        scenarios.register("device-copy")(lambda budget_ms, quick: [])
+
+
+def test_cli_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["list"]) == 0
+    assert "device-copy" in capsys.readouterr().out
+
+
+def test_cli_run_without_cuda_fails(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    code = cli.main(["run", "device-copy", "--out", str(tmp_path / "out")])
+    assert code != 0
+    assert "CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["run", "no-such-scenario"]) != 0
+
+
+def test_cli_run_cpu_scenario_writes_records(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+
+    def cpu_add(budget_ms: float, quick: bool) -> list[dict]:
+        x = torch.ones(64)
+        ours = harness.time_cuda(lambda: x + x, warmup_ms=0, budget_ms=1, min_reps=3)
+        ref = harness.time_cuda(lambda: x * 2, warmup_ms=0, budget_ms=1, min_reps=3)
+        return [harness.make_record("cpu-add", {"quick": quick}, ours, ref)]
+
+    monkeypatch.setitem(scenarios._REGISTRY, "cpu-add", scenarios.Scenario("cpu-add", cpu_add, needs_cuda=False))
+    out = tmp_path / "out"
+    assert cli.main(["run", "cpu-add", "--quick", "--out", str(out)]) == 0
+    assert "cpu-add" in capsys.readouterr().out
+    [r] = harness.load_records(out)
+    assert r["config"] == {"quick": True} and r["ours"]["clock"] == "perf_counter"
+    assert cli.main(["compare", "--results", str(out)]) == 0
+    assert "cpu-add" in capsys.readouterr().out
+    assert cli.main(["plot", str(tmp_path / "p.png"), "--results", str(out)]) == 0
+    assert (tmp_path / "p.png").exists()
+
+
+def test_cli_readme_rewrites_only_marked_section(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    harness.write_record(rec("readme-scenario"), results)
+    head = "# Title\n\nkept text\n\n" + report.BEGIN_MARKER + "\n"
+    tail = report.END_MARKER + "\n\nmore kept text\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(head + "old generated stuff\n" + tail)
+    assert cli.main(["readme", "--results", str(results), "--readme", str(readme)]) == 0
+    new = readme.read_text()
+    assert new.startswith(head) and new.endswith(tail)
+    assert "old generated stuff" not in new and "readme-scenario" in new
+    assert cli.main(["readme", "--results", str(results), "--readme", str(readme)]) == 0
+    assert readme.read_text() == new
+    bad = tmp_path / "BAD.md"
+    bad.write_text("no markers\n")
+    assert cli.main(["readme", "--results", str(results), "--readme", str(bad)]) != 0
+    assert bad.read_text() == "no markers\n"
+
+
+def test_shipped_readme_has_markers() -> None:
+    text = (Path(harness.__file__).parent / "README.md").read_text()
+    assert text.index(report.BEGIN_MARKER) < text.index(report.END_MARKER)
+    assert (Path(harness.__file__).parent / "results" / ".gitkeep").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_time_cuda_events_and_graph_on_gpu() -> None:
+    x = torch.randn(1 << 20, device="cuda")
+    eager = harness.time_cuda(lambda: x * 2, warmup_ms=5, budget_ms=20, min_reps=10)
+    assert eager.clock == "cuda_events" and eager.n >= 10 and not eager.graph
+    assert eager.peak_mem_mb is not None and eager.peak_mem_mb >= 0
+    graphed = harness.time_cuda(lambda: x * 2, warmup_ms=5, budget_ms=20, min_reps=10, graph=True)
+    assert graphed.clock == "cuda_events" and graphed.graph and graphed.n >= 10
+    assert harness.copy_bandwidth_gbs(1 << 24, 20) > 0
+    assert harness.env_info()["gpu"] != "cpu"
