@@ -34,4 +34,21 @@ def _extend_path_for_clean_clone() -> None:
         __path__.append(root)  # noqa: F821
 
 
+def _drop_checkout_root_from_sys_path() -> None:
+    # `python -m ...` or `python -c` at the repository root puts the root on sys.path, where the folder
+    # `kernels/` would then answer `import kernels`: transformers probes for the PyPI package `kernels`
+    # and breaks on our folder (seen with transformers 5.23). dragrt's own subpackages are reached through
+    # dragrt.__path__, so the root is not needed on sys.path once dragrt is imported: take it off.
+    import sys
+
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    if not _os.path.isfile(_os.path.join(root, "kernels", "__init__.py")):
+        return  # an installed copy: nothing of ours sits next to it
+    cwd = _os.getcwd()
+    sys.path[:] = [p for p in sys.path if _os.path.abspath(p or cwd) != root]
+    if "kernels" in sys.modules and getattr(sys.modules["kernels"], "__file__", "").startswith(root):
+        del sys.modules["kernels"]
+
+
 _extend_path_for_clean_clone()
+_drop_checkout_root_from_sys_path()

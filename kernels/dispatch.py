@@ -3,7 +3,7 @@
 Three inputs decide, and nothing else:
 
 1. the default, ``"auto"``: the highest-priority implementation that supports the call (Triton on CUDA,
-   the PyTorch reference everywhere else);
+   the PyTorch reference everywhere else; Triton's CPU interpreter only when asked for by name);
 2. the environment variable ``DRAGRT_KERNELS``: ``auto``, ``triton`` or ``reference`` for every op, or
    per op, e.g. ``DRAGRT_KERNELS=triton,patch_track=reference``;
 3. the context manager :func:`use_kernels`, which beats the environment inside its block.
@@ -45,6 +45,8 @@ class Implementation:
         priority: higher wins under ``auto``.
         requirement: returns ``None`` when the implementation can run in this process for a device type,
             else the reason it cannot (a missing package, no GPU, ...).
+        auto_devices: device types where ``auto`` may pick it (default: all of ``devices``). Triton on the
+            CPU runs only through its interpreter, which exists for tests: ``auto`` never picks it there.
     """
 
     op: str
@@ -54,6 +56,7 @@ class Implementation:
     dtypes: tuple[torch.dtype, ...]
     priority: int = 0
     requirement: Callable[[str], str | None] | None = None
+    auto_devices: tuple[str, ...] | None = None
 
     def refusal(self, device: torch.device | str, dtype: torch.dtype | None) -> str | None:
         """``None`` if this implementation can run on ``device``/``dtype`` here, else why not."""
@@ -87,13 +90,15 @@ def register(
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16),
     priority: int = 0,
     requirement: Callable[[str], str | None] | None = None,
+    auto_devices: tuple[str, ...] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register ``fn`` as implementation ``name`` of ``op``."""
     if name not in CHOICES[1:]:
         raise ValueError(f"implementation name {name!r} is not one of {CHOICES[1:]}")
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[name] = Implementation(op, name, fn, devices, dtypes, priority, requirement)
+        _REGISTRY.setdefault(op, {})[name] = Implementation(op, name, fn, devices, dtypes, priority, requirement,
+                                                            auto_devices)
         return fn
 
     return deco
@@ -170,7 +175,8 @@ def select(op: str, device: torch.device | str, dtype: torch.dtype | None = None
     impls = implementations(op)
     choice, source = current_choice(op)
     if choice == "auto":
-        candidates = impls
+        dev = torch.device(device).type
+        candidates = [i for i in impls if i.auto_devices is None or dev in i.auto_devices]
     else:
         candidates = [i for i in impls if i.name == choice]
     for impl in candidates:

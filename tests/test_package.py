@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,3 +64,19 @@ def test_markers_are_declared() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     for marker in ("cuda:", "slow:", "trt:"):
         assert marker in text
+
+
+def test_every_subpackage_is_listed_for_regular_installs() -> None:
+    """A folder with an __init__.py that pyproject does not list would be missing from a built wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    mapping = cfg["package-dir"]
+    found = set()
+    for pkg, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            if "__pycache__" in rel.parts:
+                continue
+            found.add(".".join([pkg, *rel.parts]))
+    assert found <= listed, f"not listed in pyproject packages: {sorted(found - listed)}"

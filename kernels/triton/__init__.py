@@ -31,4 +31,4 @@ for _op, _module, _attr in (
     ("masked_blend", "masked_blend", "masked_blend"),
 ):
     dispatch.register(_op, "triton", devices=dispatch.TRITON_DEVICES, dtypes=_FLOATS, priority=10,
-                      requirement=dispatch.triton_requirement)(_lazy(_module, _attr))
+                      requirement=dispatch.triton_requirement, auto_devices=("cuda",))(_lazy(_module, _attr))

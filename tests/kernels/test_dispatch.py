@@ -99,3 +99,11 @@ def test_real_op_reports_why_triton_refuses(monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with use_kernels("triton"), pytest.raises(KernelUnavailableError, match="TRITON_INTERPRET=1"):
         bilinear_sample(torch.randn(1, 2, 3, 3), torch.zeros(1, 2))
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.select("patch_track", "cpu", torch.float32).name == "reference"
+    with use_kernels("triton"):
+        assert dispatch.select("patch_track", "cpu", torch.float32).name == "triton"

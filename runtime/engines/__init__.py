@@ -1,0 +1,1 @@
+"""The editing engines, one file each, one entry point each (``DragGANEngine``, ...)."""
