@@ -1,0 +1,70 @@
+"""DragGAN step latency at real size: StyleGAN2 config-f generators with random weights.
+
+Latency does not depend on weight values, so random weights at the real architecture measure what a
+user with a real checkpoint gets. Ours = the engine's fast mode (frozen generator, truncated forward,
+kernels, CUDA-graph replay); reference = its reference mode (viz/renderer.py's step literally), both
+in the same run on the same generator and latent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dragrt.bench import harness
+from dragrt.bench.scenarios import register
+from dragrt.runtime.config import RuntimeConfig
+from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
+from dragrt.runtime.models.stylegan2 import Generator, stylegan2_config
+
+
+def _points(n: int, res: int, gen: torch.Generator) -> tuple[list[list[float]], list[list[float]]]:
+    # Targets far from the handles, so no handle converges while being timed (a converged reference step
+    # skips its backward and would look cheaper).
+    h = (torch.rand(n, 2, generator=gen) * 0.5 + 0.25) * res
+    t = (h + res * 0.2).clamp(0, res - 1)
+    return h.round().tolist(), t.round().tolist()
+
+
+def _engine(G: Generator, mode: str) -> DragGANEngine:
+    return DragGANEngine(G, DragGANConfig(mode=mode), RuntimeConfig(device="cuda"))
+
+
+@register("draggan", needs_cuda=True, description="DragGAN ms per step at 256/512/1024, fast vs reference mode")
+def draggan(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for res in (512,) if quick else (256, 512, 1024):
+        torch.manual_seed(0)
+        G = Generator.from_config(stylegan2_config(res)).cuda()
+        for n in (1, 5):
+            handles, targets = _points(n, res, gen)
+            fast, ref = _engine(G, "fast"), _engine(G, "reference")
+            w = fast.latent_from_seed(0)
+
+            # Parity on the device: the same tracked points for a few steps from the same start.
+            fast.start(w, handles, targets)
+            ref.start(w, handles, targets)
+            same = [r.handles for r in fast.run(max_steps=5)] == [r.handles for r in ref.run(max_steps=5)]
+
+            fast.start(w, handles, targets)
+            cold_s = harness.measure_compile(fast.step)  # first step: warm-up + CUDA-graph capture
+            ours = harness.time_cuda(fast.step, budget_ms=budget_ms)
+            preview = harness.time_cuda(fast.render, budget_ms=budget_ms / 2)
+            ref.start(w, handles, targets)
+            ref_cold_s = harness.measure_compile(ref.step)
+            reference = harness.time_cuda(ref.step, budget_ms=budget_ms)
+            records.append(harness.make_record(
+                f"draggan.{res}.h{n}",
+                {"resolution": res, "handles": n, "generator": "stylegan2 config-f (random weights)",
+                 "num_fp16_res": G.config.synthesis.num_fp16_res, "feature": "b128",
+                 "r1": fast.r1_px, "r2": fast.r2_px, "lr": fast.config.lr},
+                ours, reference,
+                stages={"ours": {"step": ours, "preview_render": preview}},
+                compile_s={"ours_first_step": cold_s, "reference_first_step": ref_cold_s},
+                extra={"same_tracked_points_5_steps": same}))
+            del fast, ref
+        del G
+        torch.cuda.empty_cache()
+    return records
