@@ -59,7 +59,7 @@ def draggan_motion_loss(feat: Tensor, handles: Tensor, targets: Tensor, active: 
     """
     h, w = size
     n_p = handles.shape[0]
-    win = _window(r1_px + 2, feat.device)  # superset of every quirked disc
+    win = _window(r1_px + 1, feat.device)  # superset of every quirked disc (the shift is under 1 px)
     base = torch.round(handles)
     q = base[:, None, :] + win[None]  # [P, K, 2]
     qy = q[..., 1] * (h / (h - 1))

@@ -18,6 +18,7 @@ device tensors) -> 3. ``render`` when a picture is wanted.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -172,6 +173,22 @@ class DragGANEngine:
         self.w0: Tensor | None = None
         self._fast: _FastState | None = None
         self._ref: dict | None = None
+        # Fast mode on CUDA runs on a stream of its own, from start() through warm-up, capture and replay,
+        # ordered with the caller's stream by events (no host waits). Capturing the backward on the stream
+        # where the latent's gradient accumulator lives is what lets autograd run inside the graph
+        # (measured on an H200: capturing from the default stream fails with cudaErrorStreamCaptureImplicit).
+        self._stream = torch.cuda.Stream(self.device) if (self.device.type == "cuda" and cfg.mode == "fast") else None
+
+    @contextlib.contextmanager
+    def _on_engine_stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
 
     # --- phase 1: latent, handles, targets ----------------------------------------------------------------
 
@@ -203,13 +220,14 @@ class DragGANEngine:
         if handles.shape != targets.shape:
             raise ValueError(f"handle_points has {len(handles)} points but target_points has {len(targets)}")
         fixed = self._check_mask(mask)
-        self.w0 = w.detach().clone()
-        free = w.detach().clone() if cfg.latent_space == "w+" else w[:, 0, :].detach().clone()
-        self.w = free.requires_grad_(True)
-        if cfg.mode == "reference":
-            self._start_reference(handles, targets, fixed)
-        else:
-            self._start_fast(handles, targets, fixed)
+        with self._on_engine_stream():
+            self.w0 = w.detach().clone()
+            free = w.detach().clone() if cfg.latent_space == "w+" else w[:, 0, :].detach().clone()
+            self.w = free.requires_grad_(True)
+            if cfg.mode == "reference":
+                self._start_reference(handles, targets, fixed)
+            else:
+                self._start_fast(handles, targets, fixed)
 
     def _check_latent(self, w: Tensor) -> Tensor:
         if not isinstance(w, Tensor) or w.dim() != 3 or w.shape[0] != 1 or w.shape[1:] != (self.G.num_ws, self.G.w_dim):
@@ -290,11 +308,12 @@ class DragGANEngine:
         if self.device.type != "cuda" or self.config.mode == "reference":
             return handles.clone(), done.clone(), loss.detach().clone(), None
         pin = self._pinned(handles)
-        pin[0].copy_(handles, non_blocking=True)
-        pin[1].copy_(done, non_blocking=True)
-        pin[2].copy_(loss.detach(), non_blocking=True)
-        ev = torch.cuda.Event()
-        ev.record()
+        with self._on_engine_stream():
+            pin[0].copy_(handles, non_blocking=True)
+            pin[1].copy_(done, non_blocking=True)
+            pin[2].copy_(loss.detach(), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
         return pin[0], pin[1], pin[2], ev
 
     def _pinned(self, handles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -369,27 +388,26 @@ class DragGANEngine:
         use_graph = self.config.cuda_graph and self.device.type == "cuda"
         if use_graph and st.graph is None:
             st.graph = self._capture()
-        if st.graph is not None:
-            st.graph.replay()
-        else:
-            self._fast_body()
+        with self._on_engine_stream():
+            if st.graph is not None:
+                st.graph.replay()
+            else:
+                self._fast_body()
         st.n += 1
         return st.handles[: self._n_handles], st.done, st.loss
 
     def _capture(self) -> torch.cuda.CUDAGraph:
         st = self._fast
-        keep = [t.clone() for t in (self.w, st.handles, st.exp_avg, st.exp_avg_sq, st.t, st.done, st.loss)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: kernel compilation, cuDNN plans, allocator pools
+        state = (self.w, st.handles, st.exp_avg, st.exp_avg_sq, st.t, st.done, st.loss)
+        with self._on_engine_stream():
+            keep = [t.detach().clone() for t in state]
+            for _ in range(2):  # warm-up (off the default stream): Triton compilation, cuDNN plans, pools
                 self._fast_body()
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self._stream):
             self._fast_body()
-        with torch.no_grad():  # undo the warm-up steps: capture must not change the edit
-            for dst, src in zip((self.w, st.handles, st.exp_avg, st.exp_avg_sq, st.t, st.done, st.loss), keep):
+        with self._on_engine_stream(), torch.no_grad():  # undo the warm-up steps: capture must not change the edit
+            for dst, src in zip(state, keep):
                 dst.copy_(src)
         return graph
 
@@ -426,17 +444,21 @@ class DragGANEngine:
         """The image of the current latent, ``[1, 3, H, W]`` float32 in about [-1, 1]."""
         if self.w is None:
             raise RuntimeError("call start() before render()")
-        return self.G.synthesis(self._ws().detach(), noise_mode=self.config.noise_mode).float()
+        with self._on_engine_stream():
+            return self.G.synthesis(self._ws().detach(), noise_mode=self.config.noise_mode).float()
 
     def latent(self) -> Tensor:
         """The full ``w+`` ``[1, num_ws, w_dim]`` the generator currently sees (free styles + fixed ones)."""
-        return self._ws().detach().clone()
+        with self._on_engine_stream():
+            return self._ws().detach().clone()
 
     @property
     def handles(self) -> list[list[float]]:
         """Current handle positions ``[[x, y], ...]`` (reads the device)."""
         if self._fast is not None and self.config.mode == "fast":
-            return self._fast.handles[: self._n_handles].tolist()
+            with self._on_engine_stream():
+                out = self._fast.handles[: self._n_handles].clone()
+            return out.tolist()
         return [[float(x), float(y)] for y, x in self._ref["points"]]
 
 

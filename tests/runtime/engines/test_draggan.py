@@ -125,3 +125,16 @@ def test_config_rejects_bad_values() -> None:
         DragGANConfig(lr=0)
     with pytest.raises(ValueError, match="truncation_psi"):
         DragGANConfig(truncation_psi=2.0)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_equals_eager_fast_mode() -> None:
+    rt = RuntimeConfig(device="cuda")
+    out = {}
+    for graph in (False, True):
+        e = DragGANEngine(small_generator(), DragGANConfig(**{**BASE, "cuda_graph": graph}), rt)
+        w = e.latent_from_seed(2)
+        e.start(w, HANDLES, TARGETS)
+        out[graph] = ([r.handles for r in e.run(max_steps=6)], e.latent())
+    assert out[True][0] == out[False][0]
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-6, rtol=1e-6)
