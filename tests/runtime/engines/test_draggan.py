@@ -43,7 +43,7 @@ def test_fast_mode_tracks_the_same_points_and_latent_as_the_reference(device, la
         e.start(w, HANDLES, TARGETS)
         results[mode] = list(e.run(max_steps=6))
     ref, fast = results["reference"], results["fast"]
-    assert [r.handles for r in ref] == [r.handles for r in fast]
+    assert_same_points(ref, fast, device)
     assert ref[-1].handles != ref[0].handles  # tracking moved the handles
     for a, b in zip(ref, fast):
         assert a.loss == pytest.approx(b.loss, rel=1e-3, abs=1e-6)
@@ -59,9 +59,21 @@ def test_fast_mode_with_a_mask_matches_the_reference(device) -> None:
         e.start(w, HANDLES, TARGETS, mask=mask)
     ref = list(eng["reference"].run(max_steps=4))
     fast = list(eng["fast"].run(max_steps=4))
-    assert [r.handles for r in ref] == [r.handles for r in fast]
+    assert_same_points(ref, fast, device)
     assert [r.loss for r in ref] == pytest.approx([r.loss for r in fast], rel=1e-4)
     assert_same_edit(eng["fast"].latent(), eng["reference"].latent(), w)
+
+
+def assert_same_points(ref, fast, device) -> None:
+    """Exactly the same tracked points on a CPU. On a GPU the two modes' convolutions take different cuDNN
+    algorithms (fused vs unfused modulated conv), and a near-tie in tracking may land one pixel apart
+    (seen on an H200 in the masked test at step 2): allow 1 px there, never more."""
+    a = torch.tensor([r.handles for r in ref])
+    b = torch.tensor([r.handles for r in fast])
+    if torch.device(device).type == "cpu":
+        assert a.tolist() == b.tolist()
+    else:
+        assert (a - b).abs().max() <= 1
 
 
 def assert_same_edit(w_fast: torch.Tensor, w_ref: torch.Tensor, w0: torch.Tensor) -> None:
