@@ -169,6 +169,10 @@ class DragGANEngine:
         self.stop_px = drag.draggan_stop_distance(self.resolution)
         if cfg.num_free_ws > self.G.num_ws:
             raise ValueError(f"num_free_ws={cfg.num_free_ws} exceeds this generator's {self.G.num_ws} styles")
+        # The hot forward (b4..b128) compiled in fast mode when the runtime asks for it; the reference mode
+        # always runs the module as published.
+        mode = self.runtime.resolved_compile_mode() if cfg.mode == "fast" else None
+        self._synthesis = torch.compile(self.G.synthesis, mode=mode) if mode else self.G.synthesis
         self.w: Tensor | None = None
         self.w0: Tensor | None = None
         self._fast: _FastState | None = None
@@ -340,8 +344,8 @@ class DragGANEngine:
     # --- fast mode ------------------------------------------------------------------------------------------
 
     def _features(self, ws: Tensor) -> Tensor:
-        _, feats = self.G.synthesis(ws, noise_mode=self.config.noise_mode, return_features=True,
-                                    stop_after=self.feature_resolution)
+        _, feats = self._synthesis(ws, noise_mode=self.config.noise_mode, return_features=True,
+                                   stop_after=self.feature_resolution)
         return feats[-1]
 
     def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None) -> None:

@@ -13,7 +13,8 @@ def test_defaults_resolve_on_this_machine() -> None:
     dev = cfg.torch_device()
     assert dev.type in ("cpu", "cuda")
     assert cfg.torch_dtype() == (torch.float16 if dev.type == "cuda" else torch.float32)
-    assert cfg.kernels == "auto" and cfg.compile_mode == "none"
+    assert cfg.kernels == "auto" and cfg.compile_mode == "auto"
+    assert cfg.resolved_compile_mode() == ("default" if dev.type == "cuda" else None)
 
 
 def test_aliases_and_paths() -> None:

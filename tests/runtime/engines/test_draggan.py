@@ -25,7 +25,7 @@ TARGETS = [[30, 36], [38, 20]]
 
 
 def engines(device, **kw):
-    rt = RuntimeConfig(device=str(device))
+    rt = RuntimeConfig(device=str(device), compile_mode="none")
     out = {}
     for mode in ("reference", "fast"):
         G = small_generator()
@@ -86,7 +86,7 @@ def assert_same_edit(w_fast: torch.Tensor, w_ref: torch.Tensor, w0: torch.Tensor
 
 
 def test_stops_when_handles_reach_targets(device) -> None:
-    e = DragGANEngine(small_generator(), DragGANConfig(**BASE), RuntimeConfig(device=str(device)))
+    e = DragGANEngine(small_generator(), DragGANConfig(**BASE), RuntimeConfig(device=str(device), compile_mode="none"))
     w = e.latent_from_seed(0)
     e.start(w, [[20, 20]], [[21, 20]])  # already within the 2 px stop distance
     results = list(e.run(max_steps=10))
@@ -117,7 +117,7 @@ def test_masked_adam_equals_torch_adam() -> None:
     (dict(mask=torch.ones(32, 32)), r"mask must be \[H, W\] = \[64, 64\]"),
 ])
 def test_bad_input_is_a_clear_error_and_keeps_the_edit(device, bad, message) -> None:
-    e = DragGANEngine(small_generator(), DragGANConfig(**BASE), RuntimeConfig(device=str(device)))
+    e = DragGANEngine(small_generator(), DragGANConfig(**BASE), RuntimeConfig(device=str(device), compile_mode="none"))
     w = e.latent_from_seed(0)
     e.start(w, [[10, 10]], [[20, 20]])
     next(e.run(max_steps=1))
@@ -140,13 +140,17 @@ def test_config_rejects_bad_values() -> None:
 
 
 @pytest.mark.cuda
-def test_cuda_graph_replay_equals_eager_fast_mode() -> None:
-    rt = RuntimeConfig(device="cuda")
+def test_cuda_graph_and_compile_equal_eager_fast_mode() -> None:
     out = {}
-    for graph in (False, True):
+    for graph, compile_mode in ((False, "none"), (True, "none"), (True, "default")):
+        rt = RuntimeConfig(device="cuda", compile_mode=compile_mode)
         e = DragGANEngine(small_generator(), DragGANConfig(**{**BASE, "cuda_graph": graph}), rt)
         w = e.latent_from_seed(2)
         e.start(w, HANDLES, TARGETS)
-        out[graph] = ([r.handles for r in e.run(max_steps=6)], e.latent())
-    assert out[True][0] == out[False][0]
-    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-6, rtol=1e-6)
+        out[graph, compile_mode] = ([r.handles for r in e.run(max_steps=6)], e.latent())
+    eager = out[False, "none"]
+    assert out[True, "none"][0] == eager[0]
+    torch.testing.assert_close(out[True, "none"][1], eager[1], atol=1e-6, rtol=1e-6)
+    # Inductor fuses and reorders float32 arithmetic: same points, latent within rounding.
+    assert out[True, "default"][0] == eager[0]
+    torch.testing.assert_close(out[True, "default"][1], eager[1], atol=1e-4, rtol=1e-4)
