@@ -43,13 +43,22 @@ def draggan(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
             fast, ref = _engine(G, "fast"), _engine(G, "reference")
             w = fast.latent_from_seed(0)
 
-            # Parity on the device: the same tracked points for a few steps from the same start.
+            # Cold start (first step of a new engine: compile + warm-up + CUDA-graph capture), then parity
+            # on the device: how far apart the two modes' tracked points are over the first 5 steps.
             fast.start(w, handles, targets)
+            cold_s = harness.measure_compile(fast.step)
             ref.start(w, handles, targets)
-            same = [r.handles for r in fast.run(max_steps=5)] == [r.handles for r in ref.run(max_steps=5)]
+            ref.step()
+            tracks = {"fast": [fast.handles], "ref": [ref.handles]}
+            for _ in range(4):
+                fast.step()
+                ref.step()
+                tracks["fast"].append(fast.handles)
+                tracks["ref"].append(ref.handles)
+            diff = (torch.tensor(tracks["fast"]) - torch.tensor(tracks["ref"])).abs().max().item()
 
             fast.start(w, handles, targets)
-            cold_s = harness.measure_compile(fast.step)  # first step: warm-up + CUDA-graph capture
+            fast.step()
             ours = harness.time_cuda(fast.step, budget_ms=budget_ms)
             preview = harness.time_cuda(fast.render, budget_ms=budget_ms / 2)
             ref.start(w, handles, targets)
@@ -63,7 +72,9 @@ def draggan(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
                 ours, reference,
                 stages={"ours": {"step": ours, "preview_render": preview}},
                 compile_s={"ours_first_step": cold_s, "reference_first_step": ref_cold_s},
-                extra={"same_tracked_points_5_steps": same}))
+                extra={"max_tracked_point_diff_px_5_steps": diff,
+                       "note": "random weights: fp16 b64/b128 features make near-ties common, so a 1 px "
+                               "difference between the modes' roundings can appear"}))
             del fast, ref
         del G
         torch.cuda.empty_cache()

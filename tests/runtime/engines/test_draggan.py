@@ -60,7 +60,7 @@ def test_fast_mode_with_a_mask_matches_the_reference(device) -> None:
     ref = list(eng["reference"].run(max_steps=4))
     fast = list(eng["fast"].run(max_steps=4))
     assert_same_points(ref, fast, device)
-    assert [r.loss for r in ref] == pytest.approx([r.loss for r in fast], rel=1e-4)
+    assert [r.loss for r in ref] == pytest.approx([r.loss for r in fast], rel=1e-3)
     assert_same_edit(eng["fast"].latent(), eng["reference"].latent(), w)
 
 
