@@ -1,6 +1,6 @@
 """The ``dragrt`` command.
 
-Sub-commands: ``info``, ``demo``, ``bench``, ``eval``, ``export``, ``convert``, ``serve``. One whose
+Sub-commands: ``info``, ``demo``, ``bench``, ``convert``, ``eval``, ``export``, ``serve``. One whose
 feature has not landed yet says so, names the issue that brings it, and exits with status 3; none prints
 made-up output.
 """
@@ -22,8 +22,6 @@ _NOT_LANDED = {
              "score edit quality on the model zoo's world and on DragBench folders"),
     "export": ("the export issue (ONNX / TensorRT / AOTInductor)",
                "export the fixed denoising segments and the StyleGAN2 synthesis"),
-    "convert": ("#5 (DragGAN engine: safe StyleGAN2 checkpoints)",
-                "convert NVIDIA StyleGAN2 pickles and rosinality .pt files to safetensors, without running their code"),
     "serve": ("the server issue (HTTP + WebSocket server and web editor)",
               "serve the interactive editor on 127.0.0.1"),
 }
@@ -149,6 +147,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_cli.main(args.bench_args)
 
 
+_CONVERTERS = {"stylegan2": "dragrt.runtime.models.stylegan2_convert"}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if not args.kind or args.kind not in _CONVERTERS:
+        print(f"dragrt convert: choose what to convert: {', '.join(_CONVERTERS)} "
+              "(e.g. dragrt convert stylegan2 IN.pkl OUT)", file=sys.stderr)
+        return 2
+    return importlib.import_module(_CONVERTERS[args.kind]).main(args.rest)
+
+
 def _not_landed(name: str, issue: str, what: str) -> int:
     print(f"dragrt {name}: not available yet. It will {what}; it lands with issue {issue}.", file=sys.stderr)
     return EXIT_NOT_AVAILABLE
@@ -173,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmark scenarios on a GPU (see bench/README.md)", add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("convert", help="convert checkpoints to safetensors without running their code "
+                                       "(stylegan2: NVIDIA .pkl, rosinality .pt)", add_help=False)
+    p.add_argument("kind", nargs="?", help="what to convert: " + ", ".join(_CONVERTERS))
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_convert)
 
     for name, (issue, what) in _NOT_LANDED.items():
         p = sub.add_parser(name, help=f"(not available yet: {issue})", add_help=False)
