@@ -19,6 +19,7 @@ device tensors) -> 3. ``render`` when a picture is wanted.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -150,13 +151,15 @@ class DragGANEngine:
         self.config = config or DragGANConfig()
         self.runtime = runtime or RuntimeConfig()
         self.device = self.runtime.torch_device()
-        self.G = generator.to(self.device)
         cfg = self.config
         if cfg.mode == "fast":
-            self.G.eval().requires_grad_(False)
+            # Fast mode freezes the generator it is given (eval mode, no parameter gradients).
+            self.G = generator.to(self.device).eval().requires_grad_(False)
         else:
-            # As the reference: a module rebuilt from its kwargs, left in train mode with gradients on.
-            self.G.train().requires_grad_(True)
+            # As the reference: its own module (the renderer rebuilds G from the checkpoint), left in train
+            # mode with gradients on. A copy, so that the caller's generator (maybe shared with a fast
+            # engine, whose compiled forward assumes eval mode) is not switched to train mode.
+            self.G = copy.deepcopy(generator).to(self.device).train().requires_grad_(True)
         self.resolution = int(self.G.img_resolution)
         blocks = list(self.G.synthesis.block_resolutions)
         res = cfg.feature_resolution or (128 if 128 in blocks else blocks[-1])
@@ -444,12 +447,16 @@ class DragGANEngine:
     # --- phase 3: pictures ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def render(self) -> Tensor:
-        """The image of the current latent, ``[1, 3, H, W]`` float32 in about [-1, 1]."""
-        if self.w is None:
-            raise RuntimeError("call start() before render()")
+    def render(self, w: Tensor | None = None) -> Tensor:
+        """The image of ``w`` ``[1, num_ws, w_dim]`` (default: the current latent), ``[1, 3, H, W]`` float32 in
+        about [-1, 1]."""
+        if w is None:
+            if self.w is None:
+                raise RuntimeError("call start() before render(), or pass a latent")
+            with self._on_engine_stream():
+                w = self._ws().detach()
         with self._on_engine_stream():
-            return self.G.synthesis(self._ws().detach(), noise_mode=self.config.noise_mode).float()
+            return self.G.synthesis(w.to(self.device), noise_mode=self.config.noise_mode).float()
 
     def latent(self) -> Tensor:
         """The full ``w+`` ``[1, num_ws, w_dim]`` the generator currently sees (free styles + fixed ones)."""
