@@ -7,7 +7,7 @@ edit: the current latent, the points (by id), the mask, the runs made so far and
 >>> pid = s.add_point(handle=[120, 200], target=[160, 190])            # [x, y] image pixels, origin top-left
 >>> for ev in s.run(max_steps=200, preview_every=10): show(ev.preview or ev.handles)
 >>> s.export("out/edit")          # out/edit.png, out/edit.json, out/edit_w.safetensors (+ out/edit_mask.png)
->>> s2 = EditSession.open("out/edit.json", G)                          # s2.image() == s.image(), bit for bit
+>>> s2 = EditSession.open("out/edit.json", G)                          # the same latent, points and mask
 
 Rules the whole class keeps:
 
@@ -184,9 +184,9 @@ class EditSession:
 
         Returns:
             A session with the exported latent, points, mask, seed, runs and config; the undo history starts
-            empty. Its ``image()`` is bit-identical to the exporting session's on the CPU (for ``noise_mode``
-            ``"const"`` or ``"none"``). On CUDA two renders of one latent can differ by about 1e-4 (cuDNN's TF32
-            convolutions, on by default; measured on an H200), which now and then moves one uint8 value by 1.
+            empty. The latent is bit-identical; its ``image()`` is a fresh render, which the convolution backend
+            may compute with another algorithm: seen on an H200 (cuDNN, TF32 on by default: about 1e-4) and
+            on that machine's CPU build of torch 2.11, now and then moving one uint8 value by 1.
         """
         path = _record_file(record_path)
         try:

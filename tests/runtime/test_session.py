@@ -408,7 +408,11 @@ def test_export_open_round_trip(tmp_path) -> None:
 
     # Re-open with a second copy of the same weights: everything comes back, the image bit for bit.
     o = EditSession.open(tmp_path / "edit", small_generator())
-    assert np.array_equal(pixels(o.image()), pixels(s.image()))
+    # The latent round-trips exactly (checked above). Two renders of it may differ in the last float bit
+    # when the convolution backend picks another algorithm (seen on the device machine's CPU build, torch
+    # 2.11), which can flip a uint8 value by one: allow that, nothing more.
+    diff = np.abs(pixels(o.image()).astype(int) - pixels(s.image()).astype(int))
+    assert diff.max() <= 1
     assert o.points == s.points and torch.equal(o.mask, s.mask) and torch.equal(o.latent(), s.latent())
     assert o.seed == 0 and o.config == s.config and o.runs == s.runs and not o.can_undo
     assert o.add_point([1, 1], [2, 2]) == 3
