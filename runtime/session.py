@@ -184,9 +184,9 @@ class EditSession:
 
         Returns:
             A session with the exported latent, points, mask, seed, runs and config; the undo history starts
-            empty. The latent is bit-identical; its ``image()`` is a fresh render, which the convolution backend
-            may compute with another algorithm: seen on an H200 (cuDNN, TF32 on by default: about 1e-4) and
-            on that machine's CPU build of torch 2.11, now and then moving one uint8 value by 1.
+            empty. The latent is bit-identical, and so is ``image()`` on the same device. On CUDA two renders of
+            one latent can differ by about 1e-4 (cuDNN's TF32 convolutions, on by default; measured on an H200),
+            which now and then moves one uint8 value by 1.
         """
         path = _record_file(record_path)
         try:
