@@ -51,7 +51,7 @@ from torch import Tensor
 
 from dragrt import __version__
 from dragrt.runtime.config import RuntimeConfig
-from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
+from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, check_latent
 
 __all__ = ["EditSession", "SessionBusyError", "SessionEvent", "model_sha256", "RECORD_FORMAT", "RECORD_VERSION"]
 
@@ -132,8 +132,8 @@ class EditSession:
         if not isinstance(engine, DragGANEngine):
             raise ValueError(f"engine must be a DragGANEngine, got {type(engine).__name__}")
         self._engine = engine
-        latent = _check_latent("w", w, engine.G.num_ws, engine.G.w_dim).to(engine.device)
-        self._w0 = latent.clone() if w0 is None else _check_latent("w0", w0, engine.G.num_ws,
+        latent = check_latent("w", w, engine.G.num_ws, engine.G.w_dim).to(engine.device)
+        self._w0 = latent.clone() if w0 is None else check_latent("w0", w0, engine.G.num_ws,
                                                                    engine.G.w_dim).to(engine.device)
         self._seed = None if seed is None else int(seed)
         self._model_id = model_id if model_id is not None else _default_model_id(engine.G)
@@ -163,7 +163,7 @@ class EditSession:
         holding it under the key ``w`` (as :meth:`export` writes it)."""
         if isinstance(w, (str, os.PathLike)):
             w = _read_latent_file(Path(w))["w"]
-        latent = _check_latent("w", w, generator.num_ws, generator.w_dim)
+        latent = check_latent("w", w, generator.num_ws, generator.w_dim)
         return cls(DragGANEngine(generator, config, runtime), latent, model_id=model_id)
 
     @classmethod
@@ -666,19 +666,6 @@ def _is_int(value: object) -> bool:
 def _check_int(name: str, value: object, minimum: int) -> None:
     if not _is_int(value) or value < minimum:
         raise ValueError(f"{name}={value!r} is not allowed; use an integer >= {minimum}")
-
-
-def _check_latent(name: str, w: object, num_ws: int, w_dim: int) -> Tensor:
-    """``w`` as a float32 tensor ``[1, num_ws, w_dim]`` with finite values (a detached copy)."""
-    if isinstance(w, np.ndarray):
-        w = torch.from_numpy(w)
-    if not isinstance(w, Tensor) or tuple(w.shape) != (1, num_ws, w_dim) or not w.is_floating_point():
-        got = f"shape {list(w.shape)}, {w.dtype}" if isinstance(w, Tensor) else type(w).__name__
-        raise ValueError(f"{name} must be a float [1, {num_ws}, {w_dim}] latent (num_ws, w_dim of this generator), "
-                         f"got {got}")
-    if not torch.isfinite(w).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return w.detach().to(torch.float32).clone()
 
 
 def _read_latent_file(path: Path) -> dict[str, Tensor]:

@@ -237,13 +237,7 @@ class DragGANEngine:
                 self._start_fast(handles, targets, fixed)
 
     def _check_latent(self, w: Tensor) -> Tensor:
-        if not isinstance(w, Tensor) or w.dim() != 3 or w.shape[0] != 1 or w.shape[1:] != (self.G.num_ws, self.G.w_dim):
-            shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-            raise ValueError(f"w must be [1, {self.G.num_ws}, {self.G.w_dim}] (num_ws, w_dim of this generator), "
-                             f"got {shape}")
-        if not torch.isfinite(w).all():
-            raise ValueError("w contains NaN or infinite values")
-        return w.to(self.device, torch.float32)
+        return check_latent("w", w, self.G.num_ws, self.G.w_dim).to(self.device)
 
     def _check_points(self, name: str, points) -> Tensor:
         try:
@@ -471,6 +465,20 @@ class DragGANEngine:
                 out = self._fast.handles[: self._n_handles].clone()
             return out.tolist()
         return [[float(x), float(y)] for y, x in self._ref["points"]]
+
+
+def check_latent(name: str, w: object, num_ws: int, w_dim: int) -> Tensor:
+    """``w`` (tensor or numpy array) as a detached float32 copy ``[1, num_ws, w_dim]`` with finite values, else a
+    ``ValueError`` naming ``name`` and the expected shape."""
+    if isinstance(w, np.ndarray):
+        w = torch.from_numpy(w)
+    if not isinstance(w, Tensor) or tuple(w.shape) != (1, num_ws, w_dim) or not w.is_floating_point():
+        got = f"shape {list(w.shape)}, {w.dtype}" if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"{name} must be a float [1, {num_ws}, {w_dim}] latent (num_ws, w_dim of this generator), "
+                         f"got {got}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return w.detach().to(torch.float32).clone()
 
 
 def _masked_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: Tensor, skip: Tensor,
