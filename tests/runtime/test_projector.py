@@ -41,15 +41,7 @@ from dragrt.runtime.projector import (
     w_statistics,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine, 2 intra-op threads turned 18 ms steps into 400-600 ms ones whenever another
-    # process ran (OpenMP threads waiting on each other); one thread keeps this file's time predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_generator(seed: int) -> Generator:

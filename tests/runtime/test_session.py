@@ -14,35 +14,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from small_draggan import BASE, HANDLES, TARGETS, small_generator
 
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines.draggan import DragGANConfig
-from dragrt.runtime.models.stylegan2 import Generator, GeneratorConfig, MappingConfig, SynthesisConfig
+from dragrt.runtime.models.stylegan2 import Generator
 from dragrt.runtime.session import HISTORY_LIMIT, EditSession, SessionBusyError, model_sha256
 
 # As the engine tests: at 64 px the reference radii round to nothing, so scale them up, and take big Adam steps so
 # that handles move within a few steps. With seed 0 and these points the drag converges in about 16 steps.
-BASE = dict(r1=24.0, r2=48.0, lr=0.05, cuda_graph=False)
 RUNTIME = RuntimeConfig(device="cpu", compile_mode="none")
-HANDLES = [[20, 30], [44, 12]]
-TARGETS = [[30, 36], [38, 20]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # The 64 px model is too small to gain from two threads, and on a busy 2-core machine the OpenMP workers
-    # spin against other processes: measured here, a 16-step drag took 0.7 s with 1 thread and 7-20 s with 2.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def small_generator(seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    cfg = GeneratorConfig(img_resolution=64, z_dim=32, w_dim=32, mapping=MappingConfig(num_layers=2),
-                          synthesis=SynthesisConfig(channel_base=1024, channel_max=32, num_fp16_res=0))
-    return Generator.from_config(cfg)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def new_session(generator: Generator | None = None, **config) -> EditSession:

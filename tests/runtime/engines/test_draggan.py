@@ -4,24 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from small_draggan import BASE, HANDLES, TARGETS, small_generator
 
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, _masked_adam
-from dragrt.runtime.models.stylegan2 import Generator, GeneratorConfig, MappingConfig, SynthesisConfig
-
-
-def small_generator(seed: int = 0) -> Generator:
-    torch.manual_seed(seed)
-    cfg = GeneratorConfig(img_resolution=64, z_dim=32, w_dim=32, mapping=MappingConfig(num_layers=2),
-                          synthesis=SynthesisConfig(channel_base=1024, channel_max=32, num_fp16_res=0))
-    return Generator.from_config(cfg)
-
-
-# At 64 px the reference radii (3 / 12 at 512) round to 0 / 2; scale them up so the test has a disc, and
-# take big Adam steps so that handles move within a few steps (a parity test where nothing moves proves little).
-BASE = dict(r1=24.0, r2=48.0, lr=0.05, cuda_graph=False)
-HANDLES = [[20, 30], [44, 12]]
-TARGETS = [[30, 36], [38, 20]]
 
 
 def engines(device, **kw):

@@ -24,14 +24,7 @@ needs_taesd = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Measured on the 2-core CI machine beside one other busy process: the 512 px TAESD round trip took
-    # 7.1 s with 2 threads and 4.4 s with 1.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:

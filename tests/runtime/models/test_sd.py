@@ -22,14 +22,7 @@ needs_assets = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Measured on the 2-core CI machine beside one other busy process: a tiny UNet forward took 1.5 s with
-    # 2 threads and 0.03 s with 1 (thread barriers cost more than the work at these sizes).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
