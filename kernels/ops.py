@@ -6,6 +6,8 @@ which implementation runs is decided at call time by :mod:`dragrt.kernels.dispat
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -129,8 +131,11 @@ def _blend_backward(ctx, grad: Tensor):
     if noise is None:
         src_scale, noise_scale, bg = 1.0, 0.0, src.to(acc)
     else:
-        a = alpha.to(acc)[:, None, None, None] if alpha is not None else torch.tensor(ctx.alpha_scalar, dtype=acc)
-        src_scale, noise_scale = torch.sqrt(a), torch.sqrt(1 - a)
+        if alpha is not None:
+            a = alpha.to(acc)[:, None, None, None]
+            src_scale, noise_scale = torch.sqrt(a), torch.sqrt(1 - a)
+        else:  # a Python alpha stays a Python number: no tensor, no host-to-device copy
+            src_scale, noise_scale = math.sqrt(ctx.alpha_scalar), math.sqrt(1 - ctx.alpha_scalar)
         bg = src_scale * src.to(acc) + noise_scale * noise.to(acc)
     d_fg = (g * m).to(fg.dtype) if ctx.needs_input_grad[0] else None
     d_src = _sum_to(g_bg * src_scale, src.shape).to(src.dtype) if ctx.needs_input_grad[1] else None

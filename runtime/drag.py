@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dragrt.kernels import bilinear_sample, patch_track
+from dragrt.kernels.reference import window_offsets
 
 # --- DragGAN ---------------------------------------------------------------------------------------------
 
@@ -32,12 +33,6 @@ def draggan_radii(image_size: int, r1: float = 3, r2: float = 12) -> tuple[int, 
 def draggan_stop_distance(image_size: int) -> float:
     """Handles within this many pixels of their targets are done: ``max(2 / 512 * H, 2)``."""
     return max(2 / 512 * image_size, 2.0)
-
-
-def _window(radius: int, device: torch.device) -> Tensor:
-    r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    dy, dx = torch.meshgrid(r, r, indexing="ij")
-    return torch.stack([dx.reshape(-1), dy.reshape(-1)], -1)  # [K, 2] as [dx, dy]
 
 
 def draggan_motion_loss(feat: Tensor, handles: Tensor, targets: Tensor, active: Tensor,
@@ -59,7 +54,7 @@ def draggan_motion_loss(feat: Tensor, handles: Tensor, targets: Tensor, active: 
     """
     h, w = size
     n_p = handles.shape[0]
-    win = _window(r1_px + 1, feat.device)  # superset of every quirked disc (the shift is under 1 px)
+    win = window_offsets(r1_px + 1, feat.device)  # superset of every quirked disc (the shift is under 1 px)
     base = torch.round(handles)
     q = base[:, None, :] + win[None]  # [P, K, 2]
     qy = q[..., 1] * (h / (h - 1))
@@ -189,7 +184,7 @@ def dragdiffusion_motion_loss(feat: Tensor, handles: Tensor, targets: Tensor, ac
     """
     gh, gw = size
     n_p = handles.shape[0]
-    win = _window(r_m, feat.device)
+    win = window_offsets(r_m, feat.device)
     q = torch.floor(handles)[:, None, :] + win[None]  # int(p) - r_m .. int(p) + r_m
     valid = ((q[..., 0] >= 0) & (q[..., 0] <= gw - 1) & (q[..., 1] >= 0) & (q[..., 1] <= gh - 1)).float()
     diff = targets - handles

@@ -68,7 +68,7 @@ def draggan_track_reference(feat, refs, points_rc, r2):
 
 # --- blending ----------------------------------------------------------------------------------------------
 
-def _ALPHAS_CUMPROD() -> torch.Tensor:  # noqa: N802 (a constant, computed once)
+def _alphas_cumprod() -> torch.Tensor:
     # SD's scaled_linear schedule (beta 0.00085 .. 0.012, 1000 steps), as in DDIMScheduler.
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, 0)
@@ -84,7 +84,7 @@ def _add_noise_fn():
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         return sched.add_noise
     except ImportError:
-        alphas = _ALPHAS_CUMPROD()
+        alphas = _alphas_cumprod()
 
         def add_noise(original, noise, timesteps):
             a = alphas.to(device=original.device, dtype=original.dtype)[timesteps]
@@ -175,7 +175,7 @@ def kernels(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
             fg, src, noise = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
             mask = (torch.rand((1, 1, *shape[2:]), device="cuda") > 0.5).to(dtype)
             timestep = torch.tensor([740], device="cuda")  # BLD's first blended step at 50 DDIM steps
-            alpha = float(_ALPHAS_CUMPROD()[740])
+            alpha = float(_alphas_cumprod()[740])
 
             add_noise = _add_noise_fn()
 
