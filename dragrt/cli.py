@@ -138,12 +138,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        bench_cli = importlib.import_module("dragrt.bench.cli")
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("dragrt.bench"):
-            return _not_landed("bench", "#4 (benchmark harness)", "time the ops and engines against their references")
-        raise
+    from dragrt.bench import cli as bench_cli
+
     return bench_cli.main(args.bench_args)
 
 
