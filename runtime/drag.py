@@ -253,3 +253,20 @@ def dragdiffusion_track_literal(f0: Tensor, f1: Tensor, handles: list[Tensor], h
             handles[i][0] = r1 + row
             handles[i][1] = c1 + col
     return handles
+
+
+def masked_adam_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: Tensor, skip: Tensor,
+                 lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+    """``torch.optim.Adam`` (defaults, no weight decay) on one tensor, as device ops only, skipping the whole
+    update (moments and step count included) where ``skip`` is True: the references do not step once every
+    handle is done (or, behind a GradScaler, when the gradient is not finite), and deciding that on the host
+    would cost a sync per step. Shared by the DragGAN and DragDiffusion fast engines."""
+    go = ~skip
+    t.add_(go.float())
+    exp_avg.copy_(torch.where(go, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+    exp_avg_sq.copy_(torch.where(go, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq))
+    tt = t.clamp_min(1.0)
+    bias1 = 1 - beta1**tt
+    bias2_sqrt = torch.sqrt(1 - beta2**tt)
+    denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
+    param.copy_(torch.where(go, param - (lr / bias1) * exp_avg / denom, param))

@@ -382,7 +382,7 @@ class DragGANEngine:
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             st.loss.copy_(loss.detach())
-            _masked_adam(w, grad, st.exp_avg, st.exp_avg_sq, st.t, st.done, cfg.lr)
+            drag.masked_adam_(w, grad, st.exp_avg, st.exp_avg_sq, st.t, st.done, cfg.lr)
 
     def _step_fast(self) -> tuple[Tensor, Tensor, Tensor]:
         st = self._fast
@@ -479,19 +479,3 @@ def check_latent(name: str, w: object, num_ws: int, w_dim: int) -> Tensor:
     if not torch.isfinite(w).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return w.detach().to(torch.float32).clone()
-
-
-def _masked_adam(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, t: Tensor, skip: Tensor,
-                 lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
-    """``torch.optim.Adam`` (defaults, no weight decay) on one tensor, as device ops only, skipping the whole
-    update (moments and step count included) where ``skip`` is True: the reference does not step once every
-    handle is done, and deciding that on the host would cost a sync per step."""
-    go = ~skip
-    t.add_(go.float())
-    exp_avg.copy_(torch.where(go, exp_avg.lerp(grad, 1 - beta1), exp_avg))
-    exp_avg_sq.copy_(torch.where(go, exp_avg_sq * beta2 + (1 - beta2) * grad * grad, exp_avg_sq))
-    tt = t.clamp_min(1.0)
-    bias1 = 1 - beta1**tt
-    bias2_sqrt = torch.sqrt(1 - beta2**tt)
-    denom = exp_avg_sq.sqrt() / bias2_sqrt + eps
-    param.copy_(torch.where(go, param - (lr / bias1) * exp_avg / denom, param))

@@ -7,7 +7,8 @@ import torch
 from small_draggan import BASE, HANDLES, TARGETS, small_generator
 
 from dragrt.runtime.config import RuntimeConfig
-from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, _masked_adam
+from dragrt.runtime.drag import masked_adam_
+from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
 
 
 def engines(device, **kw):
@@ -108,7 +109,7 @@ def test_masked_adam_equals_torch_adam() -> None:
         if i != 2:
             p1.grad = g.clone()
             opt.step()
-        _masked_adam(p2, g, m, v, t, skip, 1e-2)
+        masked_adam_(p2, g, m, v, t, skip, 1e-2)
     torch.testing.assert_close(p2, p1.detach(), atol=1e-6, rtol=1e-6)
     assert float(t) == 4
 
