@@ -1,0 +1,843 @@
+"""DragDiffusion on a Stable Diffusion 1.x pipeline: optimise the inverted latent ``z_t`` so handles move to targets.
+
+Two modes with one meaning (spec: ../shared/specs/ref_dragdiffusion.md; defaults as its file lists them):
+
+- ``reference``: the published path (``run_drag`` + ``drag_diffusion_update``), reload-free but otherwise
+  literal: the UNet cast to fp32 with its weights requiring gradients (the published code never freezes
+  them), autocast fp16 + GradScaler on CUDA, the full UNet every step, the feature map upsampled densely to
+  half the image size, per-handle Python loops with ``.item()`` reads, ``torch.optim.Adam``; the final
+  denoise with the reference's mutual self-attention (queries concatenated along the token axis), both
+  branches decoded. It runs on copies of the networks, so it never changes the shared pipeline.
+- ``fast``: the same algorithm with the waste removed: frozen fp16/bf16 UNet (gradients only to ``z_t``), the
+  forward stops after ``up_blocks[2]`` when no mask is drawn (the loss then only needs those features), sparse
+  sampling and tracking on the native 64x64 map through dragrt's kernels, a padded handle array, a device-side
+  Adam with the GradScaler's skip-and-halve rule (no host syncs), the UNet's blocks compiled and the whole step
+  replayed from one CUDA graph; the final denoise replays one captured UNet call per step and decodes only the
+  edited branch. Inversions and LoRAs are cached by content hash.
+
+Phases of an edit (one entry point, :meth:`DragDiffusionEngine.edit`, runs them all):
+1. ``prepare(image, prompt, lora=...)``: per-image LoRA (optional), VAE encode, DDIM inversion (cached).
+2. ``start(handle_points, target_points, mask)``: initial features ``F0`` and ``x_{t-1}`` of the inverted latent.
+3. ``step()`` / ``run()``: motion supervision + point tracking until every handle is within 2 px (half
+   resolution) of its target or ``max_steps``.
+4. ``denoise()``: 35 DDIM steps of ``[original, edited]`` with mutual self-attention; the edited image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dragrt.kernels import bilinear_sample
+from dragrt.runtime import drag
+from dragrt.runtime.config import RuntimeConfig
+from dragrt.runtime.engines.draggan import StepResult
+from dragrt.runtime.models.attention import (
+    AttnProcessor,
+    mutual_self_attention,
+    resolve_attention_backend,
+    set_attention_backend,
+)
+from dragrt.runtime.models.sd import SDComponents, UNetFeatureTap
+
+MODES = ("fast", "reference")
+
+
+@dataclass
+class DragDiffusionConfig:
+    """DragDiffusion's knobs; defaults are the reference's (``drag_ui.py`` real-image tab, spec §1-§5).
+
+    Attributes:
+        mode: ``"fast"`` or ``"reference"`` (module docstring). Same algorithm; the reference is slower by design.
+        num_inference_steps: DDIM schedule length (50).
+        inversion_strength: fraction of the schedule inverted (0.7 -> 35 steps, ``t = timesteps[15]`` = 681).
+        lr: Adam step size on ``z_t`` ("latent lr", 0.01).
+        max_steps: at most this many drag iterations ("n_pix_step", 80).
+        lambda_mask: weight of the ``x_{t-1}`` term outside the mask (0.1); it applies only when a mask is drawn.
+        r_m: motion-supervision patch radius on the half-resolution grid (1: 3x3).
+        r_p: tracking window radius (3: 7x7).
+        feature_block: ``unet.up_blocks`` index of the feature map (2: the reference's ``unet_feature_idx=[3]``).
+        stop_distance: every handle within this many half-resolution px of its target ends the drag (2.0).
+        start_layer: first transformer block with mutual self-attention in the final denoise (10 of 16).
+        start_step: first denoise step with mutual self-attention (0).
+        lora: train a per-image LoRA before inverting (the reference's optional "Train LoRA" button). Off by
+            default as a choice of the caller, not of the algorithm; see :class:`LoRAConfig` for its knobs.
+        lora_config: the LoRA's knobs (rank 16, lr 5e-4, 80 steps, batch 4); ``None`` = defaults.
+        attention: ``"auto"`` (SDPA), ``"sdpa"`` or ``"xformers"`` for the fast mode's attention.
+        max_handles: padded size of the fast mode's handle arrays (more handles -> an error, not a recompile).
+        cuda_graph: replay the fast drag step and denoise UNet calls from CUDA graphs (CUDA only).
+        compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
+            picks the mode; ``auto`` = on CUDA only).
+    """
+
+    mode: str = "fast"
+    num_inference_steps: int = 50
+    inversion_strength: float = 0.7
+    lr: float = 0.01
+    max_steps: int = 80
+    lambda_mask: float = 0.1
+    r_m: int = 1
+    r_p: int = 3
+    feature_block: int = 2
+    stop_distance: float = 2.0
+    start_layer: int = 10
+    start_step: int = 0
+    lora: bool = False
+    lora_config: Any = None
+    attention: str = "auto"
+    max_handles: int = 16
+    cuda_graph: bool = True
+    compile: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is not allowed; choose one of: {', '.join(MODES)}")
+        for name in ("num_inference_steps", "max_steps", "r_m", "r_p", "max_handles"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} is not allowed; use an integer >= 1")
+        for name in ("feature_block", "start_layer", "start_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name}={v!r} is not allowed; use an integer >= 0")
+        if not (isinstance(self.inversion_strength, (int, float)) and 0 < self.inversion_strength <= 1):
+            raise ValueError(f"inversion_strength={self.inversion_strength!r} is not allowed; use a number in (0, 1]")
+        if round(self.inversion_strength * self.num_inference_steps) < 1:
+            raise ValueError(f"inversion_strength={self.inversion_strength} x num_inference_steps="
+                             f"{self.num_inference_steps} inverts no step; raise either")
+        for name in ("lr", "stop_distance"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name}={v!r} is not allowed; use a finite number > 0")
+        lam = self.lambda_mask
+        if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"lambda_mask={self.lambda_mask!r} is not allowed; use a finite number >= 0")
+        if self.attention not in ("auto", "sdpa", "xformers"):
+            raise ValueError(f"attention={self.attention!r} is not allowed; choose one of: auto, sdpa, xformers")
+
+    @property
+    def inversion_steps(self) -> int:
+        """How many DDIM steps are inverted (and denoised): ``round(strength * num_inference_steps)``."""
+        return round(self.inversion_strength * self.num_inference_steps)
+
+
+@dataclass
+class DragDiffusionResult:
+    """What :meth:`DragDiffusionEngine.edit` returns.
+
+    ``image``: ``[1, 3, H, W]`` float32 in [0, 1] (the edited image, input size). ``handles``: final handle
+    positions ``[[x, y], ...]`` in image pixels. ``steps``: drag iterations run. ``timings``: seconds per phase
+    (``lora``, ``inversion``, ``start``, ``drag``, ``denoise``, ``total``). ``latent``: the optimised ``z_t``.
+    """
+
+    image: Tensor
+    handles: list[list[float]]
+    steps: int
+    timings: dict[str, float]
+    latent: Tensor
+    history: list[StepResult] = field(default_factory=list)
+
+
+@dataclass
+class _Prepared:
+    image: Tensor  # [1, 3, H, W] in [-1, 1], on the device
+    prompt: str
+    text_emb: Tensor  # [1, 77, D] in the UNet dtype
+    z_t: Tensor  # [1, 4, h, w] float32 inverted latent
+    t: int  # the drag timestep
+    denoise_timesteps: list[int]
+    lora: dict[str, Tensor] | None
+    a: float  # x_{t-1} = a * z_t + b * eps (DDIM, eta 0)
+    b: float
+
+
+@dataclass
+class _FastState:
+    z: Tensor  # [1, 4, h, w] float32 leaf being optimised
+    handles: Tensor  # [P_max, 2] x, y on the half-resolution grid
+    targets: Tensor
+    init_handles: Tensor
+    active: Tensor  # [P_max] bool
+    refs: Tensor  # [P_max, C] features at the initial handles (from F0)
+    x_prev0: Tensor | None  # [1, 4, h, w] initial x_{t-1} (mask term)
+    keep: Tensor | None  # [1, 1, h, w] 1 - mask at latent resolution
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    adam_t: Tensor
+    step: Tensor  # float32 scalar: iterations run (tracking starts at 1)
+    scale: Tensor  # GradScaler's loss scale
+    done: Tensor
+    loss: Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    n: int = 0
+    pinned: dict = field(default_factory=dict)
+
+
+class DragDiffusionEngine:
+    """DragDiffusion on loaded SD components (loaded once; the engine keeps them).
+
+    >>> sd = load_sd("path/to/sd15")                                   # doctest: +SKIP
+    >>> engine = DragDiffusionEngine(sd)
+    >>> result = engine.edit(image, "a photo of a cat", handle_points=[[200, 260]], target_points=[[240, 260]])
+    >>> result.image.shape                                             # [1, 3, H, W] in [0, 1]
+    """
+
+    def __init__(self, components: SDComponents, config: DragDiffusionConfig | None = None,
+                 runtime: RuntimeConfig | None = None, *, cache: Any = None) -> None:
+        self.config = cfg = config or DragDiffusionConfig()
+        self.runtime = runtime or RuntimeConfig()
+        self.device = self.runtime.torch_device()
+        self.sd = components
+        n_up = len(components.unet.up_blocks)
+        if not cfg.feature_block < n_up:
+            raise ValueError(f"feature_block={cfg.feature_block} is out of range; this UNet has {n_up} up blocks")
+        self.dtype = next(components.unet.parameters()).dtype
+        self.cache = cache
+        if cfg.mode == "fast":
+            self.attention = resolve_attention_backend(cfg.attention, self.device)
+            self.unet = components.unet
+            set_attention_backend(self.unet, self.attention)
+            mode = self.runtime.resolved_compile_mode() if cfg.compile else None
+            if mode:
+                _compile_blocks(self.unet, mode)
+        else:
+            self.attention = "math"
+            # The reference's networks as it runs them: fp16 for inversion and denoise, an fp32 copy with weight
+            # gradients for the drag. Copies: the shared pipeline (maybe compiled by a fast engine) stays as is.
+            # run_drag calls set_default_attn_processor (diffusers' classic score-matrix attention): "math".
+            self.unet = _plain_copy(components.unet)
+            set_attention_backend(self.unet, "math")
+            self.unet_fp32 = _plain_copy(components.unet).float().requires_grad_(True)
+            set_attention_backend(self.unet_fp32, "math")
+        self._stream = torch.cuda.Stream(self.device) if (self.device.type == "cuda" and cfg.mode == "fast") else None
+        self.prepared: _Prepared | None = None
+        self._base_fingerprint: str | None = None
+        self._fast: _FastState | None = None
+        self._ref: dict | None = None
+        self._denoise_graph: dict | None = None
+
+    @contextlib.contextmanager
+    def _on_engine_stream(self) -> Iterator[None]:
+        if self._stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(caller)
+        with torch.cuda.stream(self._stream):
+            yield
+        caller.wait_stream(self._stream)
+
+    # --- phase 1: LoRA, encode, invert ----------------------------------------------------------------------
+
+    def prepare(self, image: Any, prompt: str = "", *, lora: Any = None, progress: bool = False) -> _Prepared:
+        """Encode and invert ``image`` with ``prompt`` (cached by content), training or applying a LoRA first.
+
+        Args:
+            image: PIL image, uint8 ``[H, W, 3]`` array, or float ``[1, 3, H, W]`` tensor in [-1, 1]; H and W
+                multiples of 64 (the UNet halves the 1/8-size latent three times).
+            prompt: the text prompt (the reference inverts with it; "" is allowed).
+            lora: ``None`` (train one when ``config.lora`` is set, else none), a LoRA state dict, or a path to
+                a ``pytorch_lora_weights.safetensors`` (diffusers or DragDiffusion's older key format).
+        """
+        from dragrt.runtime import inversion as inv
+        from dragrt.runtime.models import lora as lora_mod
+
+        cfg = self.config
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        img = _image_tensor(image).to(self.device)
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self._set_lora(None)  # the previous image's LoRA must not be part of this one's training or key
+        if self._base_fingerprint is None:
+            self._base_fingerprint = inv.components_fingerprint(self.sd)  # once, on the base weights (~1 s)
+        weights = None
+        if isinstance(lora, (str, bytes)) or hasattr(lora, "__fspath__"):
+            weights = lora_mod.load_lora(lora)
+        elif isinstance(lora, dict):
+            weights = lora
+        elif lora is not None:
+            raise ValueError(f"lora must be None, a LoRA state dict or a path, got {type(lora).__name__}")
+        elif cfg.lora:
+            lcfg = cfg.lora_config or lora_mod.LoRAConfig()
+            weights = lora_mod.train_or_load_lora(self.sd, img, prompt, lcfg, mode=cfg.mode, cache=self.cache,
+                                                  model_fingerprint=self._base_fingerprint, progress=progress)
+        times["lora"] = time.perf_counter() - t0
+        self._set_lora(weights)
+        icfg = inv.InversionConfig(num_inference_steps=cfg.num_inference_steps, strength=cfg.inversion_strength,
+                                   guidance_scale=1.0)
+        t1 = time.perf_counter()
+        lora_fp = lora_mod.lora_fingerprint(weights) if weights is not None else None
+        with self._unet_for_inversion() as unet_fn:
+            res = inv.invert_image(self.sd, img, prompt, icfg, lora_fingerprint=lora_fp, cache=self.cache,
+                                   model_fingerprint=self._base_fingerprint, mode=cfg.mode, unet_fn=unet_fn,
+                                   progress=progress)
+        times["inversion"] = time.perf_counter() - t1
+        emb = inv.encode_prompt(self.sd, prompt).to(self.device, self.dtype)
+        a, b = inv.ddim_step_coefficients(self.sd.scheduler, int(res.t), cfg.num_inference_steps)
+        self.prepared = _Prepared(image=img, prompt=prompt, text_emb=emb, z_t=res.z_t.detach().float(), t=int(res.t),
+                                  denoise_timesteps=[int(x) for x in res.denoise_timesteps], lora=weights, a=a, b=b)
+        self.prepared_timings = times
+        self._fast = self._ref = None
+        self._denoise_graph = None
+        return self.prepared
+
+    @contextlib.contextmanager
+    def _unet_for_inversion(self) -> Iterator[Callable | None]:
+        """The UNet call the inversion uses: the engine's own (fast: compiled blocks; reference: its fp16 copy)."""
+        unet = self.unet
+
+        def call(latent: Tensor, t: Any, emb: Tensor) -> Tensor:
+            return unet(latent.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+
+        yield call
+
+    def _set_lora(self, weights: dict[str, Tensor] | None) -> None:
+        """Fuse the LoRA into the UNet weights the engine runs (fast: the shared frozen UNet, restored exactly on the
+        next prepare or :meth:`close`; reference: its own copies). The published code keeps LoRA attention
+        processors instead (rank-16 side products, well under 1% of the UNet's work): the reference mode fuses
+        too, a deliberate and documented difference."""
+        from dragrt.runtime.models import lora as lora_mod
+
+        exit_stack = getattr(self, "_lora_stack", None)
+        if exit_stack is not None:
+            exit_stack.close()
+            self._lora_stack = None
+        if weights is None:
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(lora_mod.fused_lora(self.unet, weights))
+        if self.config.mode == "reference":
+            stack.enter_context(lora_mod.fused_lora(self.unet_fp32, weights))
+        self._lora_stack = stack
+        self._fast = None  # captured graphs read the weights in place: fused weights are seen by replays
+
+    def close(self) -> None:
+        """Undo a fused LoRA (the shared UNet gets its exact weights back) and drop captured graphs."""
+        self._set_lora(None)
+        self._fast = self._ref = None
+        self._denoise_graph = None
+
+    # --- phase 2: start --------------------------------------------------------------------------------------
+
+    def start(self, handle_points, target_points, mask: Any = None, *, latent: Tensor | None = None) -> None:
+        """Begin the drag on the prepared image.
+
+        Args:
+            latent: start from this ``z_t`` ``[1, 4, h, w]`` instead of the inversion (a second drag continues
+                from the first one's result, as in an interactive session); the final denoise still pairs it with
+                the inverted latent as the un-edited branch.
+            handle_points, target_points: ``[[x, y], ...]`` image pixels (origin top-left), same count, 1 to
+                ``max_handles``; mapped to the half-resolution grid and rounded as the reference does.
+            mask: ``[H, W]`` (image size) with 1 = may change, 0 = keep, or ``None`` (no mask: no regulariser,
+                as in the reference when nothing is drawn).
+        """
+        if self.prepared is None:
+            raise RuntimeError("call prepare(image, prompt) before start()")
+        p = self.prepared
+        H, W = p.image.shape[-2:]
+        self.size = (int(0.5 * H), int(0.5 * W))  # the reference's sup_res
+        handles = self._grid_points("handle_points", handle_points, H, W)
+        targets = self._grid_points("target_points", target_points, H, W)
+        if handles.shape != targets.shape:
+            raise ValueError(f"handle_points has {len(handles)} points but target_points has {len(targets)}")
+        keep = self._check_mask(mask, H, W)
+        self._z_start = p.z_t if latent is None else self._check_latent(latent)
+        self._n_handles = len(handles)
+        self._targets_host = [[x * W / self.size[1], y * H / self.size[0]] for x, y in targets.tolist()]
+        with self._on_engine_stream():
+            if self.config.mode == "reference":
+                self._start_reference(handles, targets, keep)
+            else:
+                self._start_fast(handles, targets, keep)
+
+    def _grid_points(self, name: str, points: Any, H: int, W: int) -> Tensor:
+        try:
+            t = torch.as_tensor(points, dtype=torch.float64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} must be a list of [x, y] pairs: {exc}") from None
+        if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
+            raise ValueError(f"{name} must be [[x, y], ...] with at least one point, got shape {tuple(t.shape)}")
+        if t.shape[0] > self.config.max_handles:
+            raise ValueError(f"{name}: {t.shape[0]} points; at most max_handles={self.config.max_handles}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} contains NaN or infinite coordinates")
+        if (t[:, 0] < 0).any() or (t[:, 0] > W - 1).any() or (t[:, 1] < 0).any() or (t[:, 1] > H - 1).any():
+            raise ValueError(f"{name}: x must be within 0 to {W - 1} and y within 0 to {H - 1} px, got {t.tolist()}")
+        # The reference: torch.round([y / H * sup_h, x / W * sup_w]) in float32 (round half to even). A point in
+        # the last pixel row/column can round to sup_h / sup_w, one past the grid (the reference then indexes
+        # out of range); we clamp to the grid instead.
+        gh, gw = self.size
+        x = torch.round((t[:, 0] / W * gw).float()).clamp(0, gw - 1)
+        y = torch.round((t[:, 1] / H * gh).float()).clamp(0, gh - 1)
+        return torch.stack([x, y], dim=1)
+
+    def _check_latent(self, latent: Any) -> Tensor:
+        shape = tuple(self.prepared.z_t.shape)
+        if not isinstance(latent, Tensor) or tuple(latent.shape) != shape or not latent.is_floating_point():
+            got = f"shape {list(latent.shape)}" if isinstance(latent, Tensor) else type(latent).__name__
+            raise ValueError(f"latent must be a float {list(shape)} z_t of the prepared image, got {got}")
+        if not torch.isfinite(latent).all():
+            raise ValueError("latent contains NaN or infinite values")
+        return latent.detach().float().to(self.device)
+
+    def _check_mask(self, mask: Any, H: int, W: int) -> Tensor | None:
+        if mask is None:
+            return None
+        m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask, dtype=torch.float32)
+        if m.dim() != 2 or tuple(m.shape) != (H, W):
+            raise ValueError(f"mask must be [H, W] = [{H}, {W}] (1 = may change), got {tuple(m.shape)}")
+        if not torch.isfinite(m).all() or (m < 0).any():
+            raise ValueError("mask values must be >= 0 (0 = keep, anything above 0 = may change)")
+        # The reference: mask > 0 -> 1, nearest to sup_res, nearest again to the latent size.
+        m = (m > 0).float()[None, None]
+        m = F.interpolate(m, self.size, mode="nearest")
+        h, w = self.prepared.z_t.shape[-2:]
+        m = F.interpolate(m, (h, w), mode="nearest")
+        if m.sum() == 0:
+            return None  # using_mask = interp_mask.sum() != 0
+        return (1.0 - m).to(self.device)
+
+    def _unet_dtype_autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _start_fast(self, handles: Tensor, targets: Tensor, keep: Tensor | None) -> None:
+        cfg, p, dev = self.config, self.prepared, self.device
+        n, pmax = len(handles), cfg.max_handles
+        h_buf = torch.zeros(pmax, 2, device=dev)
+        t_buf = torch.zeros(pmax, 2, device=dev)
+        h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)
+        active = torch.zeros(pmax, dtype=torch.bool, device=dev)
+        active[:n] = True
+        z = self._z_start.clone().to(dev)
+        with torch.no_grad():
+            feat0, eps0 = self._features(z, full=keep is not None)
+            refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
+            x_prev0 = (p.a * z + p.b * eps0.float()) if keep is not None else None
+        self._fast = _FastState(
+            z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
+            refs=refs, x_prev0=x_prev0, keep=keep,
+            exp_avg=torch.zeros_like(z), exp_avg_sq=torch.zeros_like(z), adam_t=torch.zeros((), device=dev),
+            step=torch.zeros((), device=dev), scale=torch.full((), 65536.0, device=dev),
+            done=torch.zeros((), dtype=torch.bool, device=dev), loss=torch.zeros((), device=dev))
+
+    def _features(self, z: Tensor, full: bool) -> tuple[Tensor, Tensor | None]:
+        """``up_blocks[feature_block]`` output ``[1, C, h', w']`` and (``full``) the UNet's eps ``[1, 4, h, w]``;
+        without ``full`` the forward stops after the feature block."""
+        p = self.prepared
+        tap = UNetFeatureTap(self.unet, [self.config.feature_block], stop_after=not full)
+        t = torch.full((1,), p.t, device=self.device, dtype=torch.long)
+        eps = tap.run(z.to(self.dtype), t, encoder_hidden_states=p.text_emb)
+        return tap.features[self.config.feature_block], eps
+
+    def _fast_body(self) -> None:
+        """One fast drag iteration on static buffers (capturable): forward, track, test, loss, backward, Adam."""
+        cfg, st, p = self.config, self._fast, self.prepared
+        feat, eps = self._features(st.z, full=st.keep is not None)
+        with torch.no_grad():
+            new = drag.dragdiffusion_track(feat.detach(), st.refs, st.handles, self.size, cfg.r_p)
+            tracked = st.active[:, None] & (st.step > 0)  # the reference tracks from the second iteration
+            st.handles.copy_(torch.where(tracked, new, st.handles))
+            dist = torch.linalg.vector_norm(st.targets - st.handles, dim=1)
+            st.done.copy_(((dist < cfg.stop_distance) | ~st.active).all())
+        loss = drag.dragdiffusion_motion_loss(feat, st.handles, st.targets, st.active, self.size, cfg.r_m)
+        if st.keep is not None:
+            x_prev = p.a * st.z + p.b * eps.float()
+            loss = loss + cfg.lambda_mask * ((x_prev - st.x_prev0) * st.keep).abs().sum()
+        (grad,) = torch.autograd.grad(loss * st.scale, st.z)
+        with torch.no_grad():
+            grad = grad / st.scale
+            finite = torch.isfinite(grad).all()
+            st.loss.copy_(loss.detach())
+            # GradScaler: a non-finite gradient skips the update and halves the scale (its growth interval, 2000
+            # good steps, is never reached within a drag).
+            drag.masked_adam_(st.z, torch.nan_to_num(grad), st.exp_avg, st.exp_avg_sq, st.adam_t,
+                              st.done | ~finite, cfg.lr)
+            st.scale.copy_(torch.where(finite | st.done, st.scale, st.scale * 0.5))
+            st.step.add_(1.0)
+
+    def _step_fast(self) -> tuple[Tensor, Tensor, Tensor]:
+        st = self._fast
+        if self.config.cuda_graph and self.device.type == "cuda" and st.graph is None:
+            st.graph = self._capture()
+        with self._on_engine_stream():
+            if st.graph is not None:
+                st.graph.replay()
+            else:
+                self._fast_body()
+        st.n += 1
+        return st.handles[: self._n_handles], st.done, st.loss
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        st = self._fast
+        state = (st.z, st.handles, st.exp_avg, st.exp_avg_sq, st.adam_t, st.step, st.scale, st.done, st.loss)
+        with self._on_engine_stream():
+            keep = [t.detach().clone() for t in state]
+            for _ in range(2):  # warm-up off the default stream: compilation, cuDNN plans, memory pools
+                self._fast_body()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._stream):
+            self._fast_body()
+        with self._on_engine_stream(), torch.no_grad():  # capture must not change the edit
+            for dst, src in zip(state, keep):
+                dst.copy_(src)
+        return graph
+
+    # --- reference mode --------------------------------------------------------------------------------------
+
+    def _start_reference(self, handles: Tensor, targets: Tensor, keep: Tensor | None) -> None:
+        cfg, p = self.config, self.prepared
+        unet = self.unet_fp32
+        z = self._z_start.clone().float()
+        emb = p.text_emb.float()
+        t = p.t
+        with torch.no_grad():
+            eps0, f0 = self._ref_forward(unet, z, t, emb)
+            x_prev0 = p.a * z + p.b * eps0
+        z.requires_grad_(True)
+        points = [torch.tensor([y, x]) for x, y in handles.tolist()]
+        self._ref = {
+            "z": z, "emb": emb, "F0": f0, "x_prev0": x_prev0, "keep": keep,
+            "handles": points, "handles_init": copy.deepcopy(points),
+            "targets": [torch.tensor([y, x]) for x, y in targets.tolist()],
+            "optim": torch.optim.Adam([z], lr=cfg.lr),
+            "scaler": torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda"),
+            "step": 0,
+        }
+
+    def _ref_forward(self, unet: torch.nn.Module, z: Tensor, t: int, emb: Tensor) -> tuple[Tensor, Tensor]:
+        # forward_unet_features: full UNet, up_blocks[2] output upsampled (bilinear) to half the image size.
+        tap = UNetFeatureTap(unet, [self.config.feature_block])
+        eps = tap.run(z, t, encoder_hidden_states=emb)
+        feat = F.interpolate(tap.features[self.config.feature_block], self.size, mode="bilinear")
+        return eps, feat
+
+    def _step_reference(self) -> tuple[Tensor, Tensor, Tensor]:
+        cfg, ref, p = self.config, self._ref, self.prepared
+        z = ref["z"]
+        with self._unet_dtype_autocast():
+            eps, f1 = self._ref_forward(self.unet_fp32, z, p.t, ref["emb"])
+            x_prev = p.a * z + p.b * eps
+            if ref["step"] != 0:
+                ref["handles"] = drag.dragdiffusion_track_literal(ref["F0"], f1, ref["handles"], ref["handles_init"],
+                                                                  cfg.r_p)
+            dists = [(p_ - t_).norm() for p_, t_ in zip(ref["handles"], ref["targets"])]
+            done = bool((torch.tensor(dists) < cfg.stop_distance).all())
+            loss: Tensor | float = 0.0
+            if not done:
+                loss = drag.dragdiffusion_motion_loss_literal(f1, ref["handles"], ref["targets"], cfg.r_m)
+                if ref["keep"] is not None:
+                    loss = loss + cfg.lambda_mask * ((x_prev - ref["x_prev0"]) * ref["keep"]).abs().sum()
+                loss.item()  # the published loop prints loss.item() each step: the read (a sync) stays, the print not
+        if not done:
+            ref["scaler"].scale(loss).backward()
+            ref["scaler"].step(ref["optim"])
+            ref["scaler"].update()
+            ref["optim"].zero_grad()
+        ref["step"] += 1
+        handles = torch.tensor([[float(q[1]), float(q[0])] for q in ref["handles"]])
+        loss_t = loss.detach().float() if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        return handles, torch.tensor(done), loss_t
+
+    # --- phase 3: steps --------------------------------------------------------------------------------------
+
+    def step(self) -> tuple[Tensor, Tensor, Tensor]:
+        """One drag iteration. Returns ``(handles [P, 2] half-resolution grid px, done [], loss [])`` as device
+        tensors without waiting for the device in fast mode."""
+        if self._fast is None and self._ref is None:
+            raise RuntimeError("call start() before step()")
+        if self.config.mode == "reference":
+            return self._step_reference()
+        return self._step_fast()
+
+    def run(self, max_steps: int | None = None) -> Iterator[StepResult]:
+        """Iterations until every handle is within ``stop_distance`` or ``max_steps`` (default
+        ``config.max_steps``); yields one :class:`StepResult` per iteration (handles and distances in image
+        pixels). Fast mode reads iteration ``k`` while the device runs ``k + 1`` (no update once done)."""
+        limit = self.config.max_steps if max_steps is None else max_steps
+        pending = None
+        t_last = time.perf_counter()
+        for k in range(limit):
+            snap = self._snapshot(*self.step())
+            if pending is not None:
+                result = self._result(pending, t_last)
+                t_last = time.perf_counter()
+                yield result
+                if result.done:
+                    return
+            pending = (k, *snap)
+        if pending is not None:
+            yield self._result(pending, t_last)
+
+    def _snapshot(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple:
+        if self.device.type != "cuda" or self.config.mode == "reference":
+            return handles.clone(), done.clone(), loss.detach().clone(), None
+        st = self._fast
+        key = st.n % 2  # two alternating pinned sets: a copy never overwrites the one being read
+        bufs = st.pinned.get(key)
+        if bufs is None:
+            bufs = (torch.empty(handles.shape, pin_memory=True), torch.empty((), dtype=torch.bool, pin_memory=True),
+                    torch.empty((), pin_memory=True))
+            st.pinned[key] = bufs
+        with self._on_engine_stream():
+            bufs[0].copy_(handles, non_blocking=True)
+            bufs[1].copy_(done, non_blocking=True)
+            bufs[2].copy_(loss.detach(), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record()
+        return (*bufs, ev)
+
+    def _result(self, pending: tuple, t_last: float) -> StepResult:
+        k, handles, done, loss, ev = pending
+        if ev is not None:
+            ev.synchronize()
+        H, W = self.prepared.image.shape[-2:]
+        sy, sx = H / self.size[0], W / self.size[1]
+        h = [[x * sx, y * sy] for x, y in handles[: self._n_handles].tolist()]
+        dist = [math.dist(a, b) for a, b in zip(h, self._targets_host)]
+        return StepResult(step=k, handles=h, distances=dist, done=bool(done), loss=float(loss),
+                          ms=(time.perf_counter() - t_last) * 1e3)
+
+    @property
+    def handles(self) -> list[list[float]]:
+        """Current handle positions ``[[x, y], ...]`` in image pixels (reads the device)."""
+        H, W = self.prepared.image.shape[-2:]
+        sy, sx = H / self.size[0], W / self.size[1]
+        if self._fast is not None:
+            with self._on_engine_stream():
+                pts = self._fast.handles[: self._n_handles].tolist()
+        else:
+            pts = [[float(q[1]), float(q[0])] for q in self._ref["handles"]]
+        return [[x * sx, y * sy] for x, y in pts]
+
+    def latent(self) -> Tensor:
+        """The current (optimised) ``z_t`` ``[1, 4, h, w]`` float32."""
+        if self._fast is not None:
+            with self._on_engine_stream():
+                return self._fast.z.detach().clone()
+        if self._ref is not None:
+            return self._ref["z"].detach().clone()
+        raise RuntimeError("call start() before latent()")
+
+    # --- phase 4: denoise ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def denoise(self, latent: Tensor | None = None) -> Tensor:
+        """Denoise ``[original z_t, edited z_t]`` for the remaining steps with mutual self-attention and return
+        the edited image ``[1, 3, H, W]`` float32 in [0, 1] at the input size."""
+        p = self.prepared
+        if p is None:
+            raise RuntimeError("call prepare() (and start()/run()) before denoise()")
+        z_edit = (self.latent() if latent is None else latent).to(self.device)
+        if self.config.mode == "reference":
+            return self._denoise_reference(z_edit)
+        with self._on_engine_stream():
+            out = self._denoise_fast(z_edit)
+        return out
+
+    def _denoise_latents(self, z_edit: Tensor, unet_call: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        from dragrt.runtime import inversion as inv
+
+        p, cfg = self.prepared, self.config
+        latents = torch.cat([p.z_t.to(z_edit), z_edit.float()]).to(self.dtype)
+        for i, t in enumerate(p.denoise_timesteps):
+            eps = unet_call(latents, t, i)
+            # the pipeline denoises with diffusers' DDIMScheduler.step (its boundary rule)
+            a, b = inv.ddim_step_coefficients(self.sd.scheduler, t, cfg.num_inference_steps, prev_inclusive=True)
+            latents = (a * latents.float() + b * eps.float()).to(self.dtype)
+        return latents
+
+    def _mutual(self, literal: bool):
+        cfg = self.config
+        return mutual_self_attention(self.unet, cfg.start_layer, backend=self.attention, literal=literal)
+
+    def _denoise_fast(self, z_edit: Tensor) -> Tensor:
+        p = self.prepared
+        emb2 = p.text_emb.expand(2, -1, -1)
+        if self.config.start_step > 0:
+            raise ValueError("start_step > 0 is not supported by the fast denoise yet; use mode='reference'")
+        with self._mutual(literal=False):
+            if self.config.cuda_graph and self.device.type == "cuda":
+                call = self._denoise_graph_call(emb2)
+            else:
+                def call(x: Tensor, t: int, i: int) -> Tensor:
+                    return self.unet(x, torch.tensor([t], device=self.device), encoder_hidden_states=emb2).sample
+            latents = self._denoise_latents(z_edit, call)
+        return self._decode(latents[1:])
+
+    def _denoise_graph_call(self, emb2: Tensor) -> Callable[[Tensor, int, int], Tensor]:
+        g = self._denoise_graph
+        if g is None:
+            h, w = self.prepared.z_t.shape[-2:]
+            x_buf = torch.zeros(2, 4, h, w, device=self.device, dtype=self.dtype)
+            t_buf = torch.zeros(1, device=self.device, dtype=torch.long)
+            for _ in range(2):
+                self.unet(x_buf, t_buf, encoder_hidden_states=emb2)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self._stream):
+                out = self.unet(x_buf, t_buf, encoder_hidden_states=emb2).sample
+            g = self._denoise_graph = {"graph": graph, "x": x_buf, "t": t_buf, "out": out}
+
+        def call(x: Tensor, t: int, i: int) -> Tensor:
+            g["x"].copy_(x)
+            g["t"].fill_(t)
+            g["graph"].replay()
+            return g["out"]
+
+        return call
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        vae = self.sd.vae
+        img = vae.decode(latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor).sample
+        img = (img.float() / 2 + 0.5).clamp(0, 1)
+        H, W = self.prepared.image.shape[-2:]
+        if img.shape[-2:] != (H, W):
+            img = F.interpolate(img, (H, W), mode="bilinear")
+        return img
+
+    def _denoise_reference(self, z_edit: Tensor) -> Tensor:
+        cfg, p = self.config, self.prepared
+        unet = self.unet
+        emb2 = torch.cat([p.text_emb] * 2)
+        sched = copy.deepcopy(self.sd.scheduler)
+        sched.set_timesteps(cfg.num_inference_steps)
+        skip = cfg.num_inference_steps - cfg.inversion_steps
+        latents = torch.cat([p.z_t.to(self.device), z_edit]).to(self.dtype)
+        # The reference's attention editor: score-matrix attention everywhere, mutual from start_layer on.
+        literal = mutual_self_attention(unet, cfg.start_layer, backend="math", literal=True)
+        with literal:
+            for i, t in enumerate(sched.timesteps):
+                if i < skip:
+                    continue
+                if i - skip < cfg.start_step:
+                    with _processors(unet, AttnProcessor("math")):
+                        eps = unet(latents, t, encoder_hidden_states=emb2).sample
+                else:
+                    eps = unet(latents, t, encoder_hidden_states=emb2).sample
+                latents = sched.step(eps, t, latents, return_dict=False)[0]
+        vae = self.sd.vae
+        image = vae.decode(latents / vae.config.scaling_factor).sample  # both branches, as the pipeline does
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
+        H, W = p.image.shape[-2:]
+        return F.interpolate(image[1:2], (H, W), mode="bilinear")
+
+    def render(self, latent: Tensor | None = None) -> Tensor:
+        """The edited image of ``latent`` (default: the current one) in [-1, 1], ``[1, 3, H, W]`` float32: the full
+        denoise (the same as :meth:`denoise`, rescaled), the engine-neutral name sessions use."""
+        return self.denoise(latent) * 2 - 1
+
+    @torch.no_grad()
+    def preview(self, latent: Tensor | None = None, decoder: Any = None) -> Tensor:
+        """A cheap look at where the drag is going: the clean latent ``x0`` the UNet predicts from ``z_t`` (one
+        forward, no gradients), decoded by ``decoder`` (a :class:`~dragrt.runtime.models.preview.PreviewDecoder`)
+        or, by default, by the pipeline's own VAE. Returns ``[1, 3, H, W]`` float32 in [0, 1]."""
+        p = self.prepared
+        if p is None:
+            raise RuntimeError("call prepare() before preview()")
+        z = (self.latent() if latent is None else self._check_latent(latent)).to(self.device)
+        with self._on_engine_stream():
+            t = torch.full((1,), p.t, device=self.device, dtype=torch.long)
+            eps = self.unet(z.to(self.dtype), t, encoder_hidden_states=p.text_emb).sample.float()
+            alpha = float(self.sd.scheduler.alphas_cumprod[p.t])
+            x0 = (z - math.sqrt(1 - alpha) * eps) / math.sqrt(alpha)
+            if decoder is not None:
+                return decoder.decode(x0)
+            return self._decode(x0)
+
+    # --- one call --------------------------------------------------------------------------------------------
+
+    def edit(self, image: Any, prompt: str, handle_points, target_points, mask: Any = None, *, lora: Any = None,
+             progress: bool = False, callback: Callable[[StepResult], None] | None = None) -> DragDiffusionResult:
+        """The whole edit: prepare (LoRA, inversion; cached), drag, denoise. See the phase methods for
+        argument details; ``callback`` sees every drag iteration."""
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.prepare(image, prompt, lora=lora, progress=progress)
+        times.update(self.prepared_timings)
+        t1 = time.perf_counter()
+        self.start(handle_points, target_points, mask)
+        times["start"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        history = []
+        for r in self.run():
+            history.append(r)
+            if callback is not None:
+                callback(r)
+        times["drag"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        image_out = self.denoise()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        times["denoise"] = time.perf_counter() - t3
+        times["total"] = time.perf_counter() - t0
+        last = history[-1] if history else None
+        return DragDiffusionResult(image=image_out, handles=last.handles if last else self.handles,
+                                   steps=len(history), timings=times, latent=self.latent(), history=history)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _image_tensor(image: Any) -> Tensor:
+    """PIL / uint8 HWC array / float [1, 3, H, W] tensor in [-1, 1] -> float32 [1, 3, H, W] in [-1, 1]."""
+    if isinstance(image, Tensor):
+        t = image.detach()
+        if t.dim() == 3:
+            t = t[None]
+        if t.dim() != 4 or t.shape[:2] != (1, 3) or not t.is_floating_point():
+            raise ValueError(f"image tensor must be float [1, 3, H, W] in [-1, 1], got {tuple(image.shape)} "
+                             f"{image.dtype}")
+        t = t.float()
+    else:
+        arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image must be a PIL image, a uint8 [H, W, 3] array or a float [1, 3, H, W] tensor, "
+                             f"got {arr.dtype} array of shape {arr.shape}")
+        t = torch.from_numpy(arr.copy()).float().div(127.5).sub(1.0).permute(2, 0, 1)[None]
+    H, W = t.shape[-2:]
+    if H % 64 or W % 64 or H < 64 or W < 64:
+        raise ValueError(f"image height and width must be multiples of 64 (the UNet downsamples the 1/8 latent three "
+                         f"times), got {H}x{W}; resize or crop it first")
+    if not torch.isfinite(t).all():
+        raise ValueError("image contains NaN or infinite values")
+    return t
+
+
+def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy without any per-instance compiled ``forward`` a fast engine may have set."""
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        m.__dict__.pop("forward", None)
+    return out
+
+
+def _compile_blocks(unet: torch.nn.Module, mode: str) -> None:
+    """Compile the forward of each down/mid/up block in place (once per UNet). The UNet's own forward, the
+    feature-tap hooks and the early stop stay eager between blocks, so the truncated forward still works."""
+    if getattr(unet, "_dragrt_compiled", None) == mode:
+        return
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    for blk in blocks:
+        blk.__dict__.pop("forward", None)
+        blk.forward = torch.compile(blk.forward, mode=mode, dynamic=False)
+    unet._dragrt_compiled = mode
+
+
+@contextlib.contextmanager
+def _processors(unet: torch.nn.Module, processor: Any) -> Iterator[None]:
+    saved = unet.attn_processors
+    unet.set_attn_processor(processor)
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(saved)

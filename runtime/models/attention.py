@@ -1,0 +1,195 @@
+"""Attention processors for diffusers UNets: backend choice (SDPA / xformers) and mutual self-attention.
+
+- :func:`transformer_self_attentions`: every self-attention (``attn1``) of a UNet in forward order, numbered
+  as DragDiffusion's controller numbers transformer blocks (SD1.5: 16 blocks; down 0-5, mid 6, up 7-15).
+- :class:`MutualSelfAttnProcessor`: MasaCtrl-style mutual self-attention as DragDiffusion's final denoise uses
+  it (spec ref_dragdiffusion.md §5): in the chosen blocks every branch of the batch attends to the keys and
+  values of branch 0 (the un-edited reconstruction). ``literal=True`` does it as the reference writes it (the
+  queries of both branches concatenated along the token axis, one attention call against branch 0's keys);
+  the default broadcasts branch 0's keys and values to the batch. Softmax is per query row, so both give
+  the same numbers.
+- :func:`set_attention_backend`: ``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"xformers"``
+  (``memory_efficient_attention``, when installed) or ``"auto"`` (see :func:`default_attention_backend`);
+  ``"math"`` (the score matrix materialised, as diffusers' classic ``AttnProcessor``) is what reference
+  modes run, because the published code does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+
+
+def xformers_available() -> bool:
+    """True when ``xformers.ops`` imports (a wheel built for another torch fails here, not mid-edit); its
+    attention op needs a CUDA device to run."""
+    if importlib.util.find_spec("xformers") is None:
+        return False
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return False
+    return True
+
+
+def default_attention_backend(device: torch.device | str) -> str:
+    """What ``"auto"`` means: SDPA. On an H200 with torch 2.11 SDPA's flash/cuDNN kernels were at least as
+    fast as xformers 0.0.35 for SD1.5's shapes (``dragrt bench dragdiffusion-512-attention``), so SDPA is the
+    default everywhere and xformers is an explicit choice."""
+    return "sdpa"
+
+
+def resolve_attention_backend(backend: str, device: torch.device | str) -> str:
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention={backend!r} is not allowed; choose one of: {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "auto":
+        return default_attention_backend(device)
+    if backend == "xformers":
+        if not xformers_available():
+            raise ValueError("attention='xformers' needs the xformers package (pip install xformers); "
+                             "use attention='sdpa' or 'auto'")
+        if torch.device(device).type != "cuda":
+            raise ValueError("attention='xformers' runs on CUDA devices only; use attention='sdpa' on "
+                             f"{torch.device(device).type}")
+    return backend
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> Tensor:
+    """``softmax(q k^T * scale) v`` for ``[B, heads, N, d]`` queries and ``[B, heads, M, d]`` keys/values.
+
+    ``backend="math"`` materialises the score matrix as diffusers' classic ``AttnProcessor`` and the
+    reference's attention editor do (the reference modes use it: it is what the published code runs)."""
+    if backend == "math":
+        return torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        # xformers wants [B, N, heads, d]; expanded (stride-0) inputs are made contiguous.
+        out = xops.memory_efficient_attention(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
+                                              v.transpose(1, 2).contiguous(), scale=scale)
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class AttnProcessor:
+    """Plain attention (self and cross) through the chosen backend, for the attention modules of SD1.x UNets
+    (no group norm, spatial norm or attention masks: the UNet never passes one)."""
+
+    def __init__(self, backend: str = "sdpa") -> None:
+        self.backend = backend
+
+    def _qkv(self, attn: nn.Module, hidden_states: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+            raise ValueError("dragrt's attention processors support SD-style attention without group or spatial norm")
+        if hidden_states.dim() != 3:
+            raise ValueError(f"expected [B, N, C] hidden states, got shape {tuple(hidden_states.shape)}")
+        context = hidden_states if context is None else context
+        if context is not hidden_states and getattr(attn, "norm_cross", None) is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        b, n, _ = hidden_states.shape
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        heads = attn.heads
+        d = q.shape[-1] // heads
+        # [B, N, heads * d] -> [B, heads, N, d]
+        q = q.view(b, n, heads, d).transpose(1, 2)
+        k = k.view(b, -1, heads, d).transpose(1, 2)
+        v = v.view(b, -1, heads, d).transpose(1, 2)
+        return q, k, v
+
+    def _out(self, attn: nn.Module, out: Tensor, residual: Tensor) -> Tensor:
+        b, heads, n, d = out.shape
+        out = out.transpose(1, 2).reshape(b, n, heads * d).to(residual.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported by dragrt's attention processors")
+        q, k, v = self._qkv(attn, hidden_states, encoder_hidden_states)
+        return self._out(attn, _attention(q, k, v, attn.scale, self.backend), hidden_states)
+
+
+class MutualSelfAttnProcessor(AttnProcessor):
+    """Self-attention in which every batch element attends to the keys/values of batch element 0.
+
+    Args:
+        backend: ``"sdpa"`` or ``"xformers"``.
+        literal: compute it as the reference does (queries of the whole batch concatenated along the token
+            axis, one attention call against branch 0); same numbers, used by the reference mode.
+    """
+
+    def __init__(self, backend: str = "sdpa", literal: bool = False) -> None:
+        super().__init__(backend)
+        self.literal = literal
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("MutualSelfAttnProcessor is for self-attention (attn1) modules only")
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported by dragrt's attention processors")
+        q, k, v = self._qkv(attn, hidden_states, None)  # [B, heads, N, d]
+        b, heads, n, d = q.shape
+        if self.literal:
+            # "(b h) n d -> h (b n) d" for the queries, branch 0 for keys and values.
+            q_cat = q.permute(1, 0, 2, 3).reshape(1, heads, b * n, d)
+            out = _attention(q_cat, k[:1], v[:1], attn.scale, self.backend)  # [1, heads, B * N, d]
+            out = out.reshape(heads, b, n, d).permute(1, 0, 2, 3)
+        else:
+            out = _attention(q, k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1), attn.scale, self.backend)
+        return self._out(attn, out, hidden_states)
+
+
+def transformer_self_attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, attn1 module)`` of every transformer block in forward order (down blocks, mid block, up blocks),
+    the numbering of DragDiffusion's attention controller (``cur_att_layer // 2``)."""
+    order = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        for name, module in unet.named_modules():
+            if name.startswith(part) and name.endswith(".attn1"):
+                order.append((name, module))
+    if not order:
+        raise ValueError(f"{type(unet).__name__} has no transformer self-attention modules (attn1)")
+    return order
+
+
+def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
+    """Give every attention module of ``unet`` dragrt's :class:`AttnProcessor` with ``backend``; returns the
+    backend used. ``ValueError`` when xformers is asked for and missing, or off CUDA."""
+    if backend != "math":
+        backend = resolve_attention_backend(backend, next(unet.parameters()).device)
+    unet.set_attn_processor(AttnProcessor(backend))
+    return backend
+
+
+@contextlib.contextmanager
+def mutual_self_attention(unet: nn.Module, start_layer: int = 10, *, backend: str = "sdpa",
+                          literal: bool = False) -> Iterator[list[str]]:
+    """Within the block, self-attention of transformer blocks ``start_layer`` and later is mutual (every branch
+    attends to branch 0); other processors are kept. Yields the names of the modules changed. The previous
+    processors come back on exit."""
+    blocks = transformer_self_attentions(unet)
+    if not 0 <= start_layer <= len(blocks):
+        raise ValueError(f"start_layer={start_layer} is out of range; this UNet has {len(blocks)} transformer "
+                         f"blocks (0 to {len(blocks)})")
+    saved = {name: module.processor for name, module in blocks}
+    changed = [name for name, _ in blocks[start_layer:]]
+    mutual = MutualSelfAttnProcessor(backend, literal=literal)
+    try:
+        for _, module in blocks[start_layer:]:
+            module.set_processor(mutual)
+        yield changed
+    finally:
+        for name, module in blocks:
+            module.set_processor(saved[name])
