@@ -1,12 +1,18 @@
-"""The interactive edit session: what a user (the CLI, the server, an embedding editor) holds for a DragGAN edit.
+"""The interactive edit session: what a user (the CLI, the server, an embedding editor) holds for a drag edit.
 
-An :class:`EditSession` owns one :class:`~dragrt.runtime.engines.draggan.DragGANEngine` and the state of one
-edit: the current latent, the points (by id), the mask, the runs made so far and an undo history.
+An :class:`EditSession` owns one engine and the state of one edit: the current latent, the points (by id), the
+mask, the runs made so far and an undo history. Two methods share it:
+
+- DragGAN (:class:`~dragrt.runtime.engines.draggan.DragGANEngine`): the latent is ``w+`` ``[1, num_ws, w_dim]``;
+  start from a seed (:meth:`EditSession.from_seed`) or a latent (:meth:`EditSession.from_latent`).
+- DragDiffusion (:class:`~dragrt.runtime.engines.dragdiffusion.DragDiffusionEngine`): the latent is the DDIM-inverted
+  ``z_t`` ``[1, 4, H/8, W/8]`` of an image; start from the image and its prompt (:meth:`EditSession.from_image`).
 
 >>> s = EditSession.from_seed(G, 0)                                    # doctest: +SKIP
+>>> s = EditSession.from_image(sd, Image.open("cat.png"), "a photo of a cat")   # or DragDiffusion
 >>> pid = s.add_point(handle=[120, 200], target=[160, 190])            # [x, y] image pixels, origin top-left
 >>> for ev in s.run(max_steps=200, preview_every=10): show(ev.preview or ev.handles)
->>> s.export("out/edit")          # out/edit.png, out/edit.json, out/edit_w.safetensors (+ out/edit_mask.png)
+>>> s.export("out/edit")          # out/edit.png, out/edit.json, the latent (+ out/edit_mask.png, ...)
 >>> s2 = EditSession.open("out/edit.json", G)                          # the same latent, points and mask
 
 Rules the whole class keeps:
@@ -18,6 +24,10 @@ Rules the whole class keeps:
   and whole runs (undoing a run puts the latent and the handles back).
 - While ``run()`` is iterating, only :meth:`EditSession.stop` and reads of the committed state (``points``,
   ``mask``, ``latent()``, ...) are allowed, from any thread; everything else raises :class:`SessionBusyError`.
+
+The session reaches its engine only through a small private backend (:class:`_GANBackend`,
+:class:`_DiffusionBackend`): latent checks, start and run, the engine's latent and handles, full images, previews
+and what the edit record says about the model. Points, mask, history, runs, export and open are one code path.
 """
 
 from __future__ import annotations
@@ -51,14 +61,27 @@ from torch import Tensor
 
 from dragrt import __version__
 from dragrt.runtime.config import RuntimeConfig
-from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, check_latent
+from dragrt.runtime.engines.dragdiffusion import DragDiffusionConfig, DragDiffusionEngine
+from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, StepResult, check_latent
+from dragrt.runtime.models.preview import PreviewDecoder
+from dragrt.runtime.models.sd import SDComponents
 
-__all__ = ["EditSession", "SessionBusyError", "SessionEvent", "model_sha256", "RECORD_FORMAT", "RECORD_VERSION"]
+__all__ = ["EditSession", "SessionBusyError", "SessionEvent", "model_sha256", "PREVIEW_METHODS", "RECORD_FORMAT",
+           "RECORD_VERSION"]
 
 RECORD_FORMAT = "dragrt-edit-session"
+# Version 1 records of either method: DragDiffusion records add fields (``method`` says which) and change none.
 RECORD_VERSION = 1
 HISTORY_LIMIT = 100
 _RECORD_SUFFIXES = (".json", ".png", ".safetensors")
+METHODS = ("draggan", "dragdiffusion")
+#: How DragDiffusion previews are decoded: ``"vae"`` the pipeline's own VAE (exact, the most work), ``"latent2rgb"``
+#: a 4x3 matrix (free, rough colours), ``"taesd"`` the tiny autoencoder (close to the VAE, weights from the assets
+#: folder), ``"auto"`` the VAE when it is small (below ``SMALL_VAE_PARAMETERS``, as our zoo model's), else TAESD
+#: when its weights are found, else latent2rgb. DragGAN previews are always renders of the generator.
+PREVIEW_METHODS = ("auto", "vae", "latent2rgb", "taesd")
+SMALL_VAE_PARAMETERS = 20_000_000
+_PREVIEW_DECODE_CAP = 1 << 15  # PreviewDecoder's size cap: decode at the image's size, the session shrinks after
 
 
 class SessionBusyError(RuntimeError):
@@ -79,7 +102,7 @@ class _Point:
 class _State:
     """One undoable snapshot. Its tensors are never modified in place, so snapshots can share them."""
 
-    latent: Tensor  # [1, num_ws, w_dim] float32 on the engine's device
+    latent: Tensor  # float32 on the engine's device: DragGAN [1, num_ws, w_dim], DragDiffusion z_t [1, 4, h, w]
     points: tuple[_Point, ...]
     mask: Tensor | None  # [H, W] uint8 on the CPU, 255 = may change, 0 = fixed
     runs: tuple[dict[str, Any], ...]
@@ -97,9 +120,10 @@ class SessionEvent:
         loss: the step's loss (motion supervision + mask term).
         ms: wall time since the previous event, milliseconds (it includes the consumer's time between events).
         done: every handle is within the engine's stop distance; the run ends with this event.
-        preview: the image of the current latent, RGB, at most ``preview_size`` pixels on its longer side, on
+        preview: a picture of the current latent, RGB, at most ``preview_size`` pixels on its longer side, on
             every ``preview_every``-th step (steps ``preview_every - 1``, ``2 * preview_every - 1``, ...);
-            ``None`` otherwise.
+            ``None`` otherwise. DragGAN: the generator's image. DragDiffusion: the clean latent one UNet forward
+            predicts, through the session's preview decoder (not the final denoise; see ``preview_method``).
     """
 
     step: int
@@ -112,31 +136,231 @@ class SessionEvent:
     preview: Image.Image | None = None
 
 
-class EditSession:
-    """An interactive DragGAN edit: points by id, a mask, runs, undo/redo, export and re-open.
+# --- backends: everything the session asks of an engine -----------------------------------------------------------
 
-    Build one with :meth:`from_seed`, :meth:`from_latent` or :meth:`open`. The constructor takes a ready engine
-    (the session owns it from then on) and a latent.
+
+class _GANBackend:
+    """DragGAN: ``w+`` latents ``[1, num_ws, w_dim]``; images and previews are renders of the generator."""
+
+    method = "draggan"
+    latent_suffix = "_w"  # PREFIX_w.safetensors
+    latent_keys = ("w", "w0")
+    latent_doc = {"w": "current latent", "w0": "starting latent"}
+    latent_layout = "[1, num_ws, w_dim]"
+    preview_method = "render"
+
+    def __init__(self, engine: DragGANEngine) -> None:
+        self.engine = engine
+
+    @property
+    def config(self) -> DragGANConfig:
+        return self.engine.config
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.engine.size
+        return w, h
+
+    @property
+    def prompt(self) -> str | None:
+        return None
+
+    def check_latent(self, name: str, value: object) -> Tensor:
+        G = self.engine.G
+        return check_latent(name, value, G.num_ws, G.w_dim).to(self.engine.device)
+
+    def initial_latent(self, latent: Tensor, w0: object) -> Tensor:
+        return latent.clone() if w0 is None else self.check_latent("w0", w0)
+
+    def start(self, latent: Tensor, handles: list, targets: list, mask: Tensor | None) -> None:
+        self.engine.start(latent, handles, targets, mask)
+
+    def run(self, max_steps: int) -> Iterator[StepResult]:
+        return self.engine.run(max_steps=max_steps)
+
+    def latent(self) -> Tensor:
+        return self.engine.latent()
+
+    def handles(self) -> list[list[float]]:
+        return self.engine.handles
+
+    def render(self, latent: Tensor) -> Image.Image:
+        return _to_pil(self.engine.render(latent))
+
+    def preview(self, max_size: int) -> Image.Image:
+        return _to_pil(self.engine.render(), max_size)
+
+    def model_sha256(self) -> str:
+        return model_sha256(self.engine.G)
+
+    def default_model_id(self) -> str | None:
+        return _default_model_id(self.engine.G)
+
+    def extra_files(self, stem: str) -> dict[str, tuple[str, bytes, dict[str, Any]]]:
+        return {}
+
+    def record_fields(self, model_id: str | None, model_hash: str) -> dict[str, Any]:
+        G = self.engine.G
+        return {"engine": {"name": "draggan", "config": dataclasses.asdict(self.engine.config)},
+                "model": {"id": model_id, "sha256": model_hash, "num_ws": G.num_ws, "w_dim": G.w_dim,
+                          "resolution": self.engine.resolution,
+                          "config": G.config.to_dict() if hasattr(G, "config") else None}}
+
+
+class _DiffusionBackend:
+    """DragDiffusion on a prepared image: the latent is ``z_t`` ``[1, 4, H/8, W/8]``; images are the full denoise
+    (``render``), previews one UNet forward plus the preview decoder (``preview``).
 
     Args:
-        engine: the engine that runs the drags; it renders with ``engine.G`` and ``engine.config.noise_mode``.
-        w: the starting latent ``[1, num_ws, w_dim]`` (finite).
-        seed: the seed ``w`` was drawn from, if any (recorded by :meth:`export`).
-        w0: the latent the edit originally started from (default: ``w``), saved next to the current one.
-        model_id: a free-form model name for the edit record (default: the converted checkpoint's source file
-            name when the generator came from :func:`~dragrt.runtime.models.stylegan2_convert.load_generator`).
+        engine: a DragDiffusionEngine whose ``prepare()`` ran.
+        preview_method: one of :data:`PREVIEW_METHODS` (recorded; ``decoder`` is what it resolved to).
+        decoder: the preview decoder, ``None`` = the pipeline's VAE (:func:`_preview_decoder`).
+        unet_sha256: :func:`model_sha256` of the UNet *before* a LoRA was fused into it (fast mode fuses in place).
+        lora_source: how the LoRA came (a file name, ``"state dict"``, ``"trained"``), for the record.
     """
 
-    def __init__(self, engine: DragGANEngine, w: Tensor, *, seed: int | None = None, w0: Tensor | None = None,
-                 model_id: str | None = None) -> None:
-        if not isinstance(engine, DragGANEngine):
-            raise ValueError(f"engine must be a DragGANEngine, got {type(engine).__name__}")
-        self._engine = engine
-        latent = check_latent("w", w, engine.G.num_ws, engine.G.w_dim).to(engine.device)
-        self._w0 = latent.clone() if w0 is None else check_latent("w0", w0, engine.G.num_ws,
-                                                                   engine.G.w_dim).to(engine.device)
+    method = "dragdiffusion"
+    latent_suffix = "_latent"  # PREFIX_latent.safetensors
+    latent_keys = ("z_t", "z_t0")
+    latent_doc = {"z_t": "current (optimised) z_t", "z_t0": "inverted z_t of the source image (the un-edited branch)"}
+    latent_layout = "[1, 4, H/8, W/8]"
+
+    def __init__(self, engine: DragDiffusionEngine, preview_method: str, decoder: PreviewDecoder | None,
+                 unet_sha256: str | None = None, lora_source: str | None = None) -> None:
+        prepared = engine.prepared
+        if prepared is None:
+            raise ValueError("engine: call prepare(image, prompt) on the DragDiffusionEngine first (or start the "
+                             "session with EditSession.from_image)")
+        if unet_sha256 is None:
+            if prepared.lora is not None and engine.unet is engine.sd.unet:
+                raise ValueError("engine: its LoRA is fused into the shared UNet, so the base model can no longer be "
+                                 "hashed for the edit record; start the session with EditSession.from_image instead")
+            unet_sha256 = model_sha256(engine.sd.unet)
+        self.engine = engine
+        self.preview_method = preview_method
+        self.decoder = decoder
+        self.unet_sha256 = unet_sha256
+        self.lora = None if prepared.lora is None else {"fingerprint": _lora_fingerprint(prepared.lora),
+                                                        "source": lora_source}
+
+    @property
+    def config(self) -> DragDiffusionConfig:
+        return self.engine.config
+
+    @property
+    def size(self) -> tuple[int, int]:
+        h, w = self.engine.prepared.image.shape[-2:]
+        return int(w), int(h)
+
+    @property
+    def prompt(self) -> str | None:
+        return self.engine.prepared.prompt
+
+    def check_latent(self, name: str, value: object) -> Tensor:
+        return _check_z(name, value, list(self.engine.prepared.z_t.shape)).to(self.engine.device)
+
+    def initial_latent(self, latent: Tensor, w0: object) -> Tensor:
+        return self.engine.prepared.z_t.detach().float().clone()
+
+    def start(self, latent: Tensor, handles: list, targets: list, mask: Tensor | None) -> None:
+        self.engine.start(handles, targets, mask, latent=latent)
+
+    def run(self, max_steps: int) -> Iterator[StepResult]:
+        return self.engine.run(max_steps=max_steps)
+
+    def latent(self) -> Tensor:
+        return self.engine.latent()
+
+    def handles(self) -> list[list[float]]:
+        return self.engine.handles  # the engine keeps them on its half-resolution grid, within the image
+
+    def render(self, latent: Tensor) -> Image.Image:
+        return _to_pil(self.engine.render(latent))
+
+    def preview(self, max_size: int) -> Image.Image:
+        return _to_pil(self.engine.preview(decoder=self.decoder) * 2 - 1, max_size)  # [0, 1] -> [-1, 1]
+
+    def model_sha256(self) -> str:
+        return self.unet_sha256
+
+    def default_model_id(self) -> str | None:
+        source = self.engine.sd.source
+        return (Path(str(source)).name or None) if source else None
+
+    def extra_files(self, stem: str) -> dict[str, tuple[str, bytes, dict[str, Any]]]:
+        img = self.engine.prepared.image.detach().float()  # [1, 3, H, W] in [-1, 1]
+        u8 = ((img + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).contiguous().cpu()
+        return {"source": (f"{stem}_source.png", _png_bytes(Image.fromarray(u8.numpy())),
+                           {"size": list(self.size), "role": "the input image; open() inverts it again"})}
+
+    def record_fields(self, model_id: str | None, model_hash: str) -> dict[str, Any]:
+        sd = self.engine.sd
+        return {"prompt": self.engine.prepared.prompt,
+                "engine": {"name": "dragdiffusion", "config": _jsonable(dataclasses.asdict(self.engine.config))},
+                "model": {"id": model_id, "sha256": model_hash, "sha256_of": "the UNet's state dict, without LoRA",
+                          "source": sd.source, "unet_config": _jsonable(sd.config.get("unet"))},
+                "lora": self.lora}
+
+
+def _preview_decoder(components: SDComponents, device: torch.device, method: str) -> PreviewDecoder | None:
+    """What DragDiffusion previews decode with (:data:`PREVIEW_METHODS`); ``None`` = the pipeline's VAE."""
+    if method == "vae":
+        return None
+    if method == "auto" and sum(p.numel() for p in components.vae.parameters()) < SMALL_VAE_PARAMETERS:
+        return None
+    return PreviewDecoder(method, preview_size=_PREVIEW_DECODE_CAP, device=device)
+
+
+class EditSession:
+    """An interactive drag edit (DragGAN or DragDiffusion): points by id, a mask, runs, undo/redo, export and
+    re-open.
+
+    Build one with :meth:`from_seed`, :meth:`from_latent` (DragGAN), :meth:`from_image` (DragDiffusion) or
+    :meth:`open`. The constructor takes a ready engine (the session owns it from then on) and a latent.
+
+    Args:
+        engine: the engine that runs the drags: a ``DragGANEngine`` (it renders with ``engine.G`` and
+            ``engine.config.noise_mode``) or a ``DragDiffusionEngine`` whose ``prepare()`` ran (without a fused
+            LoRA; :meth:`from_image` handles LoRAs).
+        w: the starting latent (finite): DragGAN ``[1, num_ws, w_dim]``, DragDiffusion ``z_t`` of the prepared
+            image's shape ``[1, 4, H/8, W/8]``.
+        seed: DragGAN: the seed ``w`` was drawn from, if any (recorded by :meth:`export`).
+        w0: DragGAN: the latent the edit originally started from (default: ``w``), saved next to the current one.
+            (DragDiffusion's is always the inverted ``engine.prepared.z_t``.)
+        model_id: a free-form model name for the edit record (default: the converted checkpoint's source file
+            name when the generator came from :func:`~dragrt.runtime.models.stylegan2_convert.load_generator`;
+            the last part of ``SDComponents.source`` for DragDiffusion).
+        preview_method: DragDiffusion: how previews are decoded, one of :data:`PREVIEW_METHODS`. DragGAN takes
+            only ``"auto"`` (its previews are renders).
+    """
+
+    def __init__(self, engine: DragGANEngine | DragDiffusionEngine, w: Tensor, *, seed: int | None = None,
+                 w0: Tensor | None = None, model_id: str | None = None, preview_method: str = "auto") -> None:
+        _check_choice("preview_method", preview_method, PREVIEW_METHODS)
+        backend: _GANBackend | _DiffusionBackend
+        if isinstance(engine, DragGANEngine):
+            if preview_method != "auto":
+                raise ValueError(f"preview_method={preview_method!r} applies to DragDiffusion sessions; DragGAN "
+                                 "previews are renders of the generator (use 'auto')")
+            backend = _GANBackend(engine)
+        elif isinstance(engine, DragDiffusionEngine):
+            if seed is not None or w0 is not None:
+                raise ValueError("seed and w0 apply to DragGAN sessions; a DragDiffusion session starts from the "
+                                 "engine's inverted z_t")
+            backend = _DiffusionBackend(engine, preview_method, _preview_decoder(engine.sd, engine.device,
+                                                                                 preview_method))
+        else:
+            raise ValueError(f"engine must be a DragGANEngine or a DragDiffusionEngine, got {type(engine).__name__}")
+        self._setup(backend, w, seed=seed, w0=w0, model_id=model_id)
+
+    def _setup(self, backend: _GANBackend | _DiffusionBackend, w: object, *, seed: int | None = None,
+               w0: object = None, model_id: str | None = None) -> None:
+        self._backend = backend
+        self._engine = backend.engine
+        latent = backend.check_latent(backend.latent_keys[0], w)
+        self._w0 = backend.initial_latent(latent, w0)
         self._seed = None if seed is None else int(seed)
-        self._model_id = model_id if model_id is not None else _default_model_id(engine.G)
+        self._model_id = model_id if model_id is not None else backend.default_model_id()
         self._state = _State(latent=latent, points=(), mask=None, runs=())
         self._next_id = 1
         self._undo: deque[_State] = deque(maxlen=HISTORY_LIMIT)
@@ -151,7 +375,8 @@ class EditSession:
     @classmethod
     def from_seed(cls, generator: torch.nn.Module, seed: int, *, config: DragGANConfig | None = None,
                   runtime: RuntimeConfig | None = None, model_id: str | None = None) -> EditSession:
-        """Start from the latent the reference draws for ``seed`` (0 to 2**32 - 1), with the configured truncation."""
+        """DragGAN: start from the latent the reference draws for ``seed`` (0 to 2**32 - 1), with the configured
+        truncation."""
         engine = DragGANEngine(generator, config, runtime)
         return cls(engine, engine.latent_from_seed(seed), seed=seed, model_id=model_id)
 
@@ -159,28 +384,86 @@ class EditSession:
     def from_latent(cls, generator: torch.nn.Module, w: Tensor | np.ndarray | str | os.PathLike[str], *,
                     config: DragGANConfig | None = None, runtime: RuntimeConfig | None = None,
                     model_id: str | None = None) -> EditSession:
-        """Start from a latent: a ``[1, num_ws, w_dim]`` tensor or array, or the path of a ``.safetensors`` file
-        holding it under the key ``w`` (as :meth:`export` writes it)."""
+        """DragGAN: start from a latent: a ``[1, num_ws, w_dim]`` tensor or array, or the path of a
+        ``.safetensors`` file holding it under the key ``w`` (as :meth:`export` writes it)."""
         if isinstance(w, (str, os.PathLike)):
-            w = _read_latent_file(Path(w))["w"]
+            w = _read_latent_file(Path(w), ("w",))["w"]
         latent = check_latent("w", w, generator.num_ws, generator.w_dim)
         return cls(DragGANEngine(generator, config, runtime), latent, model_id=model_id)
 
     @classmethod
-    def open(cls, record_path: str | os.PathLike[str], generator: torch.nn.Module, *,
-             config: DragGANConfig | None = None, runtime: RuntimeConfig | None = None, strict: bool = True,
-             model_id: str | None = None) -> EditSession:
-        """Re-open what :meth:`export` wrote: latent, points, mask, seed, runs and engine config.
+    def from_image(cls, components: SDComponents, image: Any, prompt: str = "", *,
+                   config: DragDiffusionConfig | None = None, runtime: RuntimeConfig | None = None,
+                   lora: Any = None, model_id: str | None = None, cache: Any = None,
+                   preview_method: str = "auto") -> EditSession:
+        """DragDiffusion: start an edit of ``image``. Builds a ``DragDiffusionEngine`` and prepares the image (VAE
+        encode and DDIM inversion with ``prompt``, cached by content when the engine has a cache; a LoRA first when
+        one is given or ``config.lora`` is set). The session's latent is the inverted ``z_t``.
+
+        Args:
+            components: the SD pipeline (loaded once, shared). Its UNet's state-dict hash (:func:`model_sha256`,
+                cached per module) is taken now, before a LoRA is fused into it, for the edit record.
+            image: a PIL image, a uint8 ``[H, W, 3]`` array or a float ``[1, 3, H, W]`` tensor in [-1, 1]; H and W
+                multiples of 64. Points and the mask are in its pixels.
+            prompt: the text prompt the image is inverted (and denoised) with; ``""`` is allowed.
+            config: the engine's knobs (default: the reference's).
+            runtime: where to run (not stored in the record: it belongs to the machine).
+            lora: ``None`` (train one when ``config.lora`` is set, else none), a LoRA state dict, or the path of a
+                LoRA ``.safetensors`` file.
+            model_id: a free-form model name for the edit record (default: the last part of
+                ``components.source``).
+            cache: the engine's cache of inversions and LoRAs (see ``DragDiffusionEngine``).
+            preview_method: how run() previews are decoded, one of :data:`PREVIEW_METHODS`.
+
+        Raises:
+            ValueError: a bad argument (the message names it); nothing is kept.
+            FileNotFoundError: ``preview_method="taesd"`` without the TAESD weights.
+        """
+        if not isinstance(components, SDComponents):
+            raise ValueError(f"components must be SDComponents (an SD1.x pipeline), got {type(components).__name__}")
+        _check_choice("preview_method", preview_method, PREVIEW_METHODS)
+        if config is not None and not isinstance(config, DragDiffusionConfig):
+            raise ValueError(f"config must be a DragDiffusionConfig, got {type(config).__name__}")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        unet_hash = model_sha256(components.unet)  # before prepare() may fuse a LoRA into the shared UNet
+        engine = DragDiffusionEngine(components, config, runtime, cache=cache)
+        try:
+            decoder = _preview_decoder(components, engine.device, preview_method)
+            prepared = engine.prepare(image, prompt, lora=lora)
+            backend = _DiffusionBackend(engine, preview_method, decoder, unet_hash, _lora_source(lora, engine.config))
+            session = cls.__new__(cls)
+            session._setup(backend, prepared.z_t, model_id=model_id)
+        except BaseException:
+            engine.close()  # gives the shared UNet its exact weights back when a LoRA was fused
+            raise
+        return session
+
+    @classmethod
+    def open(cls, record_path: str | os.PathLike[str], model: Any, *,
+             config: DragGANConfig | DragDiffusionConfig | None = None, runtime: RuntimeConfig | None = None,
+             strict: bool = True, model_id: str | None = None, lora: Any = None, cache: Any = None,
+             preview_method: str = "auto") -> EditSession:
+        """Re-open what :meth:`export` wrote: latent, points, mask, runs and engine config (and the seed, or the
+        prompt and source image). The record's ``method`` says which engine.
 
         Args:
             record_path: ``PREFIX.json`` or ``PREFIX``.
-            generator: must be the model the edit was made with: its state-dict hash (:func:`model_sha256`) is
-                compared with the record's.
-            config: overrides the engine config stored in the record.
+            model: must be the model the edit was made with: DragGAN, the StyleGAN2 generator (its state-dict
+                hash, :func:`model_sha256`, is compared with the record's); DragDiffusion, the ``SDComponents``
+                (the hash of its UNet is compared, then the source image is prepared again with the recorded
+                prompt; the inverted ``z_t0`` saved with the edit replaces the new inversion, so a device whose
+                inversion differs in the last bits still pairs the edit with the same un-edited branch).
+            config: overrides the engine config stored in the record (a ``DragGANConfig`` or a
+                ``DragDiffusionConfig``, matching the record's method).
             runtime: where to run (not stored in the record: it belongs to the machine).
-            strict: refuse (``ValueError``) a generator whose hash differs from the record's; ``False`` only
-                warns (the edit then renders differently).
+            strict: refuse (``ValueError``) a model whose hash differs from the record's (DragDiffusion: or a LoRA
+                whose fingerprint differs); ``False`` only warns (the edit then renders differently).
             model_id: overrides the record's model id.
+            lora: DragDiffusion: the LoRA the edit was made with (state dict or file), when the record has one
+                that ``config.lora`` does not train again; checked against the recorded fingerprint.
+            cache: DragDiffusion: the engine's cache of inversions and LoRAs.
+            preview_method: DragDiffusion: how previews are decoded (:data:`PREVIEW_METHODS`).
 
         Returns:
             A session with the exported latent, points, mask, seed, runs and config; the undo history starts
@@ -189,34 +472,85 @@ class EditSession:
             which now and then moves one uint8 value by 1.
         """
         path = _record_file(record_path)
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a JSON edit record ({exc})") from None
-        if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-            raise ValueError(f"{path}: not a {RECORD_FORMAT} record (its 'format' is "
-                             f"{record.get('format') if isinstance(record, dict) else None!r})")
-        version = record.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= RECORD_VERSION:
-            raise ValueError(f"{path}: format_version {version!r} is not readable here (1 to {RECORD_VERSION})")
+        record = _read_record(path)
+        _check_choice("preview_method", preview_method, PREVIEW_METHODS)
+        method = record.get("method", "draggan")
+        if method == "dragdiffusion":
+            return cls._open_dragdiffusion(path, record, model, config=config, runtime=runtime, strict=strict,
+                                           model_id=model_id, lora=lora, cache=cache, preview_method=preview_method)
+        if method != "draggan":
+            raise ValueError(f"{path}: method {method!r} is not one this dragrt opens ({', '.join(METHODS)})")
+        if lora is not None or cache is not None or preview_method != "auto":
+            raise ValueError(f"lora, cache and preview_method apply to DragDiffusion edits; {path} is a DragGAN edit")
+        if isinstance(model, SDComponents) or not isinstance(model, torch.nn.Module):
+            raise ValueError(f"{path} is a DragGAN edit: pass the StyleGAN2 generator it was made with as model, got "
+                             f"{type(model).__name__}")
+        if config is not None and not isinstance(config, DragGANConfig):
+            raise ValueError(f"config must be a DragGANConfig for a DragGAN edit, got {type(config).__name__}")
 
-        model = record.get("model") or {}
-        want, got = model.get("sha256"), model_sha256(generator)
-        if want != got:
-            message = (f"{path} was made with model {model.get('id')!r} (sha256 {want}); this generator's "
-                       f"state-dict sha256 is {got}. Pass the generator the edit was made with")
-            if strict:
-                raise ValueError(message + ", or strict=False to open it anyway (it will render differently).")
-            warnings.warn(message + "; opening anyway (strict=False).", stacklevel=2)
-
+        entry = record.get("model") or {}
+        _check_model_hash(path, entry, model_sha256(model), strict, "this generator's", "the generator")
         if config is None:
-            config = _config_from_record(path, record.get("engine", {}).get("config"))
-        latents = _read_latent_file(_record_member(path, record, "latent"))
+            config = _config_from_record(path, record.get("engine", {}).get("config"), DragGANConfig)
+        latents = _read_latent_file(_record_member(path, record, "latent"), ("w",))
         seed = record.get("seed")
-        session = cls(DragGANEngine(generator, config, runtime), latents["w"], w0=latents.get("w0"),
+        session = cls(DragGANEngine(model, config, runtime), latents["w"], w0=latents.get("w0"),
                       seed=seed if isinstance(seed, int) else None,
-                      model_id=model_id if model_id is not None else model.get("id"))
+                      model_id=model_id if model_id is not None else entry.get("id"))
         session._restore(path, record)
+        return session
+
+    @classmethod
+    def _open_dragdiffusion(cls, path: Path, record: dict[str, Any], components: Any, *,
+                            config: Any, runtime: RuntimeConfig | None, strict: bool, model_id: str | None,
+                            lora: Any, cache: Any, preview_method: str) -> EditSession:
+        if not isinstance(components, SDComponents):
+            raise ValueError(f"{path} is a DragDiffusion edit: pass the SDComponents it was made with as model, got "
+                             f"{type(components).__name__}")
+        if config is not None and not isinstance(config, DragDiffusionConfig):
+            raise ValueError(f"config must be a DragDiffusionConfig for a DragDiffusion edit, got "
+                             f"{type(config).__name__}")
+        entry = record.get("model") or {}
+        unet_hash = model_sha256(components.unet)
+        _check_model_hash(path, entry, unet_hash, strict, "this pipeline's UNet", "the SD components", stacklevel=4)
+        if config is None:
+            config = _config_from_record(path, record.get("engine", {}).get("config"), DragDiffusionConfig)
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"{path}: 'prompt' must be a string, got {prompt!r}")
+        recorded_lora = record.get("lora")
+        if recorded_lora is not None and not isinstance(recorded_lora, dict):
+            raise ValueError(f"{path}: 'lora' must be null or an object, got {recorded_lora!r}")
+        want_fp = None if recorded_lora is None else recorded_lora.get("fingerprint")
+        if recorded_lora is not None and lora is None and not config.lora:
+            raise ValueError(f"lora: {path} was made with a LoRA (fingerprint {want_fp}, from "
+                             f"{recorded_lora.get('source')}); pass the same weights as lora= (a state dict or its "
+                             "file), or a config with lora=True to train it again")
+        with Image.open(_record_member(path, record, "source")) as img:
+            source = img.convert("RGB")
+        latents = _read_latent_file(_record_member(path, record, "latent"), ("z_t", "z_t0"))
+
+        engine = DragDiffusionEngine(components, config, runtime, cache=cache)
+        try:
+            decoder = _preview_decoder(components, engine.device, preview_method)
+            prepared = engine.prepare(source, prompt, lora=lora)
+            got_fp = _lora_fingerprint(prepared.lora)
+            if got_fp != want_fp:
+                message = (f"{path} was made with LoRA fingerprint {want_fp}; this session's LoRA is {got_fp}. "
+                           "Pass the LoRA the edit was made with")
+                if strict:
+                    raise ValueError(message + ", or strict=False to open it anyway (it will render differently).")
+                warnings.warn(message + "; opening anyway (strict=False).", stacklevel=3)
+            z_t0 = _check_z("z_t0", latents["z_t0"], list(prepared.z_t.shape))
+            engine.prepared = dataclasses.replace(prepared, z_t=z_t0.to(engine.device))
+            source_name = _lora_source(lora, config) if lora is not None else (recorded_lora or {}).get("source")
+            backend = _DiffusionBackend(engine, preview_method, decoder, unet_hash, source_name)
+            session = cls.__new__(cls)
+            session._setup(backend, latents["z_t"], model_id=model_id if model_id is not None else entry.get("id"))
+            session._restore(path, record)
+        except BaseException:
+            engine.close()
+            raise
         return session
 
     def _restore(self, path: Path, record: dict[str, Any]) -> None:
@@ -227,8 +561,9 @@ class EditSession:
                 raise ValueError(f"{path}: points[{i}] needs a unique integer 'id' >= 1")
             points.append(_Point(int(p["id"]), self._xy(f"points[{i}].handle", p.get("handle")),
                                  self._xy(f"points[{i}].target", p.get("target"))))
-        if len(points) > self._engine.config.max_handles:
-            raise ValueError(f"{path}: {len(points)} points; at most max_handles={self._engine.config.max_handles}")
+        n_max = self._backend.config.max_handles
+        if len(points) > n_max:
+            raise ValueError(f"{path}: {len(points)} points; at most max_handles={n_max}")
         mask = None
         if record.get("mask"):
             with Image.open(_record_member(path, record, "mask")) as img:
@@ -241,6 +576,11 @@ class EditSession:
         self._state = dataclasses.replace(self._state, points=tuple(points), mask=mask, runs=tuple(runs))
 
     # --- reading the state ------------------------------------------------------------------------------------
+
+    @property
+    def method(self) -> str:
+        """``"draggan"`` or ``"dragdiffusion"``."""
+        return self._backend.method
 
     @property
     def points(self) -> list[dict[str, Any]]:
@@ -263,8 +603,18 @@ class EditSession:
 
     @property
     def seed(self) -> int | None:
-        """The seed of the starting latent, when the session began from one."""
+        """The seed of the starting latent, when the session began from one (DragGAN)."""
         return self._seed
+
+    @property
+    def prompt(self) -> str | None:
+        """DragDiffusion: the prompt the image was inverted with; ``None`` for DragGAN."""
+        return self._backend.prompt
+
+    @property
+    def preview_method(self) -> str:
+        """How previews are made: DragDiffusion, one of :data:`PREVIEW_METHODS` as chosen; DragGAN, ``"render"``."""
+        return self._backend.preview_method
 
     @property
     def model_id(self) -> str | None:
@@ -272,15 +622,14 @@ class EditSession:
         return self._model_id
 
     @property
-    def config(self) -> DragGANConfig:
+    def config(self) -> DragGANConfig | DragDiffusionConfig:
         """The engine's configuration (read-only by convention: it was fixed when the engine was built)."""
-        return self._engine.config
+        return self._backend.config
 
     @property
     def size(self) -> tuple[int, int]:
         """Image ``(width, height)`` in pixels; points must lie in ``0..width-1`` x ``0..height-1``."""
-        h, w = self._engine.size
-        return w, h
+        return self._backend.size
 
     @property
     def running(self) -> bool:
@@ -298,13 +647,16 @@ class EditSession:
         return bool(self._redo)
 
     def latent(self) -> Tensor:
-        """A copy of the current latent ``[1, num_ws, w_dim]`` float32, on the engine's device. During a run:
-        the latent the run started from (the run's result is committed when it ends)."""
+        """A copy of the current latent, float32 on the engine's device: DragGAN ``[1, num_ws, w_dim]``,
+        DragDiffusion ``z_t`` ``[1, 4, H/8, W/8]``. During a run: the latent the run started from (the run's result
+        is committed when it ends)."""
         return self._state.latent.clone()
 
     def image(self) -> Image.Image:
-        """The current latent rendered by the generator, as an RGB ``uint8`` PIL image of the generator's size
-        (NVIDIA's conversion ``clamp(x * 127.5 + 128, 0, 255)``). Cached until the latent changes."""
+        """The current latent's image as an RGB ``uint8`` PIL image of the session's size: DragGAN, the generator's
+        render (NVIDIA's conversion ``clamp(x * 127.5 + 128, 0, 255)``); DragDiffusion, the full denoise of the
+        edited ``z_t`` paired with the inverted one (the engine's ``render``: a UNet call per remaining DDIM step,
+        the expensive part of an edit). Cached until the latent changes."""
         with self._lock:
             self._check_idle("image")
             return self._image_of(self._state.latent).copy()
@@ -316,15 +668,17 @@ class EditSession:
 
         Args:
             handle, target: ``[x, y]`` image pixels, origin top-left, each within ``0..size-1`` (finite; the engine
-                rounds them to whole pixels when a run starts, as the reference does).
+                rounds them when a run starts, as the reference does: DragGAN to whole pixels, DragDiffusion to its
+                half-resolution grid).
         """
         with self._lock:
             self._check_idle("add_point")
             new = _Point(self._next_id, self._xy("handle", handle), self._xy("target", target))
-            n_max = self._engine.config.max_handles
+            config = self._backend.config
+            n_max = config.max_handles
             if len(self._state.points) >= n_max:
                 raise ValueError(f"points: the session already has {n_max} points, the most the engine takes "
-                                 f"(DragGANConfig.max_handles={n_max}); remove one first")
+                                 f"({type(config).__name__}.max_handles={n_max}); remove one first")
             self._commit(dataclasses.replace(self._state, points=(*self._state.points, new)))
             self._next_id += 1
             return new.id
@@ -357,8 +711,9 @@ class EditSession:
         Args:
             mask: ``[H, W]`` (the image's size) as a tensor or array with values in [0, 1] (1 = may change,
                 0 = fixed; booleans allowed), or a PIL image read as 8-bit grey (255 = may change). Stored at
-                8-bit precision, as the edit record saves it. As in the reference, the engine applies the fixed
-                region term only when the mask has both fully fixed (0) and fully free (1) pixels.
+                8-bit precision, as the edit record saves it. As in the references: DragGAN applies the fixed
+                region term only when the mask has both fully fixed (0) and fully free (1) pixels; DragDiffusion
+                treats every value above 0 as free and applies its term when any pixel is free.
         """
         with self._lock:
             self._check_idle("set_mask")
@@ -394,24 +749,26 @@ class EditSession:
         The run ends when every handle is within the stop distance, after ``max_steps``, when :meth:`stop` is
         called (from any thread; at most one more event arrives) or when the iterator is closed (``break`` out of a
         ``for`` loop closes it; an iterator that is kept but no longer advanced keeps the session busy). Its result is
-        then committed as one undoable change: the latent moves to where the drag ended and each point's handle
-        to its tracked position (targets stay, as in DragGAN's UI), so a second ``run()`` drags further. If the
-        engine raises, nothing is committed.
+        then committed as one undoable change: the latent moves to where the drag ended (DragGAN ``w+``,
+        DragDiffusion the optimised ``z_t``) and each point's handle to its tracked position (targets stay, as in
+        the references' UIs), so a second ``run()`` drags further. If the engine raises, nothing is committed.
 
         The engine reads step ``k`` while it already computes step ``k + 1``; when a run is stopped early the
         committed state is therefore that next step (one tracking step past the last event).
 
         Args:
             max_steps: step limit, an integer >= 1 (default: the engine config's ``max_steps``).
-            preview_every: attach a preview to every ``preview_every``-th event; 0 = never. Each preview renders
-                the full image (``engine.render()``), so keep it sparse where steps are fast.
+            preview_every: attach a preview to every ``preview_every``-th event; 0 = never. DragGAN renders the
+                full image (``engine.render()``); DragDiffusion runs one UNet forward and the preview decoder
+                (``preview_method``), not the full denoise. Either costs about a step, so keep it sparse where
+                steps are fast.
             preview_size: longest side of previews in pixels (>= 1); previews are only ever downscaled.
 
         Returns:
             An iterator of :class:`SessionEvent`. Arguments and points are checked now; the run itself starts
             at the first ``next()``.
         """
-        limit = self._engine.config.max_steps if max_steps is None else max_steps
+        limit = self._backend.config.max_steps if max_steps is None else max_steps
         _check_int("max_steps", limit, 1)
         _check_int("preview_every", preview_every, 0)
         _check_int("preview_size", preview_size, 1)
@@ -437,20 +794,20 @@ class EditSession:
             if not start.points:
                 raise ValueError("points: run needs at least one point; add one with add_point(handle, target)")
             self._running = True
-        engine = self._engine
+        backend = self._backend
         ids = [p.id for p in start.points]
         mask = None if start.mask is None else start.mask.float() / 255.0
         last: SessionEvent | None = None
         n_events, stopped = 0, False
         try:
-            engine.start(start.latent, [p.handle for p in start.points], [p.target for p in start.points], mask)
-            with contextlib.closing(engine.run(max_steps=limit)) as results:
+            backend.start(start.latent, [p.handle for p in start.points], [p.target for p in start.points], mask)
+            with contextlib.closing(backend.run(limit)) as results:
                 for r in results:
                     want_preview = preview_every > 0 and (r.step + 1) % preview_every == 0
                     last = SessionEvent(
                         step=r.step, max_steps=limit, handles=dict(zip(ids, r.handles)),
                         distances=dict(zip(ids, r.distances)), loss=r.loss, ms=r.ms, done=r.done,
-                        preview=_to_pil(engine.render(), preview_size) if want_preview else None)
+                        preview=backend.preview(preview_size) if want_preview else None)
                     n_events += 1
                     yield last
                     if self._stop.is_set():
@@ -469,8 +826,8 @@ class EditSession:
     def _finish(self, start: _State, n_events: int, limit: int, done: bool, stopped: bool) -> None:
         """Commit the engine's final latent and handles as one undoable change and leave the running state."""
         try:
-            latent = self._engine.latent()
-            handles = self._engine.handles
+            latent = self._backend.latent()
+            handles = self._backend.handles()
             points = tuple(_Point(p.id, (float(h[0]), float(h[1])), p.target) for p, h in zip(start.points, handles))
             record = {"steps": n_events, "max_steps": limit, "done": done, "stopped": stopped,
                       "mask": start.mask is not None, "points": [p.as_dict() for p in start.points],
@@ -484,9 +841,12 @@ class EditSession:
     # --- export -----------------------------------------------------------------------------------------------
 
     def export(self, path_prefix: str | os.PathLike[str]) -> dict[str, Any]:
-        """Write the edit: ``PREFIX.png`` (the current image), ``PREFIX_w.safetensors`` (``w`` = the current latent,
-        ``w0`` = the starting latent, float32 ``[1, num_ws, w_dim]``), ``PREFIX_mask.png`` when a mask is set
-        (8-bit grey, 255 = may change) and ``PREFIX.json`` (the edit record, written last).
+        """Write the edit: ``PREFIX.png`` (the current image, as :meth:`image`), the latents, ``PREFIX_mask.png``
+        when a mask is set (8-bit grey, 255 = may change) and ``PREFIX.json`` (the edit record, written last).
+        DragGAN's latents go to ``PREFIX_w.safetensors`` (``w`` = the current latent, ``w0`` = the starting one,
+        float32 ``[1, num_ws, w_dim]``); DragDiffusion's to ``PREFIX_latent.safetensors`` (``z_t`` = the current
+        latent, ``z_t0`` = the inverted one, float32 ``[1, 4, H/8, W/8]``), next to ``PREFIX_source.png``, the input
+        image, which :meth:`open` prepares again.
 
         Every file is written to a temporary name in the same folder and renamed into place only once all were
         written, so a failing export leaves no partial files and does not touch an earlier export. The folder
@@ -496,47 +856,51 @@ class EditSession:
             path_prefix: ``folder/name`` (a trailing ``.json``, ``.png`` or ``.safetensors`` is dropped).
 
         Returns:
-            The edit record written to ``PREFIX.json``: ``format``/``format_version``, ``dragrt_version``,
-            ``points``, ``next_point_id``, ``mask`` (file and sha256, or null), ``seed``, ``engine`` (name and
-            config), ``model`` (``id``, ``sha256`` of the state dict, generator config), ``image`` and ``latent``
-            (file and sha256) and ``runs``.
+            The edit record written to ``PREFIX.json``: ``format``/``format_version``, ``method``,
+            ``dragrt_version``, ``points``, ``next_point_id``, ``mask`` (file and sha256, or null), ``seed``,
+            ``engine`` (name and config), ``model`` (``id``, ``sha256`` of the state dict: DragGAN the generator's,
+            with its config; DragDiffusion the UNet's, without LoRA), ``image`` and ``latent`` (file and sha256)
+            and ``runs``; DragDiffusion adds ``source`` (file and sha256), ``prompt`` and ``lora`` (its
+            fingerprint and source, or null).
         """
         prefix = _export_prefix(path_prefix)
+        backend = self._backend
         with self._lock:
             self._check_idle("export")
-        model_hash = model_sha256(self._engine.G)  # outside the lock: hashing a large model takes a while
+        model_hash = backend.model_sha256()  # outside the lock: hashing a large model takes a while
         with self._lock:
             self._check_idle("export")
             state = self._state
             image = self._image_of(state.latent)
             next_id = self._next_id
-        names = {"image": f"{prefix.name}.png", "latent": f"{prefix.name}_w.safetensors",
+        key, key0 = backend.latent_keys
+        names = {"image": f"{prefix.name}.png", "latent": f"{prefix.name}{backend.latent_suffix}.safetensors",
                  "mask": f"{prefix.name}_mask.png", "record": f"{prefix.name}.json"}
         files = {"image": _png_bytes(image),
-                 "latent": save_safetensors({"w": state.latent.detach().cpu().contiguous(),
-                                             "w0": self._w0.detach().cpu().contiguous()},
-                                            metadata={"format": RECORD_FORMAT, "layout": "[1, num_ws, w_dim]"})}
+                 "latent": save_safetensors({key: state.latent.detach().cpu().contiguous(),
+                                             key0: self._w0.detach().cpu().contiguous()},
+                                            metadata={"format": RECORD_FORMAT, "layout": backend.latent_layout})}
+        extra = backend.extra_files(prefix.name)
+        for name, (file_name, data, _) in extra.items():
+            names[name], files[name] = file_name, data
         if state.mask is not None:
             files["mask"] = _png_bytes(Image.fromarray(state.mask.numpy()))
-        generator = self._engine.G
         record = {
             "format": RECORD_FORMAT,
             "format_version": RECORD_VERSION,
-            "method": "draggan",
+            "method": backend.method,
             "dragrt_version": __version__,
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "image": {"file": names["image"], "size": list(self.size), "sha256": _sha256(files["image"])},
-            "latent": {"file": names["latent"], "sha256": _sha256(files["latent"]),
-                       "keys": {"w": "current latent", "w0": "starting latent"}},
+            **{name: {"file": file_name, "sha256": _sha256(data), **info}
+               for name, (file_name, data, info) in extra.items()},
+            "latent": {"file": names["latent"], "sha256": _sha256(files["latent"]), "keys": dict(backend.latent_doc)},
             "mask": None if state.mask is None else {"file": names["mask"], "sha256": _sha256(files["mask"]),
                                                      "convention": "8-bit grey, 255 = may change, 0 = fixed"},
             "points": [p.as_dict() for p in state.points],
             "next_point_id": next_id,
             "seed": self._seed,
-            "engine": {"name": "draggan", "config": dataclasses.asdict(self._engine.config)},
-            "model": {"id": self._model_id, "sha256": model_hash, "num_ws": generator.num_ws,
-                      "w_dim": generator.w_dim, "resolution": self._engine.resolution,
-                      "config": generator.config.to_dict() if hasattr(generator, "config") else None},
+            **backend.record_fields(self._model_id, model_hash),
             "runs": list(state.runs),
         }
         files["record"] = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode("utf-8")
@@ -553,7 +917,30 @@ class EditSession:
 
     # --- helpers ----------------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Release what the session holds on shared models: a DragDiffusion session whose LoRA is fused into the
+        shared UNet gives the UNet its exact weights back. Idempotent; afterwards every method that would run or
+        change the edit raises ``RuntimeError`` (reads of the committed state still work). Also ``with
+        EditSession...(...) as s:`` closes on exit."""
+        with self._lock:
+            if getattr(self, "_closed", False):
+                return
+            self._check_idle("close")
+            closer = getattr(self._engine, "close", None)
+            if callable(closer):
+                closer()
+            self._closed = True
+
+    def __enter__(self) -> EditSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._running:
+            self.close()
+
     def _check_idle(self, what: str) -> None:
+        if getattr(self, "_closed", False):
+            raise RuntimeError(f"{what}: the session is closed; open a new one")
         if self._running:
             raise SessionBusyError(f"{what}: the session is running; call stop() (or let run() finish) first")
 
@@ -613,11 +1000,11 @@ class EditSession:
         return (m * 255).round().to(torch.uint8)
 
     def _image_of(self, latent: Tensor) -> Image.Image:
-        """The rendered image of ``latent``, cached for the latent object (state latents never change in place)."""
+        """The image of ``latent``, cached for the latent object (state latents never change in place)."""
         cached = self._image_cache
         if cached is not None and cached[0] is latent:
             return cached[1]
-        pil = _to_pil(self._engine.render(latent))
+        pil = self._backend.render(latent)
         self._image_cache = (latent, pil)
         return pil
 
@@ -668,17 +1055,93 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name}={value!r} is not allowed; use an integer >= {minimum}")
 
 
-def _read_latent_file(path: Path) -> dict[str, Tensor]:
-    """The tensors of a latent ``.safetensors`` file (needs the key ``w``)."""
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _check_z(name: str, value: object, shape: list[int]) -> Tensor:
+    """A DragDiffusion latent as a detached float32 copy of ``shape`` with finite values, else a ``ValueError``."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, Tensor) or list(value.shape) != shape or not value.is_floating_point():
+        got = f"shape {list(value.shape)}, {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a float {shape} latent (the z_t of the prepared image: 4 channels at 1/8 "
+                         f"of its size), got {got}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return value.detach().to(torch.float32).clone()
+
+
+def _keys_text(keys: tuple[str, ...]) -> str:
+    return f"the key '{keys[0]}'" if len(keys) == 1 else "the keys " + ", ".join(f"'{k}'" for k in keys)
+
+
+def _read_latent_file(path: Path, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors of a latent ``.safetensors`` file (needs ``keys``: ``w`` for DragGAN, ``z_t``, ``z_t0`` for
+    DragDiffusion)."""
     if not path.is_file():
-        raise FileNotFoundError(errno.ENOENT, "no latent file (a .safetensors file with the key 'w')", str(path))
+        raise FileNotFoundError(errno.ENOENT, f"no latent file (a .safetensors file with {_keys_text(keys)})",
+                                str(path))
     try:
         tensors = load_safetensors(path.read_bytes())
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise ValueError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc})") from None
-    if "w" not in tensors:
-        raise ValueError(f"{path}: holds {sorted(tensors)}, but a latent file needs the key 'w'")
+    if any(k not in tensors for k in keys):
+        raise ValueError(f"{path}: holds {sorted(tensors)}, but a latent file needs {_keys_text(keys)}")
     return tensors
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The JSON edit record at ``path``, with its format and version checked."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a JSON edit record ({exc})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise ValueError(f"{path}: not a {RECORD_FORMAT} record (its 'format' is "
+                         f"{record.get('format') if isinstance(record, dict) else None!r})")
+    version = record.get("format_version")
+    if not isinstance(version, int) or not 1 <= version <= RECORD_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is not readable here (1 to {RECORD_VERSION})")
+    return record
+
+
+def _check_model_hash(path: Path, entry: dict[str, Any], got: str, strict: bool, whose: str, what: str,
+                      stacklevel: int = 3) -> None:
+    """Refuse (``strict``) or warn about a model whose state-dict sha256 differs from the record's."""
+    want = entry.get("sha256")
+    if want == got:
+        return
+    message = (f"{path} was made with model {entry.get('id')!r} (sha256 {want}); {whose} state-dict sha256 is "
+               f"{got}. Pass {what} the edit was made with")
+    if strict:
+        raise ValueError(message + ", or strict=False to open it anyway (it will render differently).")
+    warnings.warn(message + "; opening anyway (strict=False).", stacklevel=stacklevel)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON data (anything JSON cannot hold becomes its ``str``)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _lora_fingerprint(weights: dict[str, Tensor] | None) -> str | None:
+    """The content fingerprint of a LoRA state dict (``dragrt.runtime.models.lora.lora_fingerprint``), or ``None``
+    without one."""
+    if weights is None:
+        return None
+    from dragrt.runtime.models.lora import lora_fingerprint  # imported when needed: it pulls in peft-style helpers
+
+    return lora_fingerprint(weights)
+
+
+def _lora_source(lora: Any, config: DragDiffusionConfig) -> str | None:
+    """How a session's LoRA came, for the record: a file name, ``"state dict"``, ``"trained"`` or ``None``."""
+    if isinstance(lora, (str, os.PathLike)):
+        return Path(lora).name
+    if isinstance(lora, dict):
+        return "state dict"
+    return "trained" if config.lora else None
 
 
 def _default_model_id(generator: torch.nn.Module) -> str | None:
@@ -687,14 +1150,28 @@ def _default_model_id(generator: torch.nn.Module) -> str | None:
     return source.get("file_name") if isinstance(source, dict) else None
 
 
-def _config_from_record(path: Path, stored: object) -> DragGANConfig:
+def _config_from_record(path: Path, stored: object, config_class: type) -> Any:
+    """The engine config (``DragGANConfig`` or ``DragDiffusionConfig``) stored in a record."""
     if not isinstance(stored, dict):
         raise ValueError(f"{path}: the record has no engine config ('engine': {{'config': ...}})")
-    known = {f.name for f in dataclasses.fields(DragGANConfig)}
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(stored) - known)
     if unknown:
         raise ValueError(f"{path}: engine config has fields this dragrt does not know: {', '.join(unknown)}")
-    return DragGANConfig(**stored)
+    if config_class is DragDiffusionConfig and isinstance(stored.get("lora_config"), dict):
+        stored = {**stored, "lora_config": _lora_config_from_record(path, stored["lora_config"])}
+    return config_class(**stored)
+
+
+def _lora_config_from_record(path: Path, stored: dict[str, Any]) -> Any:
+    from dragrt.runtime.models.lora import LoRAConfig
+
+    known = {f.name for f in dataclasses.fields(LoRAConfig)}
+    unknown = sorted(set(stored) - known)
+    if unknown:
+        raise ValueError(f"{path}: engine config's lora_config has fields this dragrt does not know: "
+                         f"{', '.join(unknown)}")
+    return LoRAConfig(**stored)
 
 
 def _record_file(record_path: str | os.PathLike[str]) -> Path:
