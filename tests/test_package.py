@@ -36,7 +36,7 @@ def test_folders_refuse_to_be_top_level_packages() -> None:
 
 def test_plain_checkout_works_without_install(tmp_path) -> None:
     """A copy of the tree with no install imports dragrt.kernels from the copy (the checkout's own files)."""
-    for name in ("dragrt", "kernels", "runtime", "export", "bench"):
+    for name in ("dragrt", "kernels", "runtime", "export", "bench", "zoo"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     code = ("import sys; sys.path.insert(0, '.'); import dragrt, dragrt.kernels, dragrt.runtime.config; "

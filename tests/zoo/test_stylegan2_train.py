@@ -1,0 +1,251 @@
+"""The faces StyleGAN2 trainer: smoke training, R1, Frechet distance, export -> load_generator round trip."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dragrt.runtime.models import stylegan2 as sg2
+from dragrt.runtime.models import stylegan2_convert as conv
+from dragrt.runtime.models.stylegan2 import Generator
+from dragrt.zoo import stylegan2_train as st
+from dragrt.zoo import training
+
+SMOKE_STEPS = 2  # with r1/pl every 2 steps, step 0 runs every phase
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A smoke run of SMOKE_STEPS steps, then a resumed chunk of one more step (shared by the tests)."""
+    run = tmp_path_factory.mktemp("sg2") / "run"
+    init_g, init_d = st.build_networks(st.TrainConfig.preset(smoke=True), seed=0)
+    first = st.train(run, minutes=2, device="cpu", seed=0, smoke=True, max_steps=SMOKE_STEPS)
+    ckpt = training.load_checkpoint(run)
+    after_first = {**ckpt, **st._load_part(run, ckpt)}  # checkpoint.pt (G, EMA) + checkpoint_d.pt (D, Adam)
+    second = st.train(run, minutes=2, device="cpu", seed=0, smoke=True, max_steps=1)
+    return {"run": run, "first": first, "second": second, "after_first": after_first,
+            "init_G": init_g.state_dict(), "init_D": init_d.state_dict()}
+
+
+def test_smoke_training_changes_weights_with_finite_losses(smoke_run: dict) -> None:
+    first, ckpt = smoke_run["first"], smoke_run["after_first"]
+    assert first["steps"] == SMOKE_STEPS and first["nonfinite_losses"] == 0
+    for key in ("last_chunk_loss_G", "last_chunk_loss_D", "last_chunk_r1", "last_chunk_pl"):
+        assert math.isfinite(first[key]), key
+    for net, init in (("G", smoke_run["init_G"]), ("D", smoke_run["init_D"])):
+        params = {k for k, v in init.items() if v.is_floating_point() and "resample_filter" not in k
+                  and "noise_const" not in k and "w_avg" not in k}
+        changed = {k for k in params if not torch.equal(ckpt[net][k], init[k])}
+        assert changed == params, f"{net}: unchanged {sorted(params - changed)}"
+        assert all(torch.isfinite(ckpt[net][k]).all() for k in params)
+    # The EMA generator moved too, and w_avg is tracked.
+    key = "synthesis.b16.conv1.weight"
+    ema = st.ema_state_dict(ckpt)
+    assert not torch.equal(ema[key], smoke_run["init_G"][key]) and not torch.equal(ema[key], ckpt["G"][key])
+    assert ckpt["G"]["mapping.w_avg"].abs().sum() > 0
+
+
+def test_resume_continues_the_run(smoke_run: dict) -> None:
+    second = smoke_run["second"]
+    assert second["steps"] == SMOKE_STEPS + 1 and second["chunks"] == 2
+    ckpt = training.load_checkpoint(smoke_run["run"])
+    assert [h["chunk"] for h in ckpt["history"]] == [0, 1]
+    assert json.loads((smoke_run["run"] / training.METRICS).read_text())["steps"] == SMOKE_STEPS + 1
+    with pytest.raises(ValueError, match="resolution"):
+        st.train(smoke_run["run"], minutes=1, device="cpu", smoke=True, resolution=32, max_steps=0)
+
+
+def test_full_size_checkpoint_fits_the_device_transfer_limits(tmp_path: Path) -> None:
+    """The 256 px run's resumable state: two files under 16 MiB each (what comes back from a device run),
+    with Adam's state restored (second moments to bf16 precision; first moments exactly, being 0-momentum)."""
+    cfg = st.TrainConfig.preset(256)
+    gen, disc = st.build_networks(cfg, seed=0)
+    g_ema = copy.deepcopy(gen)
+    opt_g, opt_d = st._adam(gen.parameters(), cfg, cfg.pl_interval), st._adam(disc.parameters(), cfg, cfg.r1_interval)
+    for net, opt in ((gen, opt_g), (disc, opt_d)):
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    with torch.no_grad():
+        next(g_ema.parameters()).add_(0.01)
+    st._save(tmp_path, cfg, gen, disc, g_ema, opt_g, opt_d, 1, 32, 0, torch.zeros([]), 1.0, None, [], 0)
+    sizes = {f.name: f.stat().st_size for f in tmp_path.iterdir()}
+    assert set(sizes) == {training.CHECKPOINT, st.CHECKPOINT_PART} and max(sizes.values()) < 15 * 2**20, sizes
+    ckpt = training.load_checkpoint(tmp_path)
+    part = st._load_part(tmp_path, ckpt)
+    restored = st._adam(gen.parameters(), cfg, cfg.pl_interval)
+    restored.load_state_dict(st._expand_adam(part["opt_G"]))
+    for p in gen.parameters():
+        a, b = opt_g.state[p], restored.state[p]
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=8e-3, atol=0)
+        assert torch.equal(b["step"], a["step"]) and not b["exp_avg"].any()
+    ema = st.ema_state_dict(ckpt)
+    for k, v in g_ema.state_dict().items():
+        torch.testing.assert_close(ema[k], v, rtol=0, atol=1e-5)
+
+
+def test_r1_penalty_of_a_known_function() -> None:
+    # D(x) = sum(a * x) + 0.5 * |x|^2 per sample: grad = a + x, so R1 = |a + x|^2.
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 4)
+    x = torch.randn(5, 3, 4, 4)
+
+    def disc(img: torch.Tensor) -> torch.Tensor:
+        return (img * a).sum([1, 2, 3]) + 0.5 * img.square().sum([1, 2, 3])
+
+    penalty, logits = st.r1_penalty(disc, x)
+    torch.testing.assert_close(penalty, (a + x).square().sum([1, 2, 3]))
+    torch.testing.assert_close(logits, disc(x))
+    # The graph is kept: d/dx_n of R1 = 2 (a + x_n).
+    scale = torch.tensor(2.0, requires_grad=True)
+    penalty, _ = st.r1_penalty(lambda img: scale * disc(img), x)
+    penalty.sum().backward()  # R1 = scale^2 |a + x|^2 -> d/dscale = 2 scale |a + x|^2
+    torch.testing.assert_close(scale.grad, 4.0 * (a + x).square().sum())
+
+
+def test_frechet_distance_on_gaussians_with_known_answer() -> None:
+    # 2x2 covariances that do not commute: tr sqrt(M) = sqrt(tr M + 2 sqrt(det M)) for M = S_a S_b.
+    mu_a, mu_b = np.array([1.0, -2.0]), np.array([0.5, 1.0])
+    s_a = np.array([[2.0, 0.6], [0.6, 1.0]])
+    s_b = np.array([[0.5, -0.2], [-0.2, 3.0]])
+    m = s_a @ s_b
+    expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b)
+                - 2 * math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m))))
+    assert st.frechet_distance_from_stats(mu_a, s_a, mu_b, s_b) == pytest.approx(expected, rel=1e-10)
+    # From samples: N(0, I) against N(mu, 4 I) in 8-D -> |mu|^2 + 8 (1 + 4 - 2 * 2) = |mu|^2 + 8.
+    rng = np.random.default_rng(0)
+    mu = np.full(8, 0.5)
+    a = rng.standard_normal((20000, 8))
+    b = torch.from_numpy(mu + 2.0 * rng.standard_normal((20000, 8)))
+    assert st.frechet_distance(a, b) == pytest.approx(float(mu @ mu) + 8.0, rel=0.03)
+    assert abs(st.frechet_distance(a, a)) < 1e-8
+    with pytest.raises(ValueError, match="feature size"):
+        st.frechet_distance(a, a[:, :3])
+    with pytest.raises(ValueError, match="N >= 2"):
+        st.frechet_distance(a[:1], a)
+
+
+def test_export_round_trip_gives_the_same_images(smoke_run: dict, tmp_path: Path) -> None:
+    json_path = st.export(smoke_run["run"], tmp_path / "export")
+    dest = json_path.parent
+    assert json_path == dest / st.GENERATOR_RECORD
+    record = json.loads((dest / st.GENERATOR_RECORD).read_text())
+    assert record["format"] == conv.FORMAT_NAME and record["source"]["format"] == "dragrt-zoo"
+    assert (dest / st.GENERATOR_FILE).stat().st_size <= st.MAX_GENERATOR_BYTES
+    png = (dest / st.SAMPLES_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) <= st.MAX_SAMPLES_PNG_BYTES
+    assert "faces-stylegan2" in (dest / training.CARD).read_text()
+
+    loaded = conv.load_generator(json_path)
+    ckpt = training.load_checkpoint(smoke_run["run"])
+    reference = Generator.from_config(st.TrainConfig.from_dict(ckpt["config"]).generator_config()).eval()
+    reference.load_state_dict(st.ema_state_dict(ckpt))
+    rounded = {k: v.float() for k, v in st.shipped_state_dict(reference).items()}
+    reference.load_state_dict(rounded)
+    z = torch.randn(4, loaded.z_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = loaded(z, None, truncation_psi=0.7)
+        want = reference(z, None, truncation_psi=0.7)
+        again = conv.load_generator(dest / "generator")(z, None, truncation_psi=0.7)
+    assert got.dtype == torch.float32 and got.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # only the fp16 product of the noise differs
+    assert torch.equal(got, again)
+
+    # The DragGAN engine runs on it (fast mode, CPU).
+    from dragrt.runtime.config import RuntimeConfig
+    from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
+
+    engine = DragGANEngine(loaded, DragGANConfig(r1=96.0, r2=192.0, lr=0.05, cuda_graph=False),
+                           RuntimeConfig(device="cpu", compile_mode="none"))
+    engine.start(engine.latent_from_seed(0), handle_points=[[4, 5]], target_points=[[9, 8]])
+    handles, _, loss = engine.step()
+    assert math.isfinite(float(loss)) and handles.shape[-1] == 2 and engine.feature_resolution == 16
+    assert engine.render().shape == (1, 3, 16, 16)
+
+
+def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluators = pytest.importorskip("dragrt.zoo.evaluators")
+    torch.manual_seed(0)  # untrained evaluators: the numbers mean nothing, the plumbing is what is tested
+    attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
+    lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
+    monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
+    run = smoke_run["run"]
+    (run / st.EVAL_CACHE).unlink(missing_ok=True)
+    metrics = st.evaluate_run(run, device="cpu")
+    assert math.isfinite(metrics["frechet_distance_attr"]) and metrics["frechet_distance_attr"] > 0
+    for key in ("landmark_conf_samples", "landmark_conf_renders"):
+        assert 0.0 <= metrics[key] <= 1.0
+    cache = torch.load(run / st.EVAL_CACHE, weights_only=True)  # the renders' statistics, for the next chunk
+    n = metrics["eval_reals"]
+    assert cache["features"].shape == (n, 8) and cache["confidence"].shape == (n,)
+    assert json.loads((run / training.METRICS).read_text())["frechet_distance_attr"] == metrics["frechet_distance_attr"]
+
+
+def test_missing_evaluators_skip_the_metrics_with_a_note(smoke_run: dict) -> None:
+    first = smoke_run["first"]
+    if "frechet_distance_attr" not in first:
+        assert first["eval_notes"] and "skipped" in " ".join(first["eval_notes"])
+
+
+def test_fp16_blocks_train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CUDA path (fp16 blocks in G and D, conv_clamp), exercised on the CPU."""
+    monkeypatch.setattr(sg2, "_fp16_supported", lambda device: True)
+    monkeypatch.setattr(st, "_half_supported", lambda device: True)
+    cfg = st.TrainConfig.preset(smoke=True, num_fp16_res=2)
+    gen, disc = st.build_networks(cfg, seed=1)
+    img = gen(torch.randn(4, cfg.z_dim), None, noise_mode="random")
+    logits = disc(img)
+    assert img.dtype == torch.float32 and logits.dtype == torch.float32 and logits.shape == (4,)
+    assert disc.b16.conv0.weight.dtype == torch.float32  # parameters stay float32; the blocks compute in fp16
+    reals = iter([torch.rand(4, 3, 16, 16) * 2 - 1])
+    metrics = st.train(tmp_path / "run16", minutes=1, device="cpu", seed=1, smoke=True, max_steps=1,
+                       evaluate_metrics=False, config_overrides={"num_fp16_res": 2}, reals=reals)
+    assert metrics["steps"] == 1 and metrics["nonfinite_losses"] == 0  # step 0 runs every phase
+
+
+def test_shipped_configs_fit_the_budget_and_feed_draggan() -> None:
+    for res in st.RESOLUTIONS:
+        cfg = st.TrainConfig.preset(res)
+        with torch.device("meta"):
+            gen, disc = Generator.from_config(cfg.generator_config()), st.Discriminator(
+                res, channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=cfg.num_fp16_res)
+        size = sum(t.numel() * (4 if k.endswith(st.FP32_SUFFIXES) else 2) for k, t in gen.state_dict().items())
+        assert size <= st.MAX_GENERATOR_BYTES
+        assert 128 in gen.synthesis.block_resolutions  # DragGAN's b128 feature map
+        assert cfg.batch_size % cfg.mbstd_group == 0
+        assert list(disc.block_resolutions) == [2**i for i in range(int(math.log2(res)), 2, -1)]
+
+
+def test_discriminator_shapes_and_minibatch_std() -> None:
+    torch.manual_seed(0)
+    conv3 = st.DiscriminatorConv(2, 5, 3, down=2)
+    conv1 = st.DiscriminatorConv(2, 5, 1, down=2, bias=False, activation="linear")
+    x = torch.randn(3, 2, 8, 8)
+    assert conv3(x).shape == (3, 5, 4, 4) and conv1(x).shape == (3, 5, 4, 4)
+    # A constant image stays constant through the blur of the 1x1 skip (away from the zero padding).
+    ones = conv1(torch.ones(1, 2, 8, 8))
+    torch.testing.assert_close(ones[..., 1:-1, 1:-1], ones[..., 1:2, 1:2].expand_as(ones[..., 1:-1, 1:-1]))
+    # Minibatch std: groups n % (N / G); a group of identical samples has std sqrt(1e-8).
+    y = torch.zeros(4, 1, 2, 2)
+    y[1] = 2.0  # group 1 holds samples 1 and 3 (G = 2): values 2 and 0 -> std 1
+    out = st.minibatch_stddev(y, group_size=2)
+    assert out.shape == (4, 2, 2, 2)
+    torch.testing.assert_close(out[:, 1, 0, 0], torch.tensor([1e-4, 1.0, 1e-4, 1.0]))
+
+
+def test_bad_config_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"resolution=100 .* \(128, 256\)"):
+        st.TrainConfig.preset(100)
+    with pytest.raises(ValueError, match="batch_size=30 .* mbstd_group"):
+        st.TrainConfig.preset(256, batch_size=30)
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        st.TrainConfig.preset(256, channels=3)
+    with pytest.raises(ValueError, match="train first"):
+        st.export("/nonexistent/run", "/tmp/never")

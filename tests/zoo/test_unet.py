@@ -1,0 +1,263 @@
+"""zoo:faces-sd: SD1.5-shaped UNet config, smoke training on frozen VAE + text tower, evaluation through
+StableDiffusionPipeline with an attribute model, resumption, export, and loading the exported folder with
+both ``load_sd`` and ``StableDiffusionPipeline.from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dragrt.zoo import training
+from dragrt.zoo import unet as zunet
+from dragrt.zoo import vae as zvae
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _tiny_vae_folder(folder):
+    torch.manual_seed(0)
+    vae = zvae.build_vae(zvae.SMOKE_CONFIG).eval()
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _tiny_clip_folder(folder):
+    """A random tiny CLIP in the faces-clip export layout (config, weights, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    from dragrt.zoo import clip as zclip
+    from dragrt.zoo import text
+
+    tok = text.build_tokenizer(folder)
+    torch.manual_seed(0)
+    model = zclip.build_clip(zclip.SMOKE_RECIPE, tok)
+    model.config.save_pretrained(str(folder))
+    state = {k: v for k, v in training.fp16_state_dict(model).items() if not k.endswith("position_ids")}
+    save_file(state, str(folder / zclip.WEIGHTS_FILE), metadata={"format": "pt"})
+    return folder
+
+
+def _tiny_attribute_folder(folder):
+    from safetensors.torch import save_file
+
+    from dragrt.zoo import evaluators
+
+    torch.manual_seed(0)
+    model = evaluators.AttributeNet(widths=(8, 8, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=16)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / evaluators.CONFIG).write_text(json.dumps(evaluators.model_config("attributes", model)))
+    save_file(training.fp16_state_dict(model), str(folder / evaluators.WEIGHTS))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces-sd")
+    vae_dir = _tiny_vae_folder(root / "vae")
+    clip_dir = _tiny_clip_folder(root / "clip")
+    attr_dir = _tiny_attribute_folder(root / "attributes")
+    run = root / "run"
+    metrics = zunet.train(run, minutes=5, device="cpu", seed=0, smoke=True, vae_path=vae_dir, clip_path=clip_dir,
+                          attributes_path=attr_dir)
+    return SimpleNamespace(root=root, run=run, metrics=metrics, attributes=attr_dir)
+
+
+@pytest.fixture(scope="module")
+def exported(smoke_run, tmp_path_factory):
+    return zunet.export(smoke_run.run, tmp_path_factory.mktemp("export") / "faces-sd")
+
+
+@pytest.mark.parametrize("hidden", [128, 256])
+def test_shipped_unet_is_sd15_shaped_and_fits(hidden):
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        unet = zunet.build_unet(zunet.unet_config(hidden))
+    n = sum(p.numel() for p in unet.parameters())
+    assert 2 * n <= zunet.MAX_UNET_BYTES - 100_000, f"{2 * n} fp16 bytes"
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    transformers = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert len(transformers) == 16  # as SD1.5: 6 down, 1 mid, 9 up
+    assert unet.config.sample_size == 32 and unet.config.cross_attention_dim == hidden
+
+
+def test_up_blocks_2_is_the_full_resolution_feature():
+    from dragrt.runtime.models.sd import UNetFeatureTap
+
+    torch.manual_seed(0)
+    cfg = zunet.unet_config(32, smoke=True)
+    unet = zunet.build_unet(cfg).eval()
+    with UNetFeatureTap(unet, [2], stop_after=True) as tap, torch.no_grad():
+        tap.run(torch.randn(1, 4, 8, 8), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 77, 32))
+    assert tap.features[2].shape == (1, cfg["block_out_channels"][1], 8, 8)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        zunet.unet_config(0)
+    with pytest.raises(ValueError, match="down_block_types"):
+        zunet.build_unet({**zunet.unet_config(32), "down_block_types": ["DownBlock2D"] * 4})
+    with pytest.raises(ValueError, match="caption_dropout"):
+        zunet._validate(zunet.UNetHParams(caption_dropout=1.5))
+
+
+def test_smoke_training_lowers_loss_and_scores_samples(smoke_run):
+    m = smoke_run.metrics
+    assert m["loss_last"] < m["loss_first"]
+    assert m["step"] == zunet.SMOKE_HPARAMS.fixed_steps
+    assert m["scaling_factor"] == 0.5  # the given VAE's
+    assert 0.0 <= m["attribute_accuracy"] <= 1.0
+    assert set(m["attribute_accuracy_per_attribute"]) >= {"hat", "glasses", "hair_colour"}
+    assert 0.0 <= m["classifier_on_renders"] <= 1.0 and 0.0 <= m["classifier_on_vae_round_trips"] <= 1.0
+    assert (smoke_run.run / "samples.png").is_file()
+    assert (smoke_run.run / zunet.FROZEN / "text_encoder" / "model.safetensors").is_file()
+
+
+def test_resume_continues_from_checkpoint(smoke_run):
+    again = zunet.train(smoke_run.run, minutes=5, device="cpu", seed=99, smoke=True)
+    assert again["chunks"] == smoke_run.metrics["chunks"] + 1
+    assert again["step"] == smoke_run.metrics["step"]  # the schedule was done; nothing more to train
+    assert again["seed"] == 0 and again["attribute_accuracy"] is None  # no attribute model this time
+    assert "skipped" in again["attribute_note"]
+
+
+class _StepBudget:
+    """A budget whose clock advances one second per look (about ``minutes * 60`` training steps)."""
+
+    def __init__(self, minutes):
+        self.seconds, self.looks = minutes * 60, 0
+
+    @property
+    def elapsed(self):
+        self.looks += 1
+        return float(self.looks)
+
+
+def test_interrupted_run_resumes_with_its_frozen_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "Budget", _StepBudget)
+    part = zunet.train(tmp_path, minutes=8 / 60, device="cpu", seed=3, smoke=True)  # random stand-ins
+    assert 0 < part["step"] < zunet.SMOKE_HPARAMS.fixed_steps
+    assert (tmp_path / zunet.FROZEN / "source.json").is_file()
+    rest = zunet.train(tmp_path, minutes=100 / 60, device="cpu", seed=0, smoke=True)
+    assert rest["step"] == zunet.SMOKE_HPARAMS.fixed_steps and rest["chunks"] == 2 and rest["seed"] == 3
+    assert rest["chunk_steps"] == rest["step"] - part["step"]
+    assert rest["scaling_factor"] == part["scaling_factor"]
+
+
+def test_export_ships_the_given_vae_and_text_tower(smoke_run, exported):
+    from safetensors.torch import load_file
+
+    vae_in = load_file(str(smoke_run.root / "vae" / "diffusion_pytorch_model.safetensors"))
+    vae_out = load_file(str(exported / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert vae_in.keys() == vae_out.keys()
+    assert all(torch.equal(vae_in[k].half(), vae_out[k]) for k in vae_in)
+    clip_in = load_file(str(smoke_run.root / "clip" / "model.safetensors"))
+    text_out = load_file(str(exported / "text_encoder" / "model.safetensors"))
+    assert text_out and all(torch.equal(clip_in[k], v) for k, v in text_out.items())
+
+
+def test_export_loads_with_load_sd_and_stable_diffusion_pipeline(exported):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG, load_sd
+
+    for part, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        tensors = load_file(str(exported / part / f"{file}.safetensors"))
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}, part
+    assert (exported / training.CARD).is_file()
+    components = load_sd(exported)
+    assert components.vae.config.scaling_factor == 0.5
+    assert components.tokenizer.model_max_length == 77
+    for key in ("beta_schedule", "beta_start", "beta_end", "steps_offset", "set_alpha_to_one", "timestep_spacing"):
+        assert components.scheduler.config[key] == SD15_SCHEDULER_CONFIG[key]
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(exported), local_files_only=True, safety_checker=None,
+                                                   dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    out = pipe("a round cartoon face with a cap", num_inference_steps=2, guidance_scale=5.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and (out >= 0).all() and (out <= 1).all()
+
+
+def test_export_needs_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no faces-sd checkpoint"):
+        zunet.export(tmp_path, tmp_path / "out")
+
+
+def test_smoke_stand_ins():
+    frozen = zunet.smoke_frozen()
+    assert frozen.text_encoder.config.hidden_size == 32
+    assert frozen.scaling_factor > 0
+    ids = zunet.tokenize(frozen.tokenizer, ["a round cartoon face", ""])
+    assert ids.shape == (2, 77)
+
+
+def test_attribute_accuracy_counts_hits():
+    class Fixed(nn.Module):
+        def __init__(self, preds):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.preds, self.seen = preds, 0
+
+        def forward(self, images):
+            out = self.preds[self.seen:self.seen + len(images)]
+            self.seen += len(images)
+            return SimpleNamespace(categorical=out)
+
+    target = torch.zeros(4, 9, dtype=torch.long)
+    preds = target.clone()
+    preds[0, 0] = 1  # one miss in head_shape
+    preds[:, 8] = 3  # every beard wrong
+    acc = zunet.attribute_accuracy(Fixed(preds), torch.zeros(4, 3, 8, 8), target, batch=3)
+    assert acc["per_attribute"]["head_shape"] == 0.75 and acc["per_attribute"]["beard"] == 0.0
+    assert acc["mean"] == pytest.approx(1 - 5 / 36, abs=1e-4)
+    with pytest.raises(ValueError, match="targets"):
+        zunet.attribute_accuracy(Fixed(preds), torch.zeros(3, 3, 8, 8), target)
+
+
+def test_heldout_captions_match_the_renderer():
+    from dragrt.zoo import world
+
+    captions, cats = zunet.heldout_captions(3)
+    face = world.render_seed(world.held_out_seeds(3)[2], 32)
+    assert captions[2] == face.caption and cats[2].tolist() == face.categorical.tolist()
+
+
+def test_diffusion_loss_weights():
+    from diffusers import DDIMScheduler
+
+    from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG
+
+    ac = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod
+
+    def zero_unet(x, t, encoder_hidden_states):
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(512, 4, 8, 8, generator=g)
+    t = torch.full((512,), 5)  # low noise: SNR >> 5
+    plain = zunet.diffusion_loss(zero_unet, x0, None, ac, g, timesteps=t)
+    weighted = zunet.diffusion_loss(zero_unet, x0, None, ac, g, timesteps=t, min_snr_gamma=5.0)
+    snr = (ac[5] / (1 - ac[5])).item()
+    assert plain.item() == pytest.approx(1.0, abs=0.03)  # E[eps^2]
+    assert weighted.item() == pytest.approx(5.0 / snr, rel=0.05)
+
+
+def test_latent_buffer_ring():
+    buf = zunet.LatentBuffer(4, (1, 1, 1), (2, 3), torch.device("cpu"))
+    with pytest.raises(ValueError, match="empty"):
+        buf.sample(1, torch.Generator())
+    for v in range(6):
+        buf.add(torch.full((1, 1, 1, 1), float(v)), torch.zeros(1, 2, 3))
+    assert buf.size == 4 and sorted(buf.latents.flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]
+    lat, text = buf.sample(8, torch.Generator().manual_seed(0))
+    assert lat.shape == (8, 1, 1, 1) and text.dtype == torch.float32

@@ -1,0 +1,194 @@
+"""zoo:faces-vae: smoke training, resumption, export round trip, metrics and the latent scaling factor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from dragrt.zoo import training
+from dragrt.zoo import vae as zvae
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("faces-vae-run")
+    metrics = zvae.train(run, minutes=5, device="cpu", seed=0, smoke=True)
+    return run, metrics
+
+
+def test_shipped_config_fits_budget_and_is_sd_shaped():
+    vae = zvae.build_vae()
+    n = sum(p.numel() for p in vae.parameters())
+    assert 2 * n <= zvae.MAX_BYTES, f"{2 * n} fp16 bytes"
+    assert vae.config.latent_channels == 4
+    assert list(vae.config.down_block_types) == ["DownEncoderBlock2D"] * 4  # 3 downsamplings: 8x
+    x = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        assert vae.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+
+
+def test_build_vae_rejects_bad_configs():
+    with pytest.raises(ValueError, match="4 levels"):
+        zvae.build_vae({**zvae.MODEL_CONFIG, "block_out_channels": [32, 64, 64]})
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        zvae.build_vae({**zvae.MODEL_CONFIG, "block_out_channels": [32, 48, 64, 64]})
+
+
+def test_smoke_training_lowers_loss_and_reports(smoke_run):
+    run, m = smoke_run
+    assert m["loss_last"] < m["loss_first"]
+    assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps
+    for key in ("psnr_db", "ssim", "scaling_factor", "latent_std"):
+        assert math.isfinite(m[key])
+    assert m["scaling_factor"] == pytest.approx(1 / m["latent_std"], rel=1e-3)
+    assert json.loads((run / training.METRICS).read_text())["step"] == m["step"]
+
+
+def test_finished_run_only_evaluates_again(smoke_run):
+    run, first = smoke_run
+    again = zvae.train(run, minutes=5, device="cpu", seed=123, smoke=True)  # seed comes from the checkpoint
+    assert again["step"] == first["step"] and again["chunks"] == first["chunks"] + 1
+    assert again["seed"] == 0 and again["chunk_steps"] == 0
+    assert again["psnr_db"] == pytest.approx(first["psnr_db"], abs=1e-3)  # EMA kept as an fp16 difference
+
+
+class _StepBudget:
+    """A budget whose clock advances one second per look: ``minutes * 60`` looks, i.e. about that many steps."""
+
+    def __init__(self, minutes):
+        self.seconds, self.looks = minutes * 60, 0
+
+    @property
+    def elapsed(self):
+        self.looks += 1
+        return float(self.looks)
+
+
+def test_interrupted_run_resumes_to_the_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "Budget", _StepBudget)
+    part = zvae.train(tmp_path, minutes=10 / 60, device="cpu", seed=0, smoke=True)
+    assert 0 < part["step"] < zvae.SMOKE_HPARAMS.fixed_steps
+    rest = zvae.train(tmp_path, minutes=100 / 60, device="cpu", seed=0, smoke=True)
+    assert rest["step"] == zvae.SMOKE_HPARAMS.fixed_steps and rest["chunks"] == 2
+    assert rest["chunk_steps"] == rest["step"] - part["step"]
+    assert rest["images_seen"] == rest["step"] * zvae.SMOKE_HPARAMS.batch_size
+
+
+def test_export_round_trip(smoke_run, tmp_path):
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    run, m = smoke_run
+    dest = zvae.export(run, tmp_path / "faces-vae")
+    weights = load_file(str(dest / zvae.WEIGHTS_FILE))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert (dest / training.CARD).is_file()
+    direct = AutoencoderKL.from_pretrained(str(dest), local_files_only=True)
+    assert direct.config.scaling_factor == pytest.approx(m["scaling_factor"])
+    vae = zvae.load_vae(dest)
+    assert not any(p.requires_grad for p in vae.parameters())
+    images = zvae.heldout_images(4, 64)
+    again = zvae.evaluate(vae, images)
+    assert again["psnr_db"] == pytest.approx(m["psnr_db"], abs=0.3)  # fp16 weights, 4 of the 8 images
+    with pytest.raises(FileNotFoundError, match="no faces-vae checkpoint"):
+        zvae.export(tmp_path / "empty", tmp_path / "x")
+
+
+def test_load_vae_names_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        zvae.load_vae(tmp_path / "nope")
+
+
+def test_scaling_factor_is_inverse_std():
+    g = torch.Generator().manual_seed(0)
+    latents = 0.25 + 5.5 * torch.randn(64, 4, 8, 8, generator=g)
+    assert zvae.latent_scaling_factor(latents) == pytest.approx(1 / latents.std().item())
+    assert 1 / 5.5 == pytest.approx(zvae.latent_scaling_factor(latents), rel=0.02)
+    with pytest.raises(ValueError, match="std"):
+        zvae.latent_scaling_factor(torch.ones(2, 4, 8, 8))
+
+
+def test_posterior_means_and_scaling_on_a_model():
+    torch.manual_seed(0)
+    vae = zvae.build_vae(zvae.SMOKE_CONFIG).eval()
+    images = zvae.heldout_images(3, 64)
+    lat = zvae.posterior_means(vae, images, batch=2)
+    assert lat.shape == (3, 4, 8, 8) and lat.dtype == torch.float32
+    scaled = lat * zvae.latent_scaling_factor(lat)
+    assert scaled.std().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_psnr_and_ssim():
+    a = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert zvae.psnr(a, a).tolist() == [100.0, 100.0]
+    assert zvae.ssim(a, a).tolist() == pytest.approx([1.0, 1.0])
+    b = (a.int() + 5).clamp(max=255)
+    b = torch.where(a.int() + 5 > 255, a.int() - 5, b).to(torch.uint8)  # every pixel off by exactly 5
+    assert zvae.psnr(a, b)[0].item() == pytest.approx(10 * math.log10(255**2 / 25), abs=1e-4)
+    assert zvae.ssim(a, torch.zeros_like(a)).max().item() < 0.1
+    with pytest.raises(ValueError, match="shapes"):
+        zvae.psnr(a, a[:1])
+
+
+def test_lr_schedule_and_planner():
+    assert zvae.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert zvae.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert zvae.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert zvae.lr_factor(1000, 10, 100, 0.1) == pytest.approx(0.1)
+    planner = zvae.StepPlanner(skip=2, steps=10, min_steps=50, max_steps=10_000)
+    assert planner.wants_time(2) and not planner.wants_time(5)
+    assert planner.observe(2, 2, now=100.0, seconds_left=60.0) == 0
+    total = planner.observe(12, 12, now=101.0, seconds_left=60.0)  # 10 steps/s, 60 s left
+    assert total == 12 + 570  # 10 steps/s over 95 % of the 60 s left
+    assert planner.observe(13, 13, now=102.0, seconds_left=1.0) == 0  # plans once
+
+
+def test_ema_tracks_weights():
+    lin = torch.nn.Linear(2, 2)
+    ema = zvae.Ema(lin, decay=0.5)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    for _ in range(200):
+        ema.update(lin)
+    averaged = ema.copy_to(lin)
+    assert torch.allclose(averaged.weight, lin.weight, atol=1e-5)
+    with pytest.raises(ValueError, match="decay"):
+        zvae.Ema(lin, decay=1.0)
+
+
+def test_compact_training_state_round_trip():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ema = zvae.Ema(model, 0.9)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
+    for _ in range(5):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model)
+    state = zvae.training_state(model, ema, opt)
+    assert {v.dtype for v in state["ema"]["delta"].values()} == {torch.float16}
+    assert all("exp_avg" not in st for st in state["optimizer"]["state"].values())
+
+    torch.manual_seed(1)
+    model2 = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    ema2 = zvae.Ema(model2, 0.9)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2, foreach=True)
+    zvae.restore_training_state(state, model2, ema2, opt2)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.shadow, ema2.shadow):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert ema2.updates == 5
+    v1 = [opt.state[p]["exp_avg_sq"] for p in model.parameters()]
+    v2 = [opt2.state[p]["exp_avg_sq"] for p in model2.parameters()]
+    for a, b in zip(v1, v2):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-12)
+    exported = zvae.ema_model_state(model2, state)
+    assert torch.allclose(exported["0.weight"], ema.shadow[0], atol=1e-5)

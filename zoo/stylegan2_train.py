@@ -1,0 +1,1187 @@
+"""Trainer ``faces-stylegan2``: our StyleGAN2 generator trained on the toy-faces renders.
+
+``python -m dragrt.zoo.train faces-stylegan2 --run-dir DIR --minutes 8.5 [--export]`` trains (resuming from
+``DIR/checkpoint.pt``), evaluates and, with ``--export``, writes the shipped generator in the converter's
+format (``generator.safetensors`` + ``generator.json``, read by
+:func:`dragrt.runtime.models.stylegan2_convert.load_generator`), a model card and a sample grid.
+
+The recipe is StyleGAN2's (config-e/f as trained by NVIDIA's stylegan2-ada-pytorch, without ADA: the data
+are endless, rendered on the fly from seeds, so nothing is memorised and no augmentation is needed):
+
+- generator: :class:`dragrt.runtime.models.stylegan2.Generator` (NVIDIA's parameter names), small:
+  z/w 256, 4 mapping layers, ``channel_base`` 8192 and ``channel_max`` 128 (128 channels up to b64,
+  64 at b128 -- DragGAN's feature map --, 32 at b256), fp16 with ``conv_clamp`` 256 in the top four
+  resolutions on CUDA, as NVIDIA trains; about 2.5 M parameters, 4.9 MB in fp16;
+- discriminator: :class:`Discriminator`, StyleGAN2's residual D (FromRGB, residual blocks with FIR-blurred
+  stride-2 downsampling, minibatch standard deviation, epilogue), same channel rule and fp16 blocks;
+- losses: non-saturating logistic; lazy R1 on reals every 16 steps (``gamma`` 1 at 256 px); lazy path
+  length regularisation every 4 steps on half a batch (weight 2, NVIDIA's default) -- it makes the
+  generator's ``w`` space smoother, which is what DragGAN optimises;
+- Adam(betas (0, 0.99), lr 0.0025), with the lazy-regularisation correction of lr and betas;
+  style mixing (p 0.9, a crossover point per sample); G EMA with a 10 k image half-life and NVIDIA's
+  ramp-up (the half-life is at most 5 % of the images seen, which matters for runs this short);
+  NaN/Inf gradients zeroed as NVIDIA does for its fp16 blocks.
+
+Runs are resumable in chunks (each ``train`` call stops on its wall-clock budget, leaving time for the
+evaluation). The state is two files, ``checkpoint.pt`` and ``checkpoint_d.pt``, each under 16 MiB (see
+:func:`_save`), so a run directory can be copied off a device machine and carried to the next one.
+Metrics after every chunk: the Frechet distance between generated samples (truncation 1) and held-out
+renders in the attribute classifier's feature space, and the landmark regressor's mean confidence on
+samples and on renders (see :func:`evaluate`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dragrt.runtime.models import stylegan2 as sg2
+from dragrt.runtime.models.stylegan2 import (
+    FullyConnectedLayer,
+    Generator,
+    GeneratorConfig,
+    bias_act,
+    setup_filter,
+    upfirdn2d,
+)
+from dragrt.zoo import training
+
+NAME = "faces-stylegan2"
+RESOLUTIONS = (128, 256)
+DEFAULT_RESOLUTION = 256
+#: Shipped generator files (in ``dest`` of :func:`export`).
+GENERATOR_FILE = "generator.safetensors"
+GENERATOR_RECORD = "generator.json"
+SAMPLES_FILE = "samples.png"
+#: The shipped generator must stay below this many bytes (fp16 weights).
+MAX_GENERATOR_BYTES = 8 * 1024 * 1024
+MAX_SAMPLES_PNG_BYTES = 300 * 1024
+#: Zoo names of the evaluators (``dragrt.zoo.evaluators``).
+ATTRIBUTE_MODEL = "zoo:faces-attributes"
+LANDMARK_MODEL = "zoo:faces-landmarks"
+EVAL_CACHE = "eval_real.pt"
+#: The second file of the resumable state (D and the optimizers; ``checkpoint.pt`` holds the rest).
+CHECKPOINT_PART = "checkpoint_d.pt"
+#: Tensors that stay float32 in the shipped file: the FIR filters (upfirdn2d takes float32 filters only)
+#: and ``w_avg`` (truncation lerps it with float32 latents).
+FP32_SUFFIXES = ("resample_filter", "w_avg")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in the checkpoint; a resumed run keeps it).
+
+    Attributes:
+        resolution: image size, 256 (default) or 128 (any power of two >= 8 with ``smoke``).
+        z_dim, w_dim: latent sizes; mapping_layers: FC layers of the mapping network.
+        channel_base, channel_max: channels of block ``res`` are ``min(channel_base // res, channel_max)``
+            in G and D alike.
+        num_fp16_res: the top N resolutions of G and D run in fp16 on CUDA (0 = fp32 everywhere).
+        conv_clamp: clamp of conv outputs in G and D (NVIDIA: 256 with fp16 blocks).
+        batch_size: images per step (a multiple of ``mbstd_group``).
+        lr, beta1, beta2: Adam of G and D (before the lazy-regularisation correction).
+        r1_gamma, r1_interval: R1 weight (penalty ``gamma / 2 * |grad D(real)|^2``) and lazy interval.
+        pl_weight, pl_interval, pl_batch_shrink, pl_decay: path length regularisation (weight 0 = off).
+        style_mixing_prob: probability that a sample takes its later styles from a second latent.
+        ema_kimg, ema_rampup: G EMA half-life in thousands of images, capped at ``ema_rampup`` x images seen.
+        mbstd_group: minibatch-std group size of D.
+        total_kimg: stop training after this many thousand real images (the wall-clock budget usually ends
+            a chunk first).
+        num_workers: DataLoader workers rendering faces.
+        eval_samples, eval_reals: samples and held-out renders for the metrics.
+    """
+
+    resolution: int = DEFAULT_RESOLUTION
+    z_dim: int = 256
+    w_dim: int = 256
+    mapping_layers: int = 4
+    channel_base: int = 8192
+    channel_max: int = 128
+    num_fp16_res: int = 4
+    conv_clamp: float | None = 256.0
+    batch_size: int = 32
+    lr: float = 0.0025
+    beta1: float = 0.0
+    beta2: float = 0.99
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    pl_weight: float = 2.0
+    pl_interval: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    style_mixing_prob: float = 0.9
+    ema_kimg: float = 10.0
+    ema_rampup: float | None = 0.05
+    mbstd_group: int = 4
+    total_kimg: float = 25_000.0
+    num_workers: int = -1  # -1: zoo.training.default_workers (DRAGRT_ZOO_WORKERS, else cores - 2, at most 14)
+    eval_samples: int = 2000
+    eval_reals: int = 2000
+    smoke: bool = False
+
+    def __post_init__(self) -> None:
+        res = self.resolution
+        if self.smoke:
+            if not (isinstance(res, int) and res >= 8 and res & (res - 1) == 0):
+                raise ValueError(f"resolution={res!r} is not allowed; use a power of two >= 8 for a smoke run")
+        elif res not in RESOLUTIONS:
+            raise ValueError(f"resolution={res!r} is not allowed; choose one of {RESOLUTIONS}")
+        for name, lo in (("z_dim", 1), ("w_dim", 1), ("mapping_layers", 1), ("channel_base", 1),
+                         ("channel_max", 1), ("num_fp16_res", 0), ("batch_size", 1), ("r1_interval", 1),
+                         ("pl_interval", 1), ("pl_batch_shrink", 1), ("mbstd_group", 1), ("num_workers", -1),
+                         ("eval_samples", 2), ("eval_reals", 2)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}={v!r} is not allowed; use an integer >= {lo}"
+                                 + (" (-1: automatic)" if name == "num_workers" else ""))
+        if self.batch_size % self.mbstd_group:
+            raise ValueError(f"batch_size={self.batch_size} is not allowed; use a multiple of mbstd_group="
+                             f"{self.mbstd_group}")
+        if self.batch_size // self.pl_batch_shrink < 1:
+            raise ValueError(f"pl_batch_shrink={self.pl_batch_shrink} is not allowed; use 1 to batch_size")
+        for name in ("lr", "ema_kimg", "total_kimg"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r} is not allowed; use a finite number > 0")
+        for name in ("r1_gamma", "pl_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} is not allowed; use a finite number >= 0")
+        for name in ("beta1", "beta2", "style_mixing_prob", "pl_decay"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ValueError(f"{name}={v!r} is not allowed; use a number in [0, 1]")
+        if self.ema_rampup is not None and not 0.0 < self.ema_rampup <= 1.0:
+            raise ValueError(f"ema_rampup={self.ema_rampup!r} is not allowed; use None or a number in (0, 1]")
+        if self.conv_clamp is not None and not self.conv_clamp > 0:
+            raise ValueError(f"conv_clamp={self.conv_clamp!r} is not allowed; use None or a number > 0")
+        self.generator_config()  # the channel rule must give >= 1 channel everywhere
+
+    @classmethod
+    def preset(cls, resolution: int | None = None, smoke: bool = False, **overrides: Any) -> TrainConfig:
+        """The recommended run at ``resolution`` (256 or 128), or the tiny CPU run of ``smoke``."""
+        if smoke:
+            base = dict(resolution=16 if resolution is None else resolution, z_dim=16, w_dim=16, mapping_layers=2,
+                        channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=256.0, batch_size=4,
+                        r1_interval=2, pl_interval=2, ema_kimg=0.01, num_workers=0, eval_samples=24,
+                        eval_reals=24, smoke=True)
+        else:
+            res = DEFAULT_RESOLUTION if resolution is None else resolution
+            # 128 px: twice the batch (NVIDIA's auto config doubles it when the resolution halves) and a
+            # smaller R1 weight (gamma scales with the number of pixels in NVIDIA's heuristic).
+            base = dict(resolution=res, batch_size=32 if res == 256 else 64, r1_gamma=1.0 if res == 256 else 0.5)
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def generator_config(self) -> GeneratorConfig:
+        return GeneratorConfig(
+            img_resolution=self.resolution, z_dim=self.z_dim, w_dim=self.w_dim, img_channels=3,
+            mapping={"num_layers": self.mapping_layers},
+            synthesis={"channel_base": self.channel_base, "channel_max": self.channel_max,
+                       "num_fp16_res": self.num_fp16_res, "conv_clamp": self.conv_clamp},
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discriminator (StyleGAN2 "resnet" architecture)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _half_supported(device: torch.device) -> bool:
+    """fp16 D blocks run in fp16 on CUDA only (as the generator's blocks)."""
+    return device.type == "cuda"
+
+
+class DiscriminatorConv(nn.Module):
+    """Equalised-lr convolution of D, optionally downsampling by 2, with bias and activation.
+
+    The weight ``[O, I, k, k]`` is stored as drawn (N(0, 1)) and scaled by ``1 / sqrt(I k k)`` when used.
+    Downsampling low-passes with the FIR ``resample_filter`` and then strides: a 3x3 conv pads the blurred
+    image so that the stride-2 conv lands on ``H / 2``; a 1x1 conv (the residual skip) blurs and keeps
+    every second pixel. ``gain`` scales the output (and the clamp) after the activation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, bias: bool = True,
+                 activation: str = "lrelu", down: int = 1, resample_filter: Sequence[float] = (1, 3, 3, 1),
+                 conv_clamp: float | None = None) -> None:
+        super().__init__()
+        if down not in (1, 2):
+            raise ValueError(f"down={down!r} is not allowed; choose 1 or 2")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.activation = activation
+        self.down = down
+        self.conv_clamp = conv_clamp
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.bias = nn.Parameter(torch.zeros([out_channels])) if bias else None
+        self.register_buffer("resample_filter", setup_filter(resample_filter))
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.act_gain = sg2.LRELU_GAIN if activation == "lrelu" else 1.0
+
+    def forward(self, x: Tensor, gain: float = 1.0) -> Tensor:
+        """``x [N, I, H, W]`` -> ``[N, O, H / down, W / down]`` in the dtype of ``x``."""
+        w = (self.weight * self.weight_gain).to(x.dtype)
+        pad = self.kernel_size // 2
+        if self.down == 1:
+            x = F.conv2d(x, w, padding=pad)
+        else:
+            taps = int(self.resample_filter.shape[-1])
+            lo, hi = pad + (taps - 1) // 2, pad + (taps - 2) // 2
+            if self.kernel_size == 1:
+                x = F.conv2d(upfirdn2d(x, self.resample_filter, down=2, padding=[lo, hi, lo, hi]), w)
+            else:
+                x = F.conv2d(upfirdn2d(x, self.resample_filter, padding=[lo, hi, lo, hi]), w, stride=2)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        clamp = None if self.conv_clamp is None else self.conv_clamp * gain
+        return bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+
+
+class DiscriminatorBlock(nn.Module):
+    """One resolution of the residual D: ``[fromrgb] -> conv0 (3x3) -> conv1 (3x3, down 2)``, plus a
+    1x1 downsampling skip without bias; both branches scaled by ``sqrt(1/2)`` and summed.
+
+    The first block (``in_channels == 0``) reads the image through ``fromrgb`` (1x1 conv + lrelu).
+    """
+
+    def __init__(self, in_channels: int, tmp_channels: int, out_channels: int, resolution: int, img_channels: int,
+                 use_fp16: bool = False, conv_clamp: float | None = None) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.resolution = resolution
+        self.use_fp16 = use_fp16
+        if in_channels == 0:
+            self.fromrgb = DiscriminatorConv(img_channels, tmp_channels, 1, conv_clamp=conv_clamp)
+        self.conv0 = DiscriminatorConv(tmp_channels, tmp_channels, 3, conv_clamp=conv_clamp)
+        self.conv1 = DiscriminatorConv(tmp_channels, out_channels, 3, down=2, conv_clamp=conv_clamp)
+        self.skip = DiscriminatorConv(tmp_channels, out_channels, 1, bias=False, activation="linear", down=2)
+
+    def forward(self, x: Tensor | None, img: Tensor) -> Tensor:
+        dtype = torch.float16 if self.use_fp16 and _half_supported(img.device) else torch.float32
+        x = self.fromrgb(img.to(dtype)) if self.in_channels == 0 else x.to(dtype)
+        y = self.skip(x, gain=math.sqrt(0.5))
+        x = self.conv1(self.conv0(x), gain=math.sqrt(0.5))
+        return y + x
+
+
+def minibatch_stddev(x: Tensor, group_size: int, num_channels: int = 1) -> Tensor:
+    """Append ``num_channels`` feature maps holding the standard deviation of the features over groups of
+    ``group_size`` samples (averaged over channels and pixels): how varied the batch is, for D to see.
+
+    Sample ``n`` belongs to group ``n % (N / G)``; ``N`` must be a multiple of the group size
+    ``G = min(group_size, N)``. ``[N, C, H, W]`` -> ``[N, C + num_channels, H, W]``.
+    """
+    n, c, h, w = x.shape
+    g = min(group_size, n)
+    if n % g or c % num_channels:
+        raise ValueError(f"minibatch_stddev: batch {n} must be a multiple of the group size {g} and channels {c} "
+                         f"of num_channels {num_channels}")
+    y = x.float().reshape(g, -1, num_channels, c // num_channels, h, w)  # [G, M, F, c, H, W]
+    y = (y - y.mean(dim=0)).square().mean(dim=0)  # variance over the group
+    y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])  # [M, F]
+    y = y.reshape(-1, num_channels, 1, 1).repeat(g, 1, h, w)  # [N, F, H, W]
+    return torch.cat([x, y.to(x.dtype)], dim=1)
+
+
+class DiscriminatorEpilogue(nn.Module):
+    """4x4 head: minibatch std -> conv 3x3 -> FC (lrelu) -> FC to one logit (float32)."""
+
+    def __init__(self, in_channels: int, resolution: int = 4, mbstd_group: int = 4, mbstd_channels: int = 1,
+                 conv_clamp: float | None = None) -> None:
+        super().__init__()
+        self.mbstd_group = mbstd_group
+        self.mbstd_channels = mbstd_channels
+        self.conv = DiscriminatorConv(in_channels + mbstd_channels, in_channels, 3, conv_clamp=conv_clamp)
+        self.fc = FullyConnectedLayer(in_channels * resolution * resolution, in_channels, activation="lrelu")
+        self.out = FullyConnectedLayer(in_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = minibatch_stddev(x.float(), self.mbstd_group, self.mbstd_channels)
+        x = self.conv(x)
+        return self.out(self.fc(x.flatten(1)))
+
+
+class Discriminator(nn.Module):
+    """StyleGAN2's residual discriminator: image ``[N, C, R, R]`` -> logits ``[N]`` (float32).
+
+    Blocks ``b{R}``, ..., ``b8`` each halve the resolution; block ``b{res}`` has ``channels(res)`` channels
+    in and ``channels(res / 2)`` out, with ``channels(res) = min(channel_base // res, channel_max)``; the
+    epilogue ``b4`` ends in one logit. Blocks at ``res >= fp16_resolution`` (the top ``num_fp16_res``
+    resolutions, as in the generator) run in fp16 on CUDA.
+    """
+
+    def __init__(self, img_resolution: int, img_channels: int = 3, channel_base: int = 8192, channel_max: int = 128,
+                 num_fp16_res: int = 0, conv_clamp: float | None = None, mbstd_group: int = 4) -> None:
+        super().__init__()
+        log2 = int(math.log2(img_resolution)) if img_resolution >= 4 else 0
+        if img_resolution < 8 or 2**log2 != img_resolution:
+            raise ValueError(f"img_resolution={img_resolution!r} is not allowed; use a power of two >= 8")
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.block_resolutions = [2**i for i in range(log2, 2, -1)]
+        fp16_resolution = max(2 ** (log2 + 1 - num_fp16_res), 8)
+
+        def channels(res: int) -> int:
+            c = min(channel_base // res, channel_max)
+            if c < 1:
+                raise ValueError(f"channel_base={channel_base} gives 0 discriminator channels at {res}x{res}")
+            return c
+
+        for res in self.block_resolutions:
+            in_channels = 0 if res == img_resolution else channels(res)
+            block = DiscriminatorBlock(in_channels, channels(res), channels(res // 2), res, img_channels,
+                                       use_fp16=res >= fp16_resolution, conv_clamp=conv_clamp)
+            setattr(self, f"b{res}", block)
+        self.b4 = DiscriminatorEpilogue(channels(4), mbstd_group=mbstd_group, conv_clamp=conv_clamp)
+
+    def forward(self, img: Tensor) -> Tensor:
+        sg2._check_shape("img", img, [None, self.img_channels, self.img_resolution, self.img_resolution],
+                         "[N, C, H, W]")
+        x = None
+        for res in self.block_resolutions:
+            x = getattr(self, f"b{res}")(x, img)
+        return self.b4(x).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses and regularisers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def r1_penalty(discriminator: Callable[[Tensor], Tensor], reals: Tensor) -> tuple[Tensor, Tensor]:
+    """R1 gradient penalty: ``|d sum(D(x)) / d x_n|^2`` for every real image ``x_n``.
+
+    The graph is kept (``create_graph``), so ``penalty.mean().backward()`` reaches D's weights.
+
+    Returns:
+        ``(penalty [N] float32, logits [N])``.
+    """
+    reals = reals.detach().requires_grad_(True)
+    logits = discriminator(reals)
+    (grad,) = torch.autograd.grad(logits.sum(), reals, create_graph=True)
+    return grad.float().square().sum(dim=list(range(1, grad.ndim))), logits
+
+
+def path_lengths(images: Tensor, ws: Tensor) -> Tensor:
+    """Per-sample path length ``sqrt(mean_i |J_i^T y|^2)`` with ``y`` random image-space noise scaled by
+    ``1 / sqrt(H W)`` and ``J_i`` the Jacobian of the image w.r.t. style vector ``i`` (StyleGAN2's
+    path length regulariser). Graph kept for the backward."""
+    noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+    (grad,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+    return grad.float().square().sum(dim=2).mean(dim=1).sqrt()
+
+
+def mix_styles(generator: Generator, z: Tensor, prob: float) -> Tensor:
+    """``ws`` of ``z``, where each sample, with probability ``prob``, takes its styles from a crossover
+    index (uniform in ``[1, num_ws)``) on from a second random latent (StyleGAN's mixing regulariser)."""
+    ws = generator.mapping(z, None)
+    if prob <= 0:
+        return ws
+    n, num_ws = ws.shape[0], ws.shape[1]
+    cut = torch.randint(1, num_ws, [n, 1], device=ws.device)
+    cut = torch.where(torch.rand([n, 1], device=ws.device) < prob, cut, torch.full_like(cut, num_ws))
+    other = generator.mapping(torch.randn_like(z), None, skip_w_avg_update=True)
+    take_other = (torch.arange(num_ws, device=ws.device)[None, :] >= cut)[:, :, None]
+    return torch.where(take_other, other, ws)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_features(name: str, x: Any) -> np.ndarray:
+    a = x.detach().double().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 1:
+        raise ValueError(f"{name} must be features [N, D] with N >= 2, got shape {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues -> 0)."""
+    vals, vecs = np.linalg.eigh((m + m.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the squared 2-Wasserstein distance between
+    two Gaussians. ``tr (S_a S_b)^(1/2)`` is computed as ``tr (S_a^(1/2) S_b S_a^(1/2))^(1/2)`` (the same
+    eigenvalues, but of a symmetric matrix), all in float64 with ``eigh``: no scipy needed."""
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
+    d = mu_a.shape[0]
+    if mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(f"means must be [D] and covariances [D, D] with one D; got {mu_a.shape}, {cov_a.shape}, "
+                         f"{mu_b.shape}, {cov_b.shape}")
+    root_a = _sqrt_psd(cov_a)
+    inner = root_a @ cov_b @ root_a
+    vals = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_cross = float(np.sqrt(np.clip(vals, 0.0, None)).sum())
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_cross)
+
+
+def frechet_distance(feats_a: Any, feats_b: Any) -> float:
+    """Frechet distance between the Gaussians fitted (mean, unbiased covariance) to two feature sets
+    ``[N_a, D]`` and ``[N_b, D]`` (numpy arrays or tensors): FID's formula in any feature space."""
+    a, b = _as_features("feats_a", feats_a), _as_features("feats_b", feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feats_a and feats_b must have the same feature size, got {a.shape[1]} and {b.shape[1]}")
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1]),
+                                       b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Networks, checkpoint state
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_networks(cfg: TrainConfig, seed: int) -> tuple[Generator, Discriminator]:
+    """G and D initialised from ``seed`` (float32, CPU)."""
+    torch.manual_seed(seed)
+    gen = Generator.from_config(cfg.generator_config())
+    disc = Discriminator(cfg.resolution, 3, channel_base=cfg.channel_base, channel_max=cfg.channel_max,
+                         num_fp16_res=cfg.num_fp16_res, conv_clamp=cfg.conv_clamp, mbstd_group=cfg.mbstd_group)
+    return gen, disc
+
+
+def _adam(params: Iterator[nn.Parameter], cfg: TrainConfig, interval: int | None) -> torch.optim.Adam:
+    """Adam with NVIDIA's lazy-regularisation correction: with a regulariser every ``interval`` steps the
+    optimiser steps ``(interval + 1) / interval`` times per minibatch, so lr and betas are rescaled."""
+    ratio = interval / (interval + 1) if interval else 1.0
+    return torch.optim.Adam(params, lr=cfg.lr * ratio, betas=(cfg.beta1**ratio, cfg.beta2**ratio), eps=1e-8)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} is not usable here (no CUDA); use 'cpu' (with smoke=True)")
+    return dev
+
+
+def _sanitize_grads(module: nn.Module) -> None:
+    """NaN -> 0, +-Inf -> +-1e5 in every gradient (NVIDIA does this for its fp16 blocks)."""
+    for p in module.parameters():
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+@torch.no_grad()
+def _update_ema(g_ema: Generator, gen: Generator, beta: float) -> None:
+    """``G_ema <- G_ema + (1 - beta) (G - G_ema)`` for the parameters; buffers (``w_avg``) copied."""
+    torch._foreach_lerp_(list(g_ema.parameters()), [p.detach() for p in gen.parameters()], 1.0 - beta)
+    for b_ema, b in zip(g_ema.buffers(), gen.buffers()):
+        b_ema.copy_(b)
+
+
+def _ema_beta(cfg: TrainConfig, nimg: int) -> float:
+    ema_nimg = cfg.ema_kimg * 1000.0
+    if cfg.ema_rampup is not None:
+        ema_nimg = min(ema_nimg, nimg * cfg.ema_rampup)
+    return 0.5 ** (cfg.batch_size / max(ema_nimg, 1e-8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling, sample grid
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(gen: Generator, n: int, seed: int, device: torch.device, batch: int = 64,
+             truncation_psi: float = 1.0, noise_mode: str = "const") -> Tensor:
+    """``n`` images ``[n, 3, R, R]`` float32 in ``[-1, 1]`` (clamped, on ``device``) from ``z`` drawn by a
+    generator seeded with ``seed``."""
+    rng = torch.Generator().manual_seed(int(seed))
+    z = torch.randn([n, gen.z_dim], generator=rng)
+    out = []
+    for i in range(0, n, batch):
+        img = gen(z[i:i + batch].to(device), None, truncation_psi=truncation_psi, noise_mode=noise_mode)
+        out.append(img.float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def _png_bytes(images: Tensor, columns: int, thumb: int, palette: bool) -> bytes:
+    from PIL import Image
+
+    x = images.float().clamp(-1, 1)
+    if x.shape[-1] != thumb:
+        x = F.interpolate(x, size=(thumb, thumb), mode="area")
+    x = ((x + 1) * 127.5).round().to(torch.uint8).cpu()
+    rows = (x.shape[0] + columns - 1) // columns
+    grid = torch.full([3, rows * thumb, columns * thumb], 255, dtype=torch.uint8)
+    for i, im in enumerate(x):
+        r, c = divmod(i, columns)
+        grid[:, r * thumb:(r + 1) * thumb, c * thumb:(c + 1) * thumb] = im
+    pil = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if palette:
+        pil = pil.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def write_sample_grid(gen: Generator, path: str | os.PathLike, device: torch.device, n: int = 16,
+                      seed: int = 0, max_bytes: int = MAX_SAMPLES_PNG_BYTES) -> Path:
+    """A ``sqrt(n)``-wide grid of samples (truncation 1, const noise) as a PNG of at most ``max_bytes``:
+    the largest thumbnails (full size first) that fit in true colour or, failing that, a 256-colour palette."""
+    images = generate(gen, n, seed, device).cpu()
+    columns = max(1, int(math.ceil(math.sqrt(n))))
+    res = images.shape[-1]
+    sizes = [s for s in (res, 192, 160, 128, 96, 64, 48, 32) if s <= res] or [res]
+    data = b""
+    for size in sizes:  # the largest thumbnails that fit, in true colour or else with a 256-colour palette
+        for palette in (False, True):
+            data = _png_bytes(images, columns, size, palette)
+            if len(data) <= max_bytes:
+                break
+        if len(data) <= max_bytes:
+            break
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _load_evaluators(device: torch.device) -> tuple[Any, Any, list[str]]:
+    """``(attribute model or None, landmark model or None, notes)``."""
+    notes: list[str] = []
+    try:
+        from dragrt.zoo import evaluators
+    except ImportError as exc:
+        return None, None, [f"evaluators unavailable (dragrt.zoo.evaluators: {exc}); metrics skipped"]
+    models = []
+    for what, loader, name in (("attribute classifier", "load_attribute_model", ATTRIBUTE_MODEL),
+                               ("landmark regressor", "load_landmark_model", LANDMARK_MODEL)):
+        try:
+            model = getattr(evaluators, loader)(name, device)
+        except Exception as exc:  # a missing or broken evaluator only skips its metric
+            notes.append(f"{what} {name} unavailable ({type(exc).__name__}: {exc}); its metric is skipped")
+            model = None
+        models.append(model)
+    return models[0], models[1], notes
+
+
+def _model_key(model: Any) -> str:
+    """A fingerprint of an evaluator's weights (so cached real-image statistics follow the evaluator)."""
+    if not isinstance(model, nn.Module):
+        return type(model).__name__
+    total = 0.0
+    count = 0
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                total += float(t.double().abs().sum())
+                count += t.numel()
+    return f"{type(model).__name__}:{count}:{total:.9e}"
+
+
+@torch.no_grad()
+def _attribute_features(model: Any, images: Tensor, device: torch.device, batch: int = 100) -> Tensor:
+    return torch.cat([model.features(images[i:i + batch].to(device)).float().cpu()
+                      for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def _landmark_confidence(model: Any, images: Tensor, device: torch.device, batch: int = 100) -> Tensor:
+    """Per-image mean landmark confidence ``[N]``."""
+    out = []
+    for i in range(0, len(images), batch):
+        pred = model(images[i:i + batch].to(device))
+        conf = pred.confidence  # LandmarkOutput: [N, L] in [0, 1]
+        out.append(conf.float().reshape(conf.shape[0], -1).mean(1).cpu())
+    return torch.cat(out)
+
+
+def _held_out_images(n: int, size: int, num_workers: int) -> Tensor:
+    """The first ``n`` held-out renders, float32 ``[n, 3, size, size]`` in ``[-1, 1]`` on the CPU."""
+    from dragrt.zoo import data
+
+    loader = data.make_loader(min(100, n), num_workers=num_workers, size=size, held_out=n, uint8=True)
+    return data.uint8_to_float(torch.cat([b["image"] for b in loader])[:n])
+
+
+def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: Path | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Metrics of the EMA generator against held-out renders.
+
+    - ``frechet_distance_attr``: Frechet distance between ``eval_samples`` samples (truncation 1, const noise,
+      ``z`` seeded by ``seed``) and the first ``eval_reals`` held-out renders, both in the attribute
+      classifier's feature space (``features(images)``). The renders' features are cached in
+      ``run_dir/eval_real.pt`` (keyed by the evaluator's weights, the count and the resolution).
+    - ``landmark_conf_samples`` / ``landmark_conf_renders``: the landmark regressor's mean per-landmark
+      confidence on the samples and on the renders.
+
+    A missing evaluator skips its metric with a note in ``eval_notes``.
+    """
+    t0 = time.monotonic()
+    attr, lm, notes = _load_evaluators(device)
+    out: dict[str, Any] = {"eval_samples": cfg.eval_samples, "eval_reals": cfg.eval_reals}
+    if attr is None and lm is None:
+        out["eval_notes"] = notes
+        out["eval_seconds"] = round(time.monotonic() - t0, 1)
+        return out
+    key = f"{_model_key(attr)}|{_model_key(lm)}|{cfg.eval_reals}|{cfg.resolution}"
+    cache_path = None if run_dir is None else Path(run_dir) / EVAL_CACHE
+    cached = torch.load(cache_path, weights_only=True) if cache_path is not None and cache_path.is_file() else None
+    if cached is not None and cached.get("key") == key:
+        real_feats, real_conf = cached.get("features"), cached.get("confidence")
+    else:
+        reals = _held_out_images(cfg.eval_reals, cfg.resolution, training.default_workers(cfg.num_workers, cap=14))
+        real_feats = real_conf = None
+        if attr is not None:
+            real_feats = _attribute_features(attr, reals, device)
+        if lm is not None:
+            real_conf = _landmark_confidence(lm, reals, device)
+        if cache_path is not None:
+            torch.save({"key": key, "features": real_feats, "confidence": real_conf}, cache_path)
+    g_ema.eval()
+    samples = generate(g_ema, cfg.eval_samples, seed=1_000_003 + seed, device=device)
+    if attr is not None:
+        fake_feats = _attribute_features(attr, samples, device)
+        out["frechet_distance_attr"] = float(f"{frechet_distance(fake_feats, real_feats):.6g}")
+    if lm is not None:
+        out["landmark_conf_samples"] = float(f"{float(_landmark_confidence(lm, samples, device).mean()):.5g}")
+        out["landmark_conf_renders"] = float(f"{float(real_conf.mean()):.5g}")
+    out["eval_notes"] = notes
+    out["eval_seconds"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def evaluate_run(run_dir: str | os.PathLike, device: str = "cuda", seed: int = 0) -> dict[str, Any]:
+    """Evaluate the EMA generator of an existing run (e.g. once the evaluators are shipped) and merge the
+    metrics into ``run_dir/metrics.json``; a later ``export`` puts them on the model card."""
+    run_dir = Path(run_dir)
+    ckpt = training.load_checkpoint(run_dir)
+    if ckpt is None:
+        raise ValueError(f"run_dir={str(run_dir)!r} has no {training.CHECKPOINT}; train first")
+    dev = _device(device)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    g_ema = Generator.from_config(cfg.generator_config())
+    g_ema.load_state_dict(ema_state_dict(ckpt))
+    g_ema = g_ema.to(dev).eval().requires_grad_(False)
+    metrics = {**training.read_metrics(run_dir), **evaluate(g_ema, cfg, dev, run_dir, seed=seed)}
+    metrics["samples_png"] = str(write_sample_grid(g_ema, run_dir / SAMPLES_FILE, dev, seed=seed))
+    training.write_metrics(run_dir, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _endless(loader: Any) -> Iterator[Tensor]:
+    while True:
+        for batch in loader:
+            yield batch["image"]
+
+
+def _default_reals(cfg: TrainConfig, seed: int, epoch: int, device: torch.device) -> Iterator[Tensor]:
+    """The rendered training stream keyed by ``(seed, epoch)``: uint8 batches (4x less to move from the
+    workers and to the device; converted to ``[-1, 1]`` there)."""
+    from dragrt.zoo import data
+
+    workers = training.default_workers(cfg.num_workers, cap=14)
+    loader = data.make_loader(cfg.batch_size, seed=seed, num_workers=workers, size=cfg.resolution,
+                              epoch=epoch, uint8=True, pin_memory=device.type == "cuda")
+    return _endless(loader)
+
+
+def _to_device_images(batch: Tensor, device: torch.device) -> Tensor:
+    """A uint8 (0..255) or float ([-1, 1]) image batch -> float32 ``[-1, 1]`` on ``device``."""
+    batch = batch.to(device, non_blocking=True)
+    return batch.float().div_(127.5).sub_(1.0) if batch.dtype == torch.uint8 else batch.float()
+
+
+def _log(msg: str) -> None:
+    print(f"[{NAME}] {msg}", file=sys.stderr, flush=True)
+
+
+def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", seed: int = 0, smoke: bool = False,
+          resolution: int | None = None, max_steps: int | None = None, evaluate_metrics: bool = True,
+          config_overrides: Mapping[str, Any] | None = None, reals: Iterator[Tensor] | None = None) -> dict[str, Any]:
+    """Train (or resume) the faces StyleGAN2 in ``run_dir`` for at most ``minutes`` of wall-clock time.
+
+    Args:
+        run_dir: checkpoint, metrics, cached evaluation statistics and the sample grid.
+        minutes: budget of this call, evaluation included (training stops early enough to evaluate).
+        device: torch device ('cuda' for real runs).
+        seed: initialisation, latents and data stream (the stream also depends on the chunk number, so a
+            resumed run sees new faces).
+        smoke: tiny networks, batch 4, a few CPU steps (tests).
+        resolution: 256 (default) or 128 for a new run; a resumed run keeps its own (a different value is an
+            error).
+        max_steps: stop this call after this many steps (tests; ``None`` = budget only).
+        evaluate_metrics: compute the metrics (:func:`evaluate`) at the end.
+        config_overrides: :class:`TrainConfig` fields for a new run (on resume they must match the run's).
+        reals: batches ``[B, 3, R, R]`` (float in ``[-1, 1]`` or uint8) instead of the rendered stream (tests).
+
+    Returns:
+        The metrics (also written to ``run_dir/metrics.json``).
+    """
+    budget = training.Budget(minutes)
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(f"max_steps={max_steps!r} is not allowed; use None or an integer >= 0")
+    dev = _device(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = training.load_checkpoint(run_dir, map_location="cpu")
+    if ckpt is not None:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        if resolution is not None and resolution != cfg.resolution:
+            raise ValueError(f"resolution={resolution} does not match the run in {run_dir} ({cfg.resolution} px); "
+                             "use another --run-dir for another resolution")
+        if smoke != cfg.smoke:
+            raise ValueError(f"smoke={smoke} does not match the run in {run_dir} (smoke={cfg.smoke})")
+        stored = cfg.to_dict()
+        differ = sorted(k for k, v in dict(config_overrides or {}).items() if k not in stored or stored[k] != v)
+        if differ:
+            raise ValueError(f"config_overrides {', '.join(differ)} differ from the run in {run_dir}; a resumed run "
+                             "keeps its configuration (use another --run-dir)")
+    else:
+        cfg = TrainConfig.preset(resolution, smoke, **dict(config_overrides or {}))
+
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    gen, disc = build_networks(cfg, seed)
+    g_ema = copy.deepcopy(gen).eval().requires_grad_(False)
+    gen.train().requires_grad_(True)
+    disc.train().requires_grad_(True)
+    opt_g = _adam(gen.parameters(), cfg, cfg.pl_interval if cfg.pl_weight > 0 else None)
+    opt_d = _adam(disc.parameters(), cfg, cfg.r1_interval if cfg.r1_gamma > 0 else None)
+    step, nimg, chunk = 0, 0, 0
+    pl_mean = torch.zeros([])
+    train_seconds = 0.0
+    eval_seconds_last: float | None = None
+    history: list[dict[str, Any]] = []
+    if ckpt is not None:
+        part = _load_part(run_dir, ckpt)
+        gen.load_state_dict(ckpt["G"])
+        g_ema.load_state_dict(ema_state_dict(ckpt))
+        disc.load_state_dict(part["D"])
+        opt_g.load_state_dict(_expand_adam(part["opt_G"]))
+        opt_d.load_state_dict(_expand_adam(part["opt_D"]))
+        step, nimg, chunk = int(ckpt["step"]), int(ckpt["nimg"]), int(ckpt["chunk"]) + 1
+        pl_mean = ckpt["pl_mean"].float()
+        train_seconds = float(ckpt["train_seconds"])
+        eval_seconds_last = ckpt.get("eval_seconds_last")
+        history = list(ckpt.get("history", []))
+    for m in (gen, disc, g_ema):
+        m.to(dev)
+    for opt in (opt_g, opt_d):  # optimizer state follows its parameters
+        for state in opt.state.values():
+            for k, v in state.items():
+                if isinstance(v, Tensor) and k != "step":
+                    state[k] = v.to(dev)
+    pl_mean = pl_mean.to(dev)
+    # Latents and noise: a stream per chunk, so a resumed run continues with fresh randomness.
+    torch.manual_seed(seed * 1_000_003 + chunk)
+    if reals is None:
+        reals = _default_reals(cfg, seed, chunk, dev)
+
+    # Leave room for the evaluation and the final checkpoint: the last chunk's measured time, with margin.
+    if evaluate_metrics and not cfg.smoke:
+        reserve = 1.3 * eval_seconds_last + 15.0 if eval_seconds_last is not None else 45.0
+    else:
+        reserve = 0.0
+    train_limit = max(budget.seconds - reserve, 0.0)
+    batch, pl_batch = cfg.batch_size, max(1, cfg.batch_size // cfg.pl_batch_shrink)
+    r1_on, pl_on = cfg.r1_gamma > 0, cfg.pl_weight > 0
+    sums = {k: torch.zeros([], device=dev) for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake")}
+    counts = dict.fromkeys(sums, 0)
+    nonfinite = torch.zeros([], device=dev)
+    start_step, start_nimg = step, nimg
+    t_start = time.monotonic()
+    t_log = t_ckpt = t_start
+    _log(f"{'resuming' if ckpt else 'starting'} at step {step} ({nimg / 1000:.1f} kimg), chunk {chunk}, "
+         f"{cfg.resolution} px, batch {batch}, device {dev}, budget {budget.seconds:.0f} s "
+         f"(training {train_limit:.0f} s)")
+
+    def run_g(n: int) -> tuple[Tensor, Tensor]:
+        z = torch.randn([n, cfg.z_dim], device=dev)
+        ws = mix_styles(gen, z, cfg.style_mixing_prob)
+        return gen.synthesis(ws, noise_mode="random"), ws
+
+    def accumulate(name: str, value: Tensor) -> None:
+        nonlocal nonfinite
+        value = value.detach().float()
+        nonfinite = nonfinite + (~torch.isfinite(value)).float()
+        sums[name] = sums[name] + torch.nan_to_num(value)
+        counts[name] += 1
+
+    while nimg < cfg.total_kimg * 1000:
+        if max_steps is not None and step - start_step >= max_steps:
+            break
+        if step > start_step and budget.elapsed >= train_limit:
+            break
+        real = _to_device_images(next(reals), dev)
+        if real.shape != (batch, 3, cfg.resolution, cfg.resolution):
+            raise ValueError(f"real batch has shape {list(real.shape)}; expected [{batch}, 3, {cfg.resolution}, "
+                             f"{cfg.resolution}]")
+
+        # G: non-saturating loss.
+        disc.requires_grad_(False)
+        opt_g.zero_grad(set_to_none=True)
+        fake, _ = run_g(batch)
+        loss_g = F.softplus(-disc(fake)).mean()
+        loss_g.backward()
+        _sanitize_grads(gen)
+        opt_g.step()
+        accumulate("loss_G", loss_g)
+
+        # G: lazy path length regularisation.
+        if pl_on and step % cfg.pl_interval == 0:
+            opt_g.zero_grad(set_to_none=True)
+            fake, ws = run_g(pl_batch)
+            lengths = path_lengths(fake, ws)
+            pl_mean.copy_(pl_mean.lerp(torch.nan_to_num(lengths.mean().detach()), cfg.pl_decay))
+            penalty = (lengths - pl_mean).square().mean()
+            (penalty * cfg.pl_weight * cfg.pl_interval).backward()
+            _sanitize_grads(gen)
+            opt_g.step()
+            accumulate("pl", penalty)
+
+        # D: logistic loss on fakes and reals.
+        disc.requires_grad_(True)
+        opt_d.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            fake, _ = run_g(batch)
+        logits_fake = disc(fake)
+        logits_real = disc(real)
+        loss_d = F.softplus(logits_fake).mean() + F.softplus(-logits_real).mean()
+        loss_d.backward()
+        _sanitize_grads(disc)
+        opt_d.step()
+        accumulate("loss_D", loss_d)
+        accumulate("D_real", logits_real.mean())
+        accumulate("D_fake", logits_fake.mean())
+
+        # D: lazy R1 on reals.
+        if r1_on and step % cfg.r1_interval == 0:
+            opt_d.zero_grad(set_to_none=True)
+            penalty, _ = r1_penalty(disc, real)
+            (penalty.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval).backward()
+            _sanitize_grads(disc)
+            opt_d.step()
+            accumulate("r1", penalty.mean())
+
+        step += 1
+        nimg += batch
+        _update_ema(g_ema, gen, _ema_beta(cfg, nimg))
+
+        now = time.monotonic()
+        if now - t_log >= (5.0 if cfg.smoke else 30.0):
+            t_log = now
+            done = (nimg - start_nimg) / 1000
+            rate = (now - t_start) / max(done, 1e-9)
+            losses = " ".join(f"{k} {float(sums[k]) / max(counts[k], 1):.3f}" for k in sums if counts[k])
+            _log(f"step {step} kimg {nimg / 1000:.1f} ({rate:.1f} s/kimg) {losses} "
+                 f"elapsed {budget.elapsed:.0f} s")
+        if now - t_ckpt >= 180.0 and not cfg.smoke:
+            t_ckpt = now
+            _save(run_dir, cfg, gen, disc, g_ema, opt_g, opt_d, step, nimg, chunk, pl_mean,
+                  train_seconds + now - t_start, eval_seconds_last, history, seed)
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    chunk_train_seconds = time.monotonic() - t_start
+    train_seconds += chunk_train_seconds
+    chunk_kimg = (nimg - start_nimg) / 1000
+    summary = {k: round(float(sums[k]) / counts[k], 5) for k in sums if counts[k]}
+    chunk_record = {"chunk": chunk, "steps": step - start_step, "kimg": round(chunk_kimg, 3),
+                    "train_seconds": round(chunk_train_seconds, 1), **summary}
+    history.append(chunk_record)
+    _save(run_dir, cfg, gen, disc, g_ema, opt_g, opt_d, step, nimg, chunk, pl_mean, train_seconds,
+          eval_seconds_last, history, seed)
+
+    metrics: dict[str, Any] = {
+        "name": NAME,
+        "resolution": cfg.resolution,
+        "batch_size": cfg.batch_size,
+        "steps": step,
+        "kimg": round(nimg / 1000, 3),
+        "chunks": chunk + 1,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "train_seconds_total": round(train_seconds, 1),
+        "chunk_train_seconds": round(chunk_train_seconds, 1),
+        "chunk_kimg": round(chunk_kimg, 3),
+        "sec_per_kimg": round(chunk_train_seconds / chunk_kimg, 3) if chunk_kimg > 0 else None,
+        "nonfinite_losses": int(float(nonfinite)),
+        "pl_mean": round(float(pl_mean), 5),
+        "generator_params": sum(p.numel() for p in g_ema.state_dict().values()),
+        "config": cfg.to_dict(),
+        **{f"last_chunk_{k}": v for k, v in summary.items()},
+    }
+    if evaluate_metrics:
+        t_eval = time.monotonic()
+        try:
+            metrics.update(evaluate(g_ema, cfg, dev, run_dir, seed=seed))
+            metrics["samples_png"] = str(write_sample_grid(g_ema, run_dir / SAMPLES_FILE, dev, seed=seed))
+        except Exception as exc:  # the chunk's training is saved already; report the failure, keep the run
+            metrics["eval_error"] = f"{type(exc).__name__}: {exc}"
+            _log(f"evaluation failed: {metrics['eval_error']}")
+        eval_seconds_last = time.monotonic() - t_eval
+        _save(run_dir, cfg, gen, disc, g_ema, opt_g, opt_d, step, nimg, chunk, pl_mean, train_seconds,
+              eval_seconds_last, history, seed)
+    metrics["wall_seconds"] = round(budget.elapsed, 1)
+    training.write_metrics(run_dir, metrics)
+    _log(f"done: step {step}, {nimg / 1000:.1f} kimg, {budget.elapsed:.0f} s; "
+         + ", ".join(f"{k} {metrics[k]}" for k in ("frechet_distance_attr", "landmark_conf_samples",
+                                                    "landmark_conf_renders") if k in metrics))
+    return metrics
+
+
+def _compact_adam(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Adam's state as saved: the second moments in bfloat16 (their precision only scales the steps by
+    ~0.4 %), the first moments only when ``beta1 > 0`` (with ``beta1 = 0`` they are the last gradient,
+    overwritten by the next step: dropping them is exact)."""
+    sd = opt.state_dict()
+    keep_first = any(g["betas"][0] > 0 for g in sd["param_groups"])
+    state = {}
+    for i, st in sd["state"].items():
+        entry = {"step": torch.as_tensor(st["step"]).detach().cpu().float(),
+                 "exp_avg_sq": st["exp_avg_sq"].detach().to("cpu", torch.bfloat16)}
+        if keep_first:
+            entry["exp_avg"] = st["exp_avg"].detach().to("cpu", torch.bfloat16)
+        state[i] = entry
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _expand_adam(sd: Mapping[str, Any]) -> dict[str, Any]:
+    state = {}
+    for i, st in sd["state"].items():
+        second = st["exp_avg_sq"].float()
+        first = st["exp_avg"].float() if "exp_avg" in st else torch.zeros_like(second)
+        state[i] = {"step": st["step"], "exp_avg": first, "exp_avg_sq": second}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def _save(run_dir: Path, cfg: TrainConfig, gen: Generator, disc: Discriminator, g_ema: Generator,
+          opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, step: int, nimg: int, chunk: int,
+          pl_mean: Tensor, train_seconds: float, eval_seconds_last: float | None,
+          history: list[dict[str, Any]], seed: int) -> Path:
+    """Write the resumable state as two files, each under the device tool's 16 MiB per file (about 14 MiB
+    each for the 256 px run, 29 MB together):
+
+    - ``checkpoint.pt`` (:func:`training.save_checkpoint`): counters, config, history, G (float32, with its
+      buffers) and ``G_ema - G`` in fp16 (the EMA is G plus a small difference: fp16 keeps it to ~5e-4 of
+      the difference);
+    - ``checkpoint_d.pt``: D (float32) and the Adam states of G and D (see :func:`_compact_adam`).
+
+    The second file is written first and both carry the step, so a crash between the two writes is
+    detected on resume instead of mixing states.
+    """
+    def cpu(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+
+    ema_delta = {k: (p_ema.detach() - p.detach()).to("cpu", torch.float16)
+                 for (k, p_ema), (_, p) in zip(g_ema.named_parameters(), gen.named_parameters())}
+    part = {"step": step, "D": cpu(disc.state_dict()), "opt_G": _compact_adam(opt_g), "opt_D": _compact_adam(opt_d)}
+    part_path = run_dir / CHECKPOINT_PART
+    tmp = part_path.with_suffix(".tmp")
+    torch.save(part, tmp)
+    os.replace(tmp, part_path)
+    return training.save_checkpoint(run_dir, {
+        "config": cfg.to_dict(), "seed": seed, "G": cpu(gen.state_dict()), "G_ema_delta": ema_delta,
+        "step": step, "nimg": nimg, "chunk": chunk, "pl_mean": pl_mean.detach().cpu(),
+        "train_seconds": float(train_seconds), "eval_seconds_last": eval_seconds_last, "history": history,
+        "commit": training.git_commit(),
+    })
+
+
+def _load_part(run_dir: Path, ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    path = run_dir / CHECKPOINT_PART
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has {training.CHECKPOINT} but not {CHECKPOINT_PART}: copy both files of a run")
+    part = torch.load(path, map_location="cpu", weights_only=True)
+    if part.get("step") != ckpt.get("step"):
+        raise ValueError(f"{path} (step {part.get('step')}) and {training.CHECKPOINT} (step {ckpt.get('step')}) "
+                         "are from different saves; restore both files of one save")
+    return part
+
+
+def ema_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The EMA generator's state dict from a checkpoint: G's state plus the stored difference."""
+    state = {k: v.clone() for k, v in ckpt["G"].items()}
+    for k, delta in ckpt["G_ema_delta"].items():
+        state[k] = state[k] + delta.float()
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def shipped_state_dict(gen: Generator) -> dict[str, Tensor]:
+    """The generator's tensors as shipped: fp16, except :data:`FP32_SUFFIXES` (float32), contiguous, CPU."""
+    out = {}
+    for k, v in gen.state_dict().items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.float() if k.endswith(FP32_SUFFIXES) else v.half()
+        out[k] = v.clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Write the EMA generator of ``run_dir`` to ``dest``: ``generator.safetensors`` (fp16) +
+    ``generator.json`` (the record :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads,
+    source format ``dragrt-zoo``), ``samples.png`` and ``MODEL_CARD.md``.
+
+    Returns:
+        ``dest/generator.json`` (what ``load_generator`` takes).
+    """
+    from safetensors.torch import save_file
+
+    from dragrt.runtime.models import stylegan2_convert as conv
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    ckpt = training.load_checkpoint(run_dir)
+    if ckpt is None:
+        raise ValueError(f"run_dir={str(run_dir)!r} has no {training.CHECKPOINT}; train first")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    g_ema = Generator.from_config(cfg.generator_config())
+    g_ema.load_state_dict(ema_state_dict(ckpt))
+    tensors = shipped_state_dict(g_ema)
+    conv.check_state_dict(cfg.generator_config(), tensors, str(run_dir))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    if size > MAX_GENERATOR_BYTES:
+        raise ValueError(f"the generator takes {size} bytes in fp16; the zoo allows at most {MAX_GENERATOR_BYTES}")
+
+    dest.mkdir(parents=True, exist_ok=True)
+    st_path, json_path = dest / GENERATOR_FILE, dest / GENERATOR_RECORD
+    tmp = st_path.with_name(st_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": conv.FORMAT_NAME, "format_version": str(conv.FORMAT_VERSION)})
+    os.chmod(tmp, 0o644)  # package data: readable by everyone
+    os.replace(tmp, st_path)
+    metrics = training.read_metrics(run_dir)
+    dtypes: dict[str, int] = {}
+    for t in tensors.values():
+        name = str(t.dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + 1
+    record = {
+        "format": conv.FORMAT_NAME,
+        "format_version": conv.FORMAT_VERSION,
+        "architecture": "stylegan2",
+        "config": cfg.generator_config().to_dict(),
+        "num_ws": cfg.generator_config().num_ws,
+        "source": {"format": "dragrt-zoo", "zoo_name": NAME, "trainer": __name__, "network": "G_ema",
+                   "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
+                   "train_seconds": round(float(ckpt["train_seconds"]), 1), "commit": ckpt.get("commit"),
+                   "train_config": cfg.to_dict()},
+        "weights": {"file": st_path.name, "sha256": conv.sha256_file(st_path), "num_tensors": len(tensors),
+                    "num_elements": sum(t.numel() for t in tensors.values()), "dtypes": dtypes,
+                    "size_bytes": st_path.stat().st_size},
+        "notes": ["fp16 weights; resample filters and mapping.w_avg in float32"],
+    }
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, json_path)
+
+    # The grid is drawn by the shipped (fp16-rounded) weights, loaded the way the runtime loads them.
+    shipped = conv.load_generator(json_path)
+    write_sample_grid(shipped, dest / SAMPLES_FILE, torch.device("cpu"))
+    shown = {k: metrics[k] for k in ("frechet_distance_attr", "landmark_conf_samples", "landmark_conf_renders",
+                                     "eval_samples", "eval_reals", "sec_per_kimg", "nonfinite_losses",
+                                     "eval_notes") if k in metrics}
+    training.write_card(
+        dest, name=NAME,
+        summary=(f"A StyleGAN2 generator ({cfg.resolution} px, z/w {cfg.z_dim}/{cfg.w_dim}, {cfg.mapping_layers} "
+                 f"mapping layers, channel_base {cfg.channel_base}, channel_max {cfg.channel_max}, "
+                 f"{cfg.generator_config().num_ws} styles; NVIDIA's parameter names) trained from scratch on "
+                 "the toy-faces renders: the default model of `dragrt demo` (DragGAN). Load it with "
+                 "`dragrt.runtime.models.stylegan2_convert.load_generator`. `samples.png`: 16 samples of the "
+                 "shipped weights, truncation 1, const noise."),
+        data=("Endless stream of procedurally rendered cartoon faces (`dragrt.zoo.world`), rendered on the fly "
+              "from training seeds in [0, 2e9) by DataLoader workers; held-out seeds 2e9 + i are used only for "
+              "the metrics."),
+        training={"steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
+                  "chunks": int(ckpt["chunk"]) + 1, "batch": cfg.batch_size,
+                  "device time (training, s)": round(float(ckpt["train_seconds"]), 1),
+                  "device": metrics.get("device_name", metrics.get("device", "?")),
+                  "loss": (f"non-saturating logistic; lazy R1 gamma {cfg.r1_gamma} every {cfg.r1_interval}; "
+                           f"path length weight {cfg.pl_weight} every {cfg.pl_interval}; style mixing "
+                           f"{cfg.style_mixing_prob}; G EMA half-life {cfg.ema_kimg} kimg (ramp-up "
+                           f"{cfg.ema_rampup})"),
+                  "optimizer": f"Adam lr {cfg.lr} betas ({cfg.beta1}, {cfg.beta2}) (lazy-reg corrected)",
+                  "precision": f"fp16 in the top {cfg.num_fp16_res} resolutions on CUDA, conv_clamp {cfg.conv_clamp}",
+                  "commit": ckpt.get("commit") or training.git_commit(),
+                  "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes 8.5 (repeated) --export"},
+        metrics=shown or {"note": "no metrics recorded"},
+        files=[GENERATOR_FILE, GENERATOR_RECORD, SAMPLES_FILE, training.CARD],
+    )
+    return json_path
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dragrt.zoo.stylegan2_train --run-dir DIR [--minutes M] [--resolution 256|128] [--export DEST]``:
+    the zoo CLI plus the choice of resolution (``python -m dragrt.zoo.train faces-stylegan2`` trains 256 px)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dragrt.zoo.stylegan2_train", description=main.__doc__)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=8.5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=None,
+                        help=f"new runs only (default {DEFAULT_RESOLUTION})")
+    parser.add_argument("--no-train", action="store_true", help="only evaluate/export an existing run")
+    parser.add_argument("--evaluate", action="store_true", help="with --no-train: re-evaluate the run")
+    parser.add_argument("--export", type=Path, default=None, help="write the shipped generator to this folder")
+    args = parser.parse_args(argv)
+    if not args.no_train:
+        metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
+                        resolution=args.resolution)
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    elif args.evaluate:
+        print(json.dumps(evaluate_run(args.run_dir, args.device, args.seed), indent=2, sort_keys=True))
+    if args.export is not None:
+        print(export(args.run_dir, args.export))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""What every zoo training script shares: resumable checkpoints, a wall-clock budget, fp16 export, model cards.
+
+Each trainer is a module with two functions (registered in :mod:`dragrt.zoo.train`)::
+
+    train(run_dir: Path, *, minutes: float, device: str, seed: int, smoke: bool) -> dict  # metrics
+    export(run_dir: Path, dest: Path) -> Path                                          # shipped weights
+
+``train`` resumes from ``run_dir`` when a checkpoint is there, trains until its total step target or the
+``minutes`` budget (whichever first), saves a checkpoint, evaluates, writes ``run_dir/metrics.json`` and returns
+the metrics. ``smoke=True`` shrinks everything (model width, batch, steps) so a CPU test runs it in seconds.
+GPU runs come in chunks of at most 10 minutes, so the budget check runs every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CARD = "MODEL_CARD.md"
+
+
+class Budget:
+    """A wall-clock budget: ``expired()`` once ``minutes`` have passed since construction."""
+
+    def __init__(self, minutes: float) -> None:
+        if not minutes > 0:
+            raise ValueError(f"minutes must be > 0, got {minutes}")
+        self.seconds = float(minutes) * 60.0
+        self.start = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.elapsed >= self.seconds
+
+
+def save_checkpoint(run_dir: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write ``run_dir/checkpoint.pt`` atomically. ``state`` holds only tensors, numbers, strings, lists and
+    dicts of them (model and optimizer state dicts, step counters, RNG states), so :func:`load_checkpoint`
+    can read it with ``weights_only=True``: our own resumable training state, never a shipped file."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state saved by :func:`save_checkpoint`, or ``None`` when ``run_dir`` has none.
+    Read with ``weights_only=True``: tensors and plain containers only, no code runs."""
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_metrics(run_dir: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    path = Path(run_dir) / METRICS
+    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / METRICS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's floating-point tensors in fp16 (others as they are), contiguous, on the CPU."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = v.detach().to("cpu")
+        out[k] = (v.half() if v.is_floating_point() else v).contiguous()
+    return out
+
+
+def git_commit(default: str = "unknown") -> str:
+    """The commit of the checkout (``DRAGRT_BENCH_COMMIT`` wins: the device machine has no .git)."""
+    env = os.environ.get("DRAGRT_BENCH_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or default
+    except (OSError, subprocess.CalledProcessError):
+        return default
+
+
+def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, training: Mapping[str, Any],
+               metrics: Mapping[str, Any], files: list[str]) -> Path:
+    """Write ``dest/MODEL_CARD.md``: what the model is, the data, training (steps, device, device time,
+    commit, command) and the measured metrics."""
+    dest = Path(dest)
+    lines = [f"# zoo:{name}", "", summary, "", "## Data", "", data, "", "## Training", ""]
+    lines += [f"- {k}: {v}" for k, v in training.items()]
+    lines += ["", "## Metrics", ""]
+    lines += [f"- {k}: {v}" for k, v in metrics.items()]
+    lines += ["", "## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    path = dest / CARD
+    path.write_text("\n".join(lines))
+    return path
+
+
+def default_workers(requested: int = -1, *, cap: int = 30) -> int:
+    """DataLoader workers for a trainer: ``requested`` when >= 0, else ``DRAGRT_ZOO_WORKERS`` when set (several
+    trainers sharing one machine split its cores that way: ``zoo/gpu_train.sh`` sets it per job), else the cores
+    this process may use minus 2, at most ``cap``."""
+    if requested >= 0:
+        return requested
+    env = os.environ.get("DRAGRT_ZOO_WORKERS", "").strip()
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"DRAGRT_ZOO_WORKERS={env!r} is not allowed; use an integer >= 0")
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers: not the host's)
+    except AttributeError:
+        cores = os.cpu_count() or 2
+    return max(1, min(cap, cores - 2))

@@ -1,0 +1,741 @@
+"""zoo:faces-sd: a text-to-image latent diffusion model in Stable Diffusion 1.5's pipeline shape.
+
+All pieces are the diffusers / transformers classes SD1.5 uses, at toy width:
+
+* ``unet``: ``UNet2DConditionModel`` with SD1.5's structure (``CrossAttnDownBlock2D`` x3 + ``DownBlock2D``,
+  ``UpBlock2D`` + ``CrossAttnUpBlock2D`` x3, two ResNets per level, one transformer per attention: 16
+  transformer blocks, ``up_blocks[2]`` at the full latent resolution as DragDiffusion expects), widths
+  32/64/80/80 (:func:`unet_config`, under 10 MB in fp16), ``cross_attention_dim`` = the text tower's width,
+  ``sample_size`` 32 (256 px images);
+* ``vae``: the frozen zoo:faces-vae (:mod:`dragrt.zoo.vae`), latents times its ``scaling_factor``;
+* ``text_encoder`` / ``tokenizer``: the frozen text tower of zoo:faces-clip and its CLIP tokenizer
+  (77 tokens; the UNet reads ``last_hidden_state``, as SD does);
+* ``scheduler``: ``DDIMScheduler`` with DragDiffusion's settings (:data:`SD15_SCHEDULER_CONFIG`: SD's
+  scaled-linear 0.00085..0.012 betas over 1000 steps, epsilon prediction).
+
+Training (``python -m dragrt.zoo.train faces-sd --run-dir DIR --minutes 9``, run twice; ``--export`` on the
+last): renders streamed from seeds are encoded on the fly by the frozen VAE (a posterior sample, as SD's
+training does) and their captions by the frozen text tower, into a ring buffer on the GPU; every step
+trains on a random batch of that buffer (each image is used a few times, with fresh noise and timesteps).
+Epsilon prediction on SD's DDPM schedule with uniform timesteps and Min-SNR-5 loss weights, 10% of captions
+dropped to the empty prompt (classifier-free guidance), AdamW, bf16 autocast, EMA of the weights. The
+schedule (warmup, cosine) is planned once from the measured step rate over :attr:`UNetHParams.planned_seconds`
+of training (two 9-minute chunks) and stored in the checkpoint.
+
+Evaluation (the EMA weights, through ``StableDiffusionPipeline``): ``eval_samples`` held-out captions,
+DDIM 50 steps, classifier-free guidance at each scale of ``guidance_scales`` (5 is the headline), decoded
+by the VAE and scored by the attribute model (zoo:faces-attributes) against the caption's categorical
+attributes: accuracy per attribute and mean (target 0.8). The classifier's own accuracy on the renders of
+the same captions, and on their VAE round trips, is reported beside it (the ceiling).
+
+:func:`export` writes a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors):
+``StableDiffusionPipeline.from_pretrained(folder)`` and :func:`dragrt.runtime.models.sd.load_sd` load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG, SD15_UNET_CONFIG
+from dragrt.zoo import training
+from dragrt.zoo import vae as zvae
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+NAME = "faces-sd"
+#: Shipped size limit of the UNet's fp16 weights (bytes).
+MAX_UNET_BYTES = 10_000_000
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FROZEN = "frozen"  # run_dir/frozen/{vae,text_encoder,tokenizer}: the exact frozen parts training used
+
+#: The zoo models this one is built on (keyword defaults of :func:`train`).
+DEFAULT_VAE = "zoo:faces-vae"
+DEFAULT_CLIP = "zoo:faces-clip"
+DEFAULT_ATTRIBUTES = "zoo:faces-attributes"
+
+
+def unet_config(cross_attention_dim: int, *, smoke: bool = False) -> dict[str, Any]:
+    """SD1.5's UNet config (:data:`SD15_UNET_CONFIG`) at toy width for 256 px images (32x32 latents).
+
+    Widths 32/64/80/80 with 16 GroupNorm groups and 2 attention heads per transformer (head widths 16/32/40,
+    multiples of 8 for the fused attention kernels); 4.7 M parameters with a 256-wide text tower. ``smoke``:
+    16/16/32/32 channels and 8x8 latents (64 px), same block kinds.
+    """
+    if not isinstance(cross_attention_dim, int) or not 1 <= cross_attention_dim <= 4096:
+        raise ValueError(f"cross_attention_dim must be an int in [1, 4096], got {cross_attention_dim!r}")
+    cfg = dict(SD15_UNET_CONFIG)
+    cfg.update(
+        sample_size=8 if smoke else 32,
+        block_out_channels=[16, 16, 32, 32] if smoke else [32, 64, 80, 80],
+        norm_num_groups=8 if smoke else 16,
+        attention_head_dim=2,
+        cross_attention_dim=cross_attention_dim,
+    )
+    return cfg
+
+
+def build_unet(config: Mapping[str, Any]) -> UNet2DConditionModel:
+    """A randomly initialised ``UNet2DConditionModel`` with SD1.5's block layout (checked)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = dict(config)
+    for key in ("down_block_types", "up_block_types", "layers_per_block"):
+        value = list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+        if value != SD15_UNET_CONFIG[key]:
+            raise ValueError(f"{key} must be SD1.5's {SD15_UNET_CONFIG[key]!r} (DragDiffusion relies on the "
+                             f"block layout), got {cfg[key]!r}")
+    return UNet2DConditionModel.from_config(cfg)
+
+
+@dataclass(frozen=True)
+class UNetHParams:
+    """Training and evaluation settings of faces-sd (stored in the checkpoint; a resumed run keeps them).
+
+    Attributes:
+        image_size: render size (8 x the UNet's ``sample_size``).
+        batch_size: training samples per step (drawn from the latent buffer).
+        fresh_per_step: new renders encoded into the buffer per step (``batch_size / fresh_per_step`` is how
+            often, on average, each render is trained on).
+        buffer_size: latent ring buffer capacity (latents fp32 + text states bf16, on the device).
+        min_fill: renders encoded before the first step of a chunk.
+        lr, lr_floor, warmup, weight_decay, grad_clip: AdamW and its warmup + cosine schedule.
+        ema_decay: EMA decay (with the ``(1 + n) / (10 + n)`` warmup).
+        caption_dropout: probability of training on the empty prompt (classifier-free guidance).
+        min_snr_gamma: Min-SNR loss weighting ``min(SNR, gamma) / SNR`` (0 disables it).
+        planned_seconds: training seconds the schedule is planned for, over all chunks.
+        min_steps, max_steps: bounds of the planned schedule; ``fixed_steps`` > 0: no planning (smoke).
+        calib_skip, calib_steps: steps skipped, then timed, to plan.
+        reserve_s: seconds of each chunk kept for saving and evaluation.
+        eval_samples, eval_steps, guidance_scales, main_guidance: the evaluation (DDIM steps, CFG scales).
+        eval_batch: prompts per pipeline call; grid_samples: samples in ``run_dir/samples.png``.
+        num_workers: loader processes (-1: all CPUs but two, at most 14).
+    """
+
+    image_size: int = 256
+    batch_size: int = 256
+    fresh_per_step: int = 64
+    buffer_size: int = 32_768
+    min_fill: int = 8_192
+    lr: float = 8e-4
+    lr_floor: float = 0.1
+    warmup: int = 500
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    planned_seconds: float = 930.0
+    min_steps: int = 2_000
+    max_steps: int = 200_000
+    fixed_steps: int = 0
+    calib_skip: int = 300
+    calib_steps: int = 500
+    reserve_s: float = 45.0
+    eval_samples: int = 256
+    eval_steps: int = 50
+    guidance_scales: tuple[float, ...] = (5.0,)  # (3, 5, 7.5) triples the evaluation time
+    main_guidance: float = 5.0
+    eval_batch: int = 256
+    grid_samples: int = 16
+    num_workers: int = -1
+
+
+HPARAMS = UNetHParams()
+SMOKE_HPARAMS = UNetHParams(
+    image_size=64, batch_size=4, fresh_per_step=2, buffer_size=16, min_fill=4, lr=3e-3, warmup=3,
+    ema_decay=0.9, planned_seconds=0.0, min_steps=1, max_steps=16, fixed_steps=16, calib_skip=0, calib_steps=0,
+    reserve_s=0.0, eval_samples=4, eval_steps=2, guidance_scales=(5.0,), eval_batch=4, grid_samples=4,
+    num_workers=0,
+)
+
+
+def _validate(hp: UNetHParams) -> None:
+    checks = [
+        ("batch_size", hp.batch_size, 1, 1 << 16), ("fresh_per_step", hp.fresh_per_step, 1, 1 << 16),
+        ("buffer_size", hp.buffer_size, hp.batch_size, 1 << 22), ("min_fill", hp.min_fill, 1, hp.buffer_size),
+        ("caption_dropout", hp.caption_dropout, 0.0, 1.0), ("eval_steps", hp.eval_steps, 1, 1000),
+        ("eval_samples", hp.eval_samples, 1, 100_000),
+    ]
+    for name, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            raise ValueError(f"UNetHParams.{name} must be in [{lo}, {hi}], got {value}")
+    if hp.main_guidance not in hp.guidance_scales:
+        raise ValueError(f"UNetHParams.main_guidance {hp.main_guidance} must be one of guidance_scales "
+                         f"{hp.guidance_scales}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen parts: VAE, text tower, tokenizer
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frozen:
+    """The frozen parts training conditions on (fp32, eval mode, no grad)."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    source: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def to(self, device: torch.device) -> Frozen:
+        for m in (self.vae, self.text_encoder):
+            nn.Module.to(m, device)
+            m.eval().requires_grad_(False)
+        return self
+
+    def save(self, folder: Path) -> None:
+        """Write ``vae/``, ``text_encoder/`` (fp16, as shipped: the zoo sources are fp16 already) and
+        ``tokenizer/`` into ``folder``."""
+        import copy
+
+        folder.mkdir(parents=True, exist_ok=True)
+        vae16 = nn.Module.to(copy.deepcopy(self.vae), dtype=torch.float16)
+        vae16.save_pretrained(str(folder / "vae"), safe_serialization=True)
+        save_text_encoder(self.text_encoder, folder / "text_encoder", torch.float16)
+        save_tokenizer(self.tokenizer, folder / "tokenizer")
+        (folder / "source.json").write_text(json.dumps(self.source, indent=2, sort_keys=True) + "\n")
+
+
+def save_text_encoder(text_encoder: CLIPTextModel, folder: Path, dtype: torch.dtype) -> None:
+    """The text tower in the hub's key layout (``text_model.*``), which transformers 4 and 5 both load."""
+    from dragrt.zoo.clip import save_text_encoder as save
+
+    save(text_encoder, folder, dtype)
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
+    """``save_pretrained`` plus the BPE files (transformers 5 writes only ``tokenizer.json``)."""
+    tokenizer.save_pretrained(str(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (folder / "vocab.json").is_file():
+        backend.model.save(str(folder))
+
+
+def load_tokenizer(folder: Path, max_length: int = 77) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
+    if not (folder / "vocab.json").is_file() and not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder}: no tokenizer (vocab.json + merges.txt or tokenizer.json)")
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tok.model_max_length = max_length
+    return tok
+
+
+def load_frozen_folder(folder: Path) -> Frozen:
+    """Frozen parts from a folder with ``vae/``, ``text_encoder/``, ``tokenizer/`` (a run's ``frozen/`` or an
+    exported faces-sd pipeline folder)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    for sub in ("vae", "text_encoder", "tokenizer"):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"{folder / sub} is missing; expected vae/, text_encoder/ and tokenizer/")
+    vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=torch.float32, local_files_only=True)
+    vae.eval().requires_grad_(False)
+    te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32, local_files_only=True)
+    tok = load_tokenizer(folder / "tokenizer", te.config.max_position_embeddings)
+    source = {}
+    if (folder / "source.json").is_file():
+        source = json.loads((folder / "source.json").read_text())
+    return Frozen(vae=vae, text_encoder=te, tokenizer=tok, source=source or {"folder": str(folder)})
+
+
+def load_text_tower(path: str | os.PathLike) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    """The text tower + tokenizer of ``path``: a faces-clip export (``zoo:faces-clip``, read by
+    :func:`dragrt.zoo.clip.load_clip`) or a folder with ``text_encoder/`` and ``tokenizer/``."""
+    from transformers import CLIPTextModel
+
+    folder = zvae.resolve_zoo_path(path, "text tower")
+    if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+        te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32, local_files_only=True)
+        return te, load_tokenizer(folder / "tokenizer", te.config.max_position_embeddings)
+    from dragrt.zoo.clip import load_clip, text_encoder_from_clip
+
+    clip, tok = load_clip(folder, "cpu", torch.float32)
+    te = text_encoder_from_clip(clip)
+    nn.Module.to(te, dtype=torch.float32)
+    return te, tok
+
+
+def load_frozen(vae_path: str | os.PathLike, clip_path: str | os.PathLike) -> Frozen:
+    te, tok = load_text_tower(clip_path)
+    return Frozen(vae=zvae.load_vae(vae_path), text_encoder=te, tokenizer=tok,
+                  source={"vae": os.fspath(vae_path), "clip": os.fspath(clip_path)})
+
+
+def smoke_frozen(seed: int = 0) -> Frozen:
+    """Random tiny stand-ins for ``--smoke``: a 16-wide VAE (scaling factor measured on 8 held-out renders),
+    a 2-layer, 32-wide CLIP text tower and the faces-world tokenizer of :mod:`dragrt.zoo.text`."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dragrt.zoo import text
+
+    with tempfile.TemporaryDirectory() as tmp:  # Frozen.save writes the tokenizer where the run keeps it
+        tok = text.build_tokenizer(tmp)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = zvae.build_vae(zvae.SMOKE_CONFIG).eval()
+        te = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=text.MAX_LENGTH, projection_dim=32, hidden_act="quick_gelu",
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    lat = zvae.posterior_means(vae, zvae.heldout_images(8, zvae.SMOKE_CONFIG["sample_size"]))
+    vae.register_to_config(scaling_factor=zvae.latent_scaling_factor(lat))
+    return Frozen(vae=vae, text_encoder=te.eval(), tokenizer=tok, source={"smoke": "random"})
+
+
+def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids ``[N, 77]`` padded to the model length, as ``StableDiffusionPipeline`` pads prompts."""
+    return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+class LatentBuffer:
+    """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32) and text states ``[77, D]`` (bf16)."""
+
+    def __init__(self, capacity: int, latent_shape: Sequence[int], text_shape: Sequence[int],
+                 device: torch.device) -> None:
+        self.capacity = capacity
+        self.latents = torch.empty(capacity, *latent_shape, device=device)
+        self.text = torch.empty(capacity, *text_shape, device=device, dtype=torch.bfloat16)
+        self.count = 0  # insertions so far
+
+    @property
+    def size(self) -> int:
+        return min(self.count, self.capacity)
+
+    def add(self, latents: torch.Tensor, text: torch.Tensor) -> None:
+        n = latents.shape[0]
+        idx = (torch.arange(n, device=self.latents.device) + self.count) % self.capacity
+        self.latents[idx] = latents.float()
+        self.text[idx] = text.to(torch.bfloat16)
+        self.count += n
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.size == 0:
+            raise ValueError("LatentBuffer.sample: the buffer is empty")
+        idx = torch.randint(self.size, (n,), device=self.latents.device, generator=generator)
+        return self.latents[idx], self.text[idx].float()  # autocast (CUDA) casts it back for the UNet
+
+
+@torch.no_grad()
+def encode_batch(frozen: Frozen, images: torch.Tensor, captions: Sequence[str], generator: torch.Generator,
+                 autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled VAE latents (a posterior sample, as SD trains) and text states of one loader batch."""
+    device = images.device
+    ids = tokenize(frozen.tokenizer, captions).to(device, non_blocking=True)
+    with autocast:
+        latents = frozen.vae.encode(images).latent_dist.sample(generator).float() * frozen.scaling_factor
+        text = frozen.text_encoder(ids).last_hidden_state
+    return latents, text
+
+
+def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   generator: torch.Generator, *, min_snr_gamma: float = 0.0,
+                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+    """Epsilon-prediction loss on SD's forward process ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``,
+    ``t`` uniform in ``[0, T)``; per-sample MSE weighted by ``min(SNR, gamma) / SNR`` when ``gamma > 0``."""
+    n = x0.shape[0]
+    if timesteps is None:
+        timesteps = torch.randint(len(alphas_cumprod), (n,), device=x0.device, generator=generator)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    a = alphas_cumprod[timesteps].float().view(n, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    pred = unet(xt, timesteps, encoder_hidden_states=text).sample.float()
+    mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma > 0:
+        snr = (a / (1 - a)).view(n)
+        mse = mse * snr.clamp(max=min_snr_gamma) / snr
+    return mse.mean()
+
+
+def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cuda", seed: int = 0,
+          smoke: bool = False, vae_path: str | os.PathLike | None = None, clip_path: str | os.PathLike | None = None,
+          attributes_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train (or resume) faces-sd in ``run_dir`` for at most ``minutes``; returns the metrics.
+
+    The first chunk copies the frozen VAE, text tower and tokenizer (``vae_path``, default zoo:faces-vae;
+    ``clip_path``, default zoo:faces-clip; with ``smoke`` and no paths, random tiny stand-ins) into
+    ``run_dir/frozen``; resumed chunks and :func:`export` use that copy. ``attributes_path`` (default
+    zoo:faces-attributes; none with ``smoke``) is the attribute model of the evaluation, skipped with a
+    note when it is not there.
+    """
+    from diffusers import DDIMScheduler
+
+    budget = training.Budget(minutes)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    zvae.setup_torch(dev)
+    state = training.load_checkpoint(run_dir)
+    if state is not None:
+        if state.get("name") != NAME:
+            raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
+        hp = UNetHParams(**{**state["hparams"], "guidance_scales": tuple(state["hparams"]["guidance_scales"])})
+        seed, smoke = int(state["seed"]), bool(state["smoke"])
+    else:
+        hp = SMOKE_HPARAMS if smoke else HPARAMS
+    _validate(hp)
+
+    frozen_dir = run_dir / FROZEN
+    if not (frozen_dir / "vae").is_dir():
+        if smoke and vae_path is None and clip_path is None:
+            first = smoke_frozen(seed)
+        else:
+            first = load_frozen(vae_path or DEFAULT_VAE, clip_path or DEFAULT_CLIP)
+        first.save(frozen_dir)
+    frozen = load_frozen_folder(frozen_dir).to(dev)  # every chunk and the export read this same copy
+    hidden = int(frozen.text_encoder.config.hidden_size)
+    if state is not None:
+        config = dict(state["config"])
+    else:
+        config = unet_config(hidden, smoke=smoke)
+    if config["cross_attention_dim"] != hidden:
+        raise ValueError(f"the UNet's cross_attention_dim {config['cross_attention_dim']} differs from the text "
+                         f"tower's hidden size {hidden}")
+    latent_hw = config["sample_size"]
+    if hp.image_size != latent_hw * 8:
+        raise ValueError(f"image_size {hp.image_size} must be 8 x the UNet sample_size {latent_hw}")
+
+    torch.manual_seed(seed)
+    unet = build_unet(config).to(dev)
+    ema = zvae.Ema(unet, hp.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay,
+                            **zvae.optimizer_kernel(dev))
+    progress = zvae.Progress()
+    if state is not None:
+        zvae.restore_training_state(state, unet, ema, opt)
+        progress = zvae.Progress(**state["progress"])
+    if progress.schedule_steps == 0 and hp.fixed_steps > 0:
+        progress.schedule_steps = hp.fixed_steps
+    planner = zvae.StepPlanner(hp.calib_skip, hp.calib_steps, hp.min_steps, hp.max_steps)
+    alphas_cumprod = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod.to(dev)
+
+    start_step = progress.step
+    autocast = zvae.autocast_for(dev)
+    gen = torch.Generator(dev).manual_seed(zvae.mix_seed(seed, start_step, 2))
+    stream = zvae.BatchStream(hp.fresh_per_step, seed=seed, step=start_step, size=hp.image_size,
+                              num_workers=hp.num_workers, device=dev)
+    ctx_len = int(frozen.text_encoder.config.max_position_embeddings)
+    buffer = LatentBuffer(hp.buffer_size, (4, latent_hw, latent_hw), (ctx_len, hidden), dev)
+    empty = encode_text(frozen, [""], dev, autocast).to(torch.bfloat16).float()  # [1, 77, D], as buffered
+
+    fill_start = time.monotonic()
+    while not progress.done() and buffer.count < hp.min_fill:  # a finished run only evaluates
+        batch = next(stream)
+        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast))
+    fill_seconds = time.monotonic() - fill_start
+
+    unet.train()
+    losses: list[float] = []
+    train_end = budget.seconds - hp.reserve_s
+    loop_start = time.monotonic()
+    while not progress.done() and budget.elapsed < train_end:
+        batch = next(stream)
+        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast))
+        x0, text = buffer.sample(hp.batch_size, gen)
+        drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
+        text = torch.where(drop.view(-1, 1, 1), empty, text)
+        for group in opt.param_groups:
+            group["lr"] = hp.lr * zvae.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
+                                                 hp.lr_floor)
+        with autocast:
+            loss = diffusion_loss(unet, x0, text, alphas_cumprod, gen, min_snr_gamma=hp.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip, foreach=True)
+        opt.step()
+        ema.update(unet)
+        progress.step += 1
+        progress.images += hp.fresh_per_step
+        if progress.step % 10 == 0 or smoke:
+            losses.append(loss.item())
+        if progress.schedule_steps == 0 and planner.wants_time(progress.step - start_step):
+            zvae.synchronize(dev)
+            now = time.monotonic()
+            # A first chunk shorter than the plan gets a schedule that ends inside it (a one-chunk run must not
+            # stop at a high learning rate); resumed chunks keep the schedule planned in the first.
+            plan = min(hp.planned_seconds, train_end - (loop_start - budget.start) + progress.seconds)
+            left = plan - progress.seconds - (now - loop_start)
+            planned = planner.observe(progress.step - start_step, progress.step, now, left)
+            if planned:
+                progress.schedule_steps = planned
+                zvae._log(f"{NAME}: schedule planned for {planned} steps")
+        if progress.step % 1000 == 0:
+            zvae._log(f"{NAME} step {progress.step}/{progress.schedule_steps or '?'} loss {loss.item():.4f} "
+                      f"lr {opt.param_groups[0]['lr']:.2e} {budget.elapsed:.0f}s")
+    stream.close()
+    chunk_steps = progress.step - start_step
+    loop_seconds = time.monotonic() - loop_start
+    progress.seconds += loop_seconds
+    progress.chunks += 1
+    training.save_checkpoint(run_dir, {
+        "name": NAME, "config": config, "hparams": _hparams_dict(hp), "seed": seed, "smoke": smoke,
+        "progress": asdict(progress), "scaling_factor": frozen.scaling_factor,
+        **zvae.training_state(unet, ema, opt),
+    })
+    del buffer, opt
+
+    t0 = time.monotonic()
+    eval_unet = ema.copy_to(unet).eval().requires_grad_(False)
+    if attributes_path is None and not smoke:
+        attributes_path = DEFAULT_ATTRIBUTES
+    metrics: dict[str, Any] = evaluate(eval_unet, frozen, hp, attributes_path=attributes_path, seed=seed,
+                                       grid_path=run_dir / "samples.png")
+    metrics.update(zvae._loss_window_metrics(losses))
+    metrics.update(
+        name=NAME, step=progress.step, schedule_steps=progress.schedule_steps, images_seen=progress.images,
+        train_seconds=round(progress.seconds, 1), chunks=progress.chunks, chunk_steps=chunk_steps,
+        steps_per_second=round(chunk_steps / max(loop_seconds, 1e-6), 2), fill_seconds=round(fill_seconds, 1),
+        eval_seconds=round(time.monotonic() - t0, 1), device=str(dev), device_name=zvae.device_name(dev),
+        seed=seed, smoke=smoke, params=sum(p.numel() for p in unet.parameters()),
+        scaling_factor=frozen.scaling_factor, frozen_source=frozen.source, commit=training.git_commit(),
+        samples_per_render=round(hp.batch_size / hp.fresh_per_step, 2),
+    )
+    training.write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _hparams_dict(hp: UNetHParams) -> dict[str, Any]:
+    d = asdict(hp)
+    d["guidance_scales"] = list(hp.guidance_scales)
+    return d
+
+
+@torch.no_grad()
+def encode_text(frozen: Frozen, captions: Sequence[str], device: torch.device, autocast) -> torch.Tensor:
+    ids = tokenize(frozen.tokenizer, captions).to(device)
+    with autocast:
+        return frozen.text_encoder(ids).last_hidden_state
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def make_pipeline(unet: UNet2DConditionModel, frozen: Frozen, dtype: torch.dtype):
+    """A ``StableDiffusionPipeline`` over copies of the parts in ``dtype`` (DDIM, DragDiffusion's settings)."""
+    import copy
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    parts = [copy.deepcopy(m) for m in (unet, frozen.vae, frozen.text_encoder)]
+    for m in parts:
+        nn.Module.to(m, dtype=dtype)
+        m.eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=parts[1], text_encoder=parts[2], tokenizer=frozen.tokenizer, unet=parts[0],
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, captions: Sequence[str], *, steps: int, guidance: float, seed: int, batch: int,
+             size: int) -> torch.Tensor:
+    """Images ``[N, 3, size, size]`` in [-1, 1] (float32, on the CPU) for ``captions``, in chunks of ``batch``,
+    each chunk's noise from ``torch.Generator(device).manual_seed(seed + chunk index)``."""
+    device = pipe.unet.device
+    out = []
+    for i in range(0, len(captions), batch):
+        gen = torch.Generator(device).manual_seed(seed + i // batch)
+        images = pipe(prompt=list(captions[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance,
+                      height=size, width=size, generator=gen, output_type="pt").images
+        out.append(images.float().cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+def heldout_captions(n: int) -> tuple[list[str], torch.Tensor]:
+    """The captions of held-out seeds ``0..n-1`` and their categorical attributes ``[n, M]`` (no rendering)."""
+    from dragrt.zoo import world
+
+    params = [world.sample_params(s) for s in world.held_out_seeds(n)]
+    cats = torch.from_numpy(np.stack([p.categorical() for p in params]))
+    return [world.caption(p) for p in params], cats
+
+
+@torch.no_grad()
+def attribute_accuracy(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
+                       batch: int = 64) -> dict[str, Any]:
+    """Categorical accuracy of ``model`` (an attribute model: images [-1, 1] -> ``.categorical`` ``[N, M]``)
+    on ``images`` against ``target`` ``[N, M]``: per attribute (``world.CATEGORICAL`` order) and the mean."""
+    from dragrt.zoo import world
+
+    if images.shape[0] != target.shape[0]:
+        raise ValueError(f"attribute_accuracy: {images.shape[0]} images but {target.shape[0]} targets")
+    p = next(model.parameters())
+    preds = []
+    for i in range(0, len(images), batch):
+        out = model(images[i:i + batch].to(p.device, p.dtype))
+        preds.append(out.categorical.cpu())
+    hits = (torch.cat(preds) == target).float()
+    per = {name: round(hits[:, j].mean().item(), 4) for j, name in enumerate(world.CATEGORICAL)}
+    return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0])}
+
+
+def _load_attribute_model(path: str | os.PathLike | None, device: torch.device) -> tuple[nn.Module | None, str]:
+    if path is None:
+        return None, "no attribute model given (smoke run)"
+    try:
+        from dragrt.zoo.evaluators import load_attribute_model
+
+        return load_attribute_model(path, device), ""
+    except (FileNotFoundError, ImportError) as exc:
+        return None, f"attribute model unavailable ({type(exc).__name__}: {exc})"
+
+
+@torch.no_grad()
+def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
+             attributes_path: str | os.PathLike | None, seed: int = 0,
+             grid_path: Path | None = None) -> dict[str, Any]:
+    """Sample held-out captions through ``StableDiffusionPipeline`` (DDIM ``eval_steps``, each CFG scale) and
+    score the samples with the attribute model; see the module docstring."""
+    device = next(unet.parameters()).device
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    captions, target = heldout_captions(hp.eval_samples)
+    size = hp.image_size
+    model, note = _load_attribute_model(attributes_path, device)
+    pipe = make_pipeline(unet, frozen, dtype)
+    out: dict[str, Any] = {"eval_samples": len(captions), "eval_ddim_steps": hp.eval_steps,
+                           "guidance_scales": list(hp.guidance_scales), "main_guidance": hp.main_guidance}
+    by_scale: dict[str, Any] = {}
+    for g in hp.guidance_scales:
+        images = generate(pipe, captions, steps=hp.eval_steps, guidance=g, seed=zvae.mix_seed(seed, 7),
+                          batch=hp.eval_batch, size=size)
+        bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+        if bad:
+            out[f"nonfinite_samples_at_{g}"] = bad  # scored as they are (NaN pixels -> 0)
+            images = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=-1.0)
+        if g == hp.main_guidance and grid_path is not None:
+            save_grid(images[:hp.grid_samples], grid_path, captions[:hp.grid_samples])
+        if model is not None:
+            by_scale[str(g)] = attribute_accuracy(model, images, target)
+    if model is None:
+        out["attribute_accuracy"] = None
+        out["attribute_note"] = f"attribute accuracy skipped: {note}"
+        return out
+    main = by_scale[str(hp.main_guidance)]
+    out.update(attribute_accuracy=main["mean"], attribute_accuracy_per_attribute=main["per_attribute"],
+               attribute_accuracy_by_guidance={k: v["mean"] for k, v in by_scale.items()},
+               attribute_target=0.8, meets_target=main["mean"] >= 0.8)
+    # The ceiling: the classifier on the renders of the same captions, and on their VAE round trips.
+    renders = zvae.heldout_images(hp.eval_samples, size).float() / 127.5 - 1
+    out["classifier_on_renders"] = attribute_accuracy(model, renders, target)["mean"]
+    vae = frozen.vae
+    recon = []
+    for i in range(0, len(renders), 32):
+        z = vae.encode(renders[i:i + 32].to(device)).latent_dist.mean
+        recon.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+    out["classifier_on_vae_round_trips"] = attribute_accuracy(model, torch.cat(recon), target)["mean"]
+    return out
+
+
+def save_grid(images: torch.Tensor, path: Path, captions: Sequence[str] | None = None, columns: int = 4) -> Path:
+    """A PNG grid of ``images`` ``[N, 3, H, W]`` in [-1, 1] (and the captions beside it as JSON)."""
+    from PIL import Image
+
+    n, _, h, w = images.shape
+    rows = (n + columns - 1) // columns
+    grid = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    u8 = zvae.to_uint8(images).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, c = divmod(i, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = u8[i]
+    Image.fromarray(grid).save(path)
+    if captions is not None:
+        path.with_suffix(".json").write_text(json.dumps(list(captions), indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Write a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) with the EMA UNet, the frozen
+    VAE, text tower and tokenizer training used, and DragDiffusion's DDIM scheduler; returns ``dest``."""
+    from diffusers import DDIMScheduler
+
+    from dragrt.runtime.models.sd import SDComponents, save_sd_folder
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    state = training.load_checkpoint(run_dir)
+    if state is None or state.get("name") != NAME:
+        raise FileNotFoundError(f"export: {run_dir} has no {NAME} checkpoint; train first")
+    frozen = load_frozen_folder(run_dir / FROZEN)
+    if abs(frozen.scaling_factor - float(state["scaling_factor"])) > 1e-6:
+        raise ValueError(f"export: {run_dir / FROZEN} VAE scaling_factor {frozen.scaling_factor} differs from the "
+                         f"one training used ({state['scaling_factor']})")
+    unet = build_unet(state["config"])
+    unet.load_state_dict(zvae.ema_model_state(unet, state))
+    components = SDComponents(unet=unet, vae=frozen.vae, text_encoder=frozen.text_encoder,
+                              tokenizer=frozen.tokenizer, scheduler=DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG),
+                              source=str(run_dir))
+    components.to(dtype=torch.float16)
+    save_sd_folder(components, dest)
+    save_text_encoder(frozen.text_encoder, dest / "text_encoder", torch.float16)  # hub key layout
+    unet_bytes = (dest / "unet" / UNET_WEIGHTS).stat().st_size
+    if unet_bytes > MAX_UNET_BYTES and not state.get("smoke"):
+        raise ValueError(f"export: the UNet weights are {unet_bytes} bytes, over the {MAX_UNET_BYTES}-byte budget")
+    sizes = {sub: sum(f.stat().st_size for f in (dest / sub).rglob("*") if f.is_file())
+             for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
+    metrics = training.read_metrics(run_dir)
+    progress = state["progress"]
+    keys = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
+            "classifier_on_renders", "classifier_on_vae_round_trips", "main_guidance", "eval_samples",
+            "eval_ddim_steps", "attribute_note")
+    training.write_card(
+        dest, name=NAME,
+        summary=("Text-to-image latent diffusion in Stable Diffusion 1.5's pipeline shape (diffusers "
+                 "StableDiffusionPipeline folder): UNet2DConditionModel with SD1.5's block layout at widths "
+                 f"{list(state['config']['block_out_channels'])} ({sum(p.numel() for p in unet.parameters())} "
+                 "parameters), the zoo:faces-vae autoencoder, the zoo:faces-clip text tower and tokenizer, "
+                 "DDIMScheduler with SD's training schedule. fp16 safetensors; bytes per part: "
+                 f"{json.dumps(sizes, sort_keys=True)}, total {sum(sizes.values())}."),
+        data=("Faces-world renders and captions (dragrt.zoo.world) streamed from training seeds, encoded on the "
+              "fly by the frozen VAE and text tower; evaluation on held-out seeds 2_000_000_000 + i."),
+        training={
+            "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
+            "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
+            "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
+            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes 9 (twice) --export",
+        },
+        metrics={k: metrics[k] for k in keys if k in metrics},
+        files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],
+    )
+    return dest
+
+
+__all__ = [
+    "DEFAULT_ATTRIBUTES", "DEFAULT_CLIP", "DEFAULT_VAE", "HPARAMS", "NAME", "SMOKE_HPARAMS", "Frozen", "LatentBuffer",
+    "UNetHParams", "attribute_accuracy", "build_unet", "diffusion_loss", "evaluate", "export", "generate",
+    "heldout_captions", "load_frozen", "load_frozen_folder", "load_text_tower", "make_pipeline", "train",
+    "unet_config",
+]
