@@ -118,13 +118,15 @@ def dragdiffusion_step(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
                            "graph per step; reference: fp32 UNet with weight gradients under fp16 autocast, dense "
                            "256x256 upsample, Python loops"}))
     if xformers_available():
-        fx = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", attention="xformers"), sh["runtime"],
-                                 cache=fast.cache)
-        fx.prepare(image, PROMPT)
-        fx.start(HANDLES, TARGETS)
-        fx.step()
-        t_x = harness.time_cuda(fx.step, budget_ms=budget_ms)
-        set_attention_backend(sd.unet, "sdpa")  # back to SDPA on the shared UNet (fast's graph is recaptured)
+        try:
+            fx = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", attention="xformers"), sh["runtime"],
+                                     cache=fast.cache)
+            fx.prepare(image, PROMPT)
+            fx.start(HANDLES, TARGETS)
+            fx.step()
+            t_x = harness.time_cuda(fx.step, budget_ms=budget_ms)
+        finally:
+            set_attention_backend(sd.unet, "sdpa")  # back to SDPA on the shared UNet (fast's graph is recaptured)
         fast.start(HANDLES, TARGETS)
         fast.step()
         t_s = harness.time_cuda(fast.step, budget_ms=budget_ms)

@@ -28,16 +28,27 @@ from torch import Tensor, nn
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 
 
-def xformers_available() -> bool:
-    """True when ``xformers.ops`` imports (a wheel built for another torch fails here, not mid-edit); its
-    attention op needs a CUDA device to run."""
-    if importlib.util.find_spec("xformers") is None:
+_XFORMERS_OK: dict[str, bool] = {}
+
+
+def xformers_available(device: torch.device | str = "cuda") -> bool:
+    """True when xformers' memory-efficient attention actually runs on ``device`` (CUDA only). Checked once per
+    device type with a tiny fp16 call: an importable wheel may still have no CUDA kernels (xformers 0.0.35's
+    PyPI wheel on torch 2.11 imported fine and then had "no operator found" on an H200), which must fail here
+    and not in the middle of an edit."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available() or importlib.util.find_spec("xformers") is None:
         return False
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return False
-    return True
+    if "cuda" not in _XFORMERS_OK:
+        try:
+            import xformers.ops as xops
+
+            q = torch.zeros(1, 8, 1, 8, device=device, dtype=torch.float16)
+            xops.memory_efficient_attention(q, q, q)
+            _XFORMERS_OK["cuda"] = True
+        except Exception:  # noqa: BLE001 - any failure (import, missing kernels) means "not usable"
+            _XFORMERS_OK["cuda"] = False
+    return _XFORMERS_OK["cuda"]
 
 
 def default_attention_backend(device: torch.device | str) -> str:
@@ -53,12 +64,13 @@ def resolve_attention_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         return default_attention_backend(device)
     if backend == "xformers":
-        if not xformers_available():
-            raise ValueError("attention='xformers' needs the xformers package (pip install xformers); "
-                             "use attention='sdpa' or 'auto'")
         if torch.device(device).type != "cuda":
             raise ValueError("attention='xformers' runs on CUDA devices only; use attention='sdpa' on "
                              f"{torch.device(device).type}")
+        if not xformers_available(device):
+            raise ValueError("attention='xformers' needs an xformers build with CUDA kernels for this torch "
+                             "(pip install xformers; `python -m xformers.info` shows its kernels); use "
+                             "attention='sdpa' or 'auto'")
     return backend
 
 
