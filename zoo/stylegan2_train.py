@@ -1073,7 +1073,6 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     Returns:
         ``dest/generator.json`` (what ``load_generator`` takes).
     """
-    from safetensors.torch import save_file
 
     from dragrt.runtime.models import stylegan2_convert as conv
 
@@ -1091,34 +1090,15 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
         raise ValueError(f"the generator takes {size} bytes in fp16; the zoo allows at most {MAX_GENERATOR_BYTES}")
 
     dest.mkdir(parents=True, exist_ok=True)
-    st_path, json_path = dest / GENERATOR_FILE, dest / GENERATOR_RECORD
-    tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": conv.FORMAT_NAME, "format_version": str(conv.FORMAT_VERSION)})
-    os.chmod(tmp, 0o644)  # package data: readable by everyone
-    os.replace(tmp, st_path)
+    json_path = dest / GENERATOR_RECORD
     metrics = training.read_metrics(run_dir)
-    dtypes: dict[str, int] = {}
-    for t in tensors.values():
-        name = str(t.dtype).removeprefix("torch.")
-        dtypes[name] = dtypes.get(name, 0) + 1
-    record = {
-        "format": conv.FORMAT_NAME,
-        "format_version": conv.FORMAT_VERSION,
-        "architecture": "stylegan2",
-        "config": cfg.generator_config().to_dict(),
-        "num_ws": cfg.generator_config().num_ws,
-        "source": {"format": "dragrt-zoo", "zoo_name": NAME, "trainer": __name__, "network": "G_ema",
-                   "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
-                   "train_seconds": round(float(ckpt["train_seconds"]), 1), "commit": ckpt.get("commit"),
-                   "train_config": cfg.to_dict()},
-        "weights": {"file": st_path.name, "sha256": conv.sha256_file(st_path), "num_tensors": len(tensors),
-                    "num_elements": sum(t.numel() for t in tensors.values()), "dtypes": dtypes,
-                    "size_bytes": st_path.stat().st_size},
-        "notes": ["fp16 weights; resample filters and mapping.w_avg in float32"],
-    }
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, json_path)
+    conv.write_generator(
+        tensors, cfg.generator_config(), json_path,
+        source={"format": "dragrt-zoo", "zoo_name": NAME, "trainer": __name__, "network": "G_ema",
+                "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
+                "train_seconds": round(float(ckpt["train_seconds"]), 1), "commit": ckpt.get("commit"),
+                "train_config": cfg.to_dict()},
+        notes=["fp16 weights; resample filters and mapping.w_avg in float32"])
 
     # The grid is drawn by the shipped (fp16-rounded) weights, loaded the way the runtime loads them.
     shipped = conv.load_generator(json_path)

@@ -479,10 +479,10 @@ def load_sd(
     """Load SD1.x components from local files only; never touches the network.
 
     Args:
-        path_or_file: either a diffusers folder (``unet/``, ``vae/``, ``text_encoder/`` with configs and
-            weights; ``tokenizer/`` and ``scheduler/`` optional: the SD1.5 tokenizer from the assets and
-            :data:`SD15_SCHEDULER_CONFIG` fill in), or one ``.safetensors`` file in the original CompVis /
-            A1111 key layout (UNet, VAE and CLIP text encoder in one file).
+        path_or_file: ``zoo:<name>`` (a shipped zoo pipeline); a diffusers folder (``unet/``, ``vae/``,
+            ``text_encoder/`` with configs and weights; ``tokenizer/`` and ``scheduler/`` optional: the SD1.5
+            tokenizer from the assets and :data:`SD15_SCHEDULER_CONFIG` fill in); or one ``.safetensors`` file
+            in the original CompVis / A1111 key layout (UNet, VAE and CLIP text encoder in one file).
         torch_dtype: dtype of the returned networks.
         device: where they are put.
         config_dir: single files only: where the architecture comes from. A diffusers-format folder with
@@ -497,7 +497,9 @@ def load_sd(
         ValueError: the file is not a supported checkpoint, or its tensors do not fit the architecture
             (missing, unexpected or wrongly shaped tensors are listed).
     """
-    path = Path(path_or_file).expanduser()
+    from dragrt.zoo.registry import resolve
+
+    path = resolve(path_or_file).expanduser()  # "zoo:<name>" -> the shipped folder
     device = torch.device(device)
     if not path.exists():
         raise FileNotFoundError(f"load_sd: {path} does not exist; expected {_FOLDER_LAYOUT} or {_SINGLE_FILE}")

@@ -667,13 +667,24 @@ def convert(in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], s
     else:
         loaded = read_rosinality(in_path, key or "g_ema")
 
+    source = {"file_name": in_path.name, "sha256": sha256_file(in_path), "size_bytes": in_path.stat().st_size,
+              **loaded.source}
+    return write_generator(loaded.state_dict, loaded.config, out_path, source=source, notes=loaded.notes)
+
+
+def write_generator(state_dict: Mapping[str, Tensor], config: GeneratorConfig, out_path: str | os.PathLike[str], *,
+                    source: Mapping[str, Any], notes: Any = ()) -> dict[str, Any]:
+    """Write ``OUT.safetensors`` (the state dict, contiguous, dtypes as given) and ``OUT.json`` (config, source,
+    SHA-256 of the weights), both atomically and world-readable: the format :func:`load_generator` reads. Used by
+    :func:`convert`, :func:`save_generator` and the zoo's StyleGAN2 export. Returns the JSON record."""
+    check_state_dict(config, state_dict, str(out_path))
     st_path, json_path = output_paths(out_path)
     st_path.parent.mkdir(parents=True, exist_ok=True)
     # clone(): each tensor owns its bytes (safetensors refuses shared or strided storage).
-    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-               for k, v in loaded.state_dict.items()}
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
     tmp = st_path.with_name(st_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)})
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; weights are meant to be shared (package data, caches)
     os.replace(tmp, st_path)
 
     dtypes = collections.Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
@@ -681,18 +692,26 @@ def convert(in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], s
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "architecture": "stylegan2",
-        "config": loaded.config.to_dict(),
-        "num_ws": loaded.config.num_ws,
-        "source": {"file_name": in_path.name, "sha256": sha256_file(in_path),
-                   "size_bytes": in_path.stat().st_size, **loaded.source},
+        "config": config.to_dict(),
+        "num_ws": config.num_ws,
+        "source": dict(source),
         "weights": {"file": st_path.name, "sha256": sha256_file(st_path), "num_tensors": len(tensors),
-                    "num_elements": sum(t.numel() for t in tensors.values()), "dtypes": dict(dtypes)},
-        "notes": loaded.notes,
+                    "num_elements": sum(t.numel() for t in tensors.values()), "dtypes": dict(dtypes),
+                    "size_bytes": st_path.stat().st_size},
+        "notes": list(notes),
     }
     tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, json_path)
     return record
+
+
+def save_generator(generator: Generator, out_path: str | os.PathLike[str], *,
+                   source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Save a :class:`Generator` (e.g. one fine-tuned by pivotal tuning) in the converted format, dtypes as they
+    are; ``load_generator(out_path)`` gives it back. ``source`` is free-form provenance for the record."""
+    return write_generator(generator.state_dict(), generator.config, out_path,
+                           source={"format": "dragrt", **dict(source or {})})
 
 
 def load_generator(path: str | os.PathLike[str], device: torch.device | str = "cpu",
@@ -700,7 +719,8 @@ def load_generator(path: str | os.PathLike[str], device: torch.device | str = "c
     """Load a converted generator (the normal way to load one).
 
     Args:
-        path: ``OUT``, ``OUT.safetensors`` or ``OUT.json`` written by :func:`convert`.
+        path: ``OUT``, ``OUT.safetensors`` or ``OUT.json`` written by :func:`convert`, a folder holding
+            ``generator.json`` + ``generator.safetensors``, or ``zoo:<name>``.
         device: where the weights go.
         verify: check the SHA-256 of the safetensors file against the JSON record (about 1 s per GB).
 
@@ -708,7 +728,15 @@ def load_generator(path: str | os.PathLike[str], device: torch.device | str = "c
         The :class:`Generator` in eval mode with ``requires_grad`` off on every parameter (the editing engines
         optimise latents only; turn it back on for fine-tuning). ``gen.checkpoint_record`` holds the JSON record.
     """
+    from dragrt.zoo.registry import resolve
+
+    path = resolve(path)  # "zoo:<name>" -> the shipped folder
+    if path.is_dir():
+        path = path / "generator"  # a folder holding generator.json + generator.safetensors (the zoo's layout)
     st_path, json_path = output_paths(path)
+    if not json_path.is_file():
+        raise FileNotFoundError(f"load_generator: {json_path} does not exist; expected OUT.json + OUT.safetensors "
+                                "written by `dragrt convert stylegan2` (or a zoo:<name> / folder holding generator.*)")
     record = json.loads(json_path.read_text(encoding="utf-8"))
     if record.get("format") != FORMAT_NAME or not isinstance(record.get("format_version"), int):
         raise ValueError(f"{json_path}: not a {FORMAT_NAME} record")
