@@ -103,6 +103,9 @@ def dragdiffusion_step(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
     sh = _shared()
     fast, ref, sd, image = sh["fast"], sh["ref"], sh["sd"], sh["image"]
     records = []
+    xformers_note = ("xformers usable: see dragdiffusion.512.attention" if xformers_available() else
+                     "xformers not usable on this machine (not installed, or a wheel without kernels for this "
+                     "torch: PyPI's newest, 0.0.35, targets torch 2.10), so only SDPA was measured")
     for name, mask in (("step", None), ("step-mask", _mask(SIZE))):
         fast.start(HANDLES, TARGETS, mask)
         first = harness.measure_compile(fast.step)
@@ -116,7 +119,7 @@ def dragdiffusion_step(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
             compile_s={"ours_first_step": first, "reference_first_step": ref_first, **sh["compile_s"]},
             extra={"note": "fast: frozen fp16 UNet, truncated after up_blocks[2] without a mask, kernels, one CUDA "
                            "graph per step; reference: fp32 UNet with weight gradients under fp16 autocast, dense "
-                           "256x256 upsample, Python loops"}))
+                           "256x256 upsample, Python loops", "attention": xformers_note}))
     if xformers_available():
         try:
             fx = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", attention="xformers"), sh["runtime"],

@@ -826,6 +826,14 @@ def _compile_blocks(unet: torch.nn.Module, mode: str) -> None:
     feature-tap hooks and the early stop stay eager between blocks, so the truncated forward still works."""
     if getattr(unet, "_dragrt_compiled", None) == mode:
         return
+    # Dynamo caches per code object: the three CrossAttnDownBlock2D share one forward, and each sees up to three
+    # call kinds (inversion under inference mode, the drag step with gradients, the batch-2 denoise), so the
+    # default limit of 8 variants was hit on an H200 and the rest ran eagerly. Allow enough for SD's blocks.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     for blk in blocks:
         blk.__dict__.pop("forward", None)
