@@ -62,7 +62,8 @@ from torch import Tensor
 from dragrt import __version__
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines.dragdiffusion import DragDiffusionConfig, DragDiffusionEngine
-from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, StepResult, check_latent
+from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine, check_latent
+from dragrt.runtime.engines.stepping import StepResult
 from dragrt.runtime.models.preview import PreviewDecoder
 from dragrt.runtime.models.sd import SDComponents
 

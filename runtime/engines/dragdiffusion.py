@@ -41,7 +41,8 @@ from torch import Tensor
 from dragrt.kernels import bilinear_sample
 from dragrt.runtime import drag
 from dragrt.runtime.config import RuntimeConfig
-from dragrt.runtime.engines.draggan import StepResult
+from dragrt.runtime.engines import stepping
+from dragrt.runtime.engines.stepping import StepResult
 from dragrt.runtime.models.attention import (
     AttnProcessor,
     mutual_self_attention,
@@ -180,7 +181,7 @@ class _FastState:
     loss: Tensor
     graph: torch.cuda.CUDAGraph | None = None
     n: int = 0
-    pinned: dict = field(default_factory=dict)
+    readback: stepping.PinnedReadback = field(default_factory=stepping.PinnedReadback)
 
 
 class DragDiffusionEngine:
@@ -565,60 +566,32 @@ class DragDiffusionEngine:
         ``config.max_steps``); yields one :class:`StepResult` per iteration (handles and distances in image
         pixels). Fast mode reads iteration ``k`` while the device runs ``k + 1`` (no update once done)."""
         limit = self.config.max_steps if max_steps is None else max_steps
-        pending = None
-        t_last = time.perf_counter()
-        for k in range(limit):
-            snap = self._snapshot(*self.step())
-            if pending is not None:
-                result = self._result(pending, t_last)
-                t_last = time.perf_counter()
-                yield result
-                if result.done:
-                    return
-            pending = (k, *snap)
-        if pending is not None:
-            yield self._result(pending, t_last)
+        return stepping.pipelined_run(self.step, self._snapshot, self._result, limit)
 
     def _snapshot(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple:
         if self.device.type != "cuda" or self.config.mode == "reference":
-            return handles.clone(), done.clone(), loss.detach().clone(), None
-        st = self._fast
-        key = st.n % 2  # two alternating pinned sets: a copy never overwrites the one being read
-        bufs = st.pinned.get(key)
-        if bufs is None:
-            bufs = (torch.empty(handles.shape, pin_memory=True), torch.empty((), dtype=torch.bool, pin_memory=True),
-                    torch.empty((), pin_memory=True))
-            st.pinned[key] = bufs
+            return stepping.host_copy(handles, done, loss)
         with self._on_engine_stream():
-            bufs[0].copy_(handles, non_blocking=True)
-            bufs[1].copy_(done, non_blocking=True)
-            bufs[2].copy_(loss.detach(), non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        return (*bufs, ev)
+            return self._fast.readback.copy(handles, done, loss)
 
-    def _result(self, pending: tuple, t_last: float) -> StepResult:
-        k, handles, done, loss, ev = pending
-        if ev is not None:
-            ev.synchronize()
+    def _result(self, k: int, snapshot: tuple, t_last: float) -> StepResult:
+        return stepping.step_result(k, snapshot, t_last, self._to_image, self._targets_host)
+
+    def _to_image(self, grid_points: list[list[float]]) -> list[list[float]]:
+        """Half-resolution grid ``[x, y]`` -> image pixels."""
         H, W = self.prepared.image.shape[-2:]
         sy, sx = H / self.size[0], W / self.size[1]
-        h = [[x * sx, y * sy] for x, y in handles[: self._n_handles].tolist()]
-        dist = [math.dist(a, b) for a, b in zip(h, self._targets_host)]
-        return StepResult(step=k, handles=h, distances=dist, done=bool(done), loss=float(loss),
-                          ms=(time.perf_counter() - t_last) * 1e3)
+        return [[x * sx, y * sy] for x, y in grid_points]
 
     @property
     def handles(self) -> list[list[float]]:
         """Current handle positions ``[[x, y], ...]`` in image pixels (reads the device)."""
-        H, W = self.prepared.image.shape[-2:]
-        sy, sx = H / self.size[0], W / self.size[1]
         if self._fast is not None:
             with self._on_engine_stream():
                 pts = self._fast.handles[: self._n_handles].tolist()
         else:
             pts = [[float(q[1]), float(q[0])] for q in self._ref["handles"]]
-        return [[x * sx, y * sy] for x, y in pts]
+        return self._to_image(pts)
 
     def latent(self) -> Tensor:
         """The current (optimised) ``z_t`` ``[1, 4, h, w]`` float32."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -32,6 +31,8 @@ from torch import Tensor
 from dragrt.kernels import bilinear_sample
 from dragrt.runtime import drag
 from dragrt.runtime.config import RuntimeConfig
+from dragrt.runtime.engines import stepping
+from dragrt.runtime.engines.stepping import StepResult
 
 MODES = ("fast", "reference")
 
@@ -103,23 +104,6 @@ def _positive(name: str, value: float) -> None:
 
 
 @dataclass
-class StepResult:
-    """One optimisation step as the host sees it.
-
-    ``handles`` are ``[x, y]`` image pixels after tracking, ``distances`` the distance of each to its
-    target (px), ``done`` whether every handle is within the stop distance (no update was made),
-    ``loss`` the step's loss, ``ms`` wall time since the previous result.
-    """
-
-    step: int
-    handles: list[list[float]]
-    distances: list[float]
-    done: bool
-    loss: float
-    ms: float
-
-
-@dataclass
 class _FastState:
     handles: Tensor  # [P_max, 2] x, y (image px), integers after tracking
     targets: Tensor  # [P_max, 2]
@@ -134,7 +118,7 @@ class _FastState:
     loss: Tensor  # float32 scalar
     graph: torch.cuda.CUDAGraph | None = None
     n: int = 0
-    extra: dict = field(default_factory=dict)
+    readback: stepping.PinnedReadback = field(default_factory=stepping.PinnedReadback)
 
 
 class DragGANEngine:
@@ -290,53 +274,16 @@ class DragGANEngine:
         makes no update once done), so the GPU never waits for the host.
         """
         limit = max_steps or self.config.max_steps
-        pending: tuple | None = None
-        t_last = time.perf_counter()
-        for k in range(limit):
-            handles, done, loss = self.step()
-            snap = self._snapshot(handles, done, loss)
-            if pending is not None:
-                result = self._result(pending, t_last)
-                t_last = time.perf_counter()
-                yield result
-                if result.done:
-                    return
-            pending = (k, *snap)
-        if pending is not None:
-            yield self._result(pending, t_last)
+        return stepping.pipelined_run(self.step, self._snapshot, self._result, limit)
 
     def _snapshot(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple:
         if self.device.type != "cuda" or self.config.mode == "reference":
-            return handles.clone(), done.clone(), loss.detach().clone(), None
-        pin = self._pinned(handles)
+            return stepping.host_copy(handles, done, loss)
         with self._on_engine_stream():
-            pin[0].copy_(handles, non_blocking=True)
-            pin[1].copy_(done, non_blocking=True)
-            pin[2].copy_(loss.detach(), non_blocking=True)
-            ev = torch.cuda.Event()
-            ev.record()
-        return pin[0], pin[1], pin[2], ev
+            return self._fast.readback.copy(handles, done, loss)
 
-    def _pinned(self, handles: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # Two alternating sets, so that a copy never overwrites the one being read.
-        key = self._fast.n % 2
-        bufs = self._fast.extra.get(key)
-        if bufs is None or bufs[0].shape != handles.shape:
-            bufs = (torch.empty(handles.shape, pin_memory=True), torch.empty((), dtype=torch.bool, pin_memory=True),
-                    torch.empty((), pin_memory=True))
-            self._fast.extra[key] = bufs
-        return bufs
-
-    def _result(self, pending: tuple, t_last: float) -> StepResult:
-        k, handles, done, loss, ev = pending
-        if ev is not None:
-            ev.synchronize()
-        n = self._n_handles
-        h = handles[:n].tolist()
-        tgt = self._targets_host
-        dist = [math.dist(a, b) for a, b in zip(h, tgt)]
-        return StepResult(step=k, handles=h, distances=dist, done=bool(done), loss=float(loss),
-                          ms=(time.perf_counter() - t_last) * 1e3)
+    def _result(self, k: int, snapshot: tuple, t_last: float) -> StepResult:
+        return stepping.step_result(k, snapshot, t_last, lambda h: h, self._targets_host)
 
     # --- fast mode ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+"""What the drag engines share around their step: the result type and the pipelined run loop.
+
+An engine's ``step()`` returns device tensors ``(handles [P, 2], done [], loss [])`` without waiting for the
+device. :func:`pipelined_run` turns steps into :class:`StepResult` s while keeping the GPU busy: the host copies
+step ``k``'s tensors into pinned buffers (:class:`PinnedReadback`) and reads them only after it has queued step
+``k + 1``, which makes no update once the edit is done. ``step_result`` converts the read values (the engine's
+coordinates) into a result in image pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepResult:
+    """One optimisation step as the host sees it.
+
+    ``handles`` are ``[x, y]`` image pixels after tracking, ``distances`` the distance of each to its
+    target (px), ``done`` whether every handle is within the stop distance (no update was made),
+    ``loss`` the step's loss, ``ms`` wall time since the previous result.
+    """
+
+    step: int
+    handles: list[list[float]]
+    distances: list[float]
+    done: bool
+    loss: float
+    ms: float
+
+
+class PinnedReadback:
+    """Copies of ``(handles, done, loss)`` into pinned host buffers, enqueued on the current stream, with an event
+    to wait on. Two alternating sets, so that a copy never overwrites the set the host is reading."""
+
+    def __init__(self) -> None:
+        self._sets: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._n = 0
+
+    def copy(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple[Tensor, Tensor, Tensor, torch.cuda.Event]:
+        key = self._n % 2
+        self._n += 1
+        bufs = self._sets.get(key)
+        if bufs is None or bufs[0].shape != handles.shape:
+            bufs = (torch.empty(handles.shape, pin_memory=True), torch.empty((), dtype=torch.bool, pin_memory=True),
+                    torch.empty((), pin_memory=True))
+            self._sets[key] = bufs
+        bufs[0].copy_(handles, non_blocking=True)
+        bufs[1].copy_(done, non_blocking=True)
+        bufs[2].copy_(loss.detach(), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return (*bufs, ev)
+
+
+def host_copy(handles: Tensor, done: Tensor, loss: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    """The unpipelined snapshot (CPU, or reference modes that read values back anyway)."""
+    return handles.clone(), done.clone(), loss.detach().clone(), None
+
+
+def step_result(k: int, snapshot: tuple, t_last: float, to_image: Callable[[list[list[float]]], list[list[float]]],
+                targets: list[list[float]]) -> StepResult:
+    """Wait for ``snapshot`` (``(handles, done, loss, event or None)``) and build step ``k``'s result; handles are
+    mapped to image pixels by ``to_image`` and compared with ``targets`` (image pixels)."""
+    handles, done, loss, ev = snapshot
+    if ev is not None:
+        ev.synchronize()
+    h = to_image(handles[: len(targets)].tolist())
+    dist = [math.dist(a, b) for a, b in zip(h, targets)]
+    return StepResult(step=k, handles=h, distances=dist, done=bool(done), loss=float(loss),
+                      ms=(time.perf_counter() - t_last) * 1e3)
+
+
+def pipelined_run(step: Callable[[], tuple[Tensor, Tensor, Tensor]], snapshot: Callable[..., tuple],
+                  result: Callable[[int, tuple, float], StepResult], limit: int) -> Iterator[StepResult]:
+    """Steps until a result says ``done`` or ``limit`` steps; yields one result per step, reading step ``k`` after
+    step ``k + 1`` was queued."""
+    pending: tuple[int, Any] | None = None
+    t_last = time.perf_counter()
+    for k in range(limit):
+        snap = snapshot(*step())
+        if pending is not None:
+            r = result(pending[0], pending[1], t_last)
+            t_last = time.perf_counter()
+            yield r
+            if r.done:
+                return
+        pending = (k, snap)
+    if pending is not None:
+        yield result(pending[0], pending[1], t_last)
