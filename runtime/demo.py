@@ -238,10 +238,79 @@ def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256,
             "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}
 
 
+DRAGGAN_MODELS = ("discs", "stylegan2-random")
+DRAGDIFFUSION_DEFAULT_MODEL = "zoo:faces-sd"
+
+
+def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL, seed: int = 0, max_steps: int = 80,
+                      device: str = "auto", progress: bool = True) -> dict:
+    """DragDiffusion through :class:`~dragrt.runtime.session.EditSession` on an SD1.x pipeline (``model``: a
+    diffusers folder, a single ``.safetensors`` or ``zoo:<name>``), on a face of the zoo's world rendered at the
+    pipeline's native size: the handle is a mouth corner, the target where the same face's corner goes when it
+    smiles more (renderer ground truth), the prompt the face's caption. Writes before.png, after.png, drag.gif
+    (previews every 5 iterations) and the edit record."""
+    from tqdm import tqdm
+
+    from dragrt.runtime.engines.dragdiffusion import DragDiffusionConfig
+    from dragrt.runtime.models.attention import transformer_self_attentions
+    from dragrt.runtime.models.sd import load_sd
+    from dragrt.runtime.session import EditSession
+    from dragrt.zoo import world
+
+    if not 1 <= max_steps <= 1000:
+        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 1000")
+    runtime = RuntimeConfig(device=device)
+    dev = runtime.torch_device()
+    sd = load_sd(model, torch_dtype=torch.float16 if dev.type == "cuda" else torch.float32, device=dev)
+    size = int(sd.unet.config.sample_size) * 8
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = world.sample_params(world.held_out_seeds(1, start=seed)[0])
+    face = world.render(params, size)
+    smiling = world.render(params.replace(smile=min(1.0, params.smile + 0.45)), size)
+    i = world.LANDMARK_NAMES.index("mouth_right")
+    handle = [round(float(v)) for v in face.landmarks[i]]
+    target = [round(float(v)) for v in smiling.landmarks[i]]
+    n_blocks = len(transformer_self_attentions(sd.unet))  # SD1.5: 16; start_layer 10 as the reference
+    config = DragDiffusionConfig(max_steps=max_steps, start_layer=min(10, n_blocks))
+    session = EditSession.from_image(sd, face.image, face.caption, config=config, runtime=runtime,
+                                     model_id=str(model))
+    session.add_point(handle, target)
+    before = Image.fromarray(face.image)
+    _draw(before, [handle], [target]).save(out_dir / "before.png")
+    frames = [_draw(before, [handle], [target])]
+    step_ms: list[float] = []
+    last = None
+    bar = tqdm(total=max_steps, desc="dragging", unit="step", disable=not progress, mininterval=0.5)
+    for ev in session.run(preview_every=5, preview_size=size):
+        step_ms.append(ev.ms)
+        last = ev
+        if ev.preview is not None:
+            frames.append(_draw(ev.preview, list(ev.handles.values()), [target]))
+        bar.update(1)
+        bar.set_postfix(dist=f"{max(ev.distances.values()):.1f}px")
+    bar.close()
+    after = session.image()
+    final = [p["handle"] for p in session.points]
+    _draw(after, final, [target]).save(out_dir / "after.png")
+    frames.append(_draw(after, final, [target]))
+    frames[0].save(out_dir / "drag.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 8,
+                   duration=150, loop=0)
+    session.export(out_dir / "edit")
+    session.close()
+    return {"model": str(model), "prompt": face.caption, "steps": 0 if last is None else last.step + 1,
+            "reached_targets": bool(last and last.done), "device": str(dev), "handle_points": [handle],
+            "final_points": final, "target_points": [target],
+            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=("discs", "stylegan2-random"), default="discs",
-                   help="discs: the procedural stand-in (default; shows a visible drag on a CPU in about a "
-                        "minute); stylegan2-random: the DragGAN engine on a full-size random-weight StyleGAN2")
+    p.add_argument("--method", choices=("draggan", "dragdiffusion"), default="draggan",
+                   help="draggan (default) or dragdiffusion (needs an SD1.x pipeline: --model)")
+    p.add_argument("--model", default=None,
+                   help="draggan: discs (the procedural stand-in, default; a visible drag on a CPU in about a "
+                        "minute) or stylegan2-random (the DragGAN engine on a full-size random-weight StyleGAN2); "
+                        f"dragdiffusion: an SD1.x diffusers folder, a .safetensors checkpoint or zoo:<name> "
+                        f"(default {DRAGDIFFUSION_DEFAULT_MODEL})")
     p.add_argument("--out", type=Path, default=Path("dragrt-demo"), help="output folder (default: ./dragrt-demo)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels, 64-1024 (default 256)")
@@ -252,6 +321,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.method == "dragdiffusion":
+        model = args.model or DRAGDIFFUSION_DEFAULT_MODEL
+        print(f"dragrt demo: DragDiffusion on {model}, dragging a mouth corner of a face from the zoo's world "
+              "towards where it goes when the face smiles")
+        rec = run_dragdiffusion(args.out, model=model, seed=args.seed, max_steps=args.steps or 80,
+                                device=args.device)
+        print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the target in {rec['steps']} steps on "
+              f"{rec['device']} ({rec['ms_per_step_p50']:.1f} ms per step, including previews every 5 steps)")
+        for name in ("before.png", "after.png", "drag.gif", "edit.json", "edit.png"):
+            print(f"  wrote {args.out / name}")
+        return 0
+    args.model = args.model or "discs"
+    if args.model not in DRAGGAN_MODELS:
+        raise ValueError(f"--model {args.model!r} is not allowed with --method draggan; choose one of "
+                         f"{', '.join(DRAGGAN_MODELS)}")
     if args.model == "stylegan2-random":
         print(f"dragrt demo: {STYLEGAN2_RANDOM_WHAT}")
         rec = run_stylegan2_random(args.out, seed=args.seed, resolution=args.resolution,
