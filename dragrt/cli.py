@@ -18,8 +18,6 @@ EXIT_NOT_AVAILABLE = 3
 
 # Sub-commands that exist in the interface but whose work has not landed: name -> (issue, what it will do).
 _NOT_LANDED = {
-    "eval": ("#4 (benchmark harness and quality evaluation) and #7 (model zoo)",
-             "score edit quality on the model zoo's world and on DragBench folders"),
     "export": ("the export issue (ONNX / TensorRT / AOTInductor)",
                "export the fixed denoising segments and the StyleGAN2 synthesis"),
     "serve": ("the server issue (HTTP + WebSocket server and web editor)",
@@ -154,6 +152,186 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return importlib.import_module(_CONVERTERS[args.kind]).main(args.rest)
 
 
+# --- dragrt eval -----------------------------------------------------------------------------------------
+
+_EVAL_METHODS = ("dragdiffusion", "draggan", "oracle", "identity")
+_EVAL_MODES = ("fast", "reference")
+# The zoo models the drag methods would run on by default, and why --model is required for now.
+_UNSHIPPED = {
+    "dragdiffusion": ("zoo:faces-sd", "the zoo's diffusion model", "a diffusers folder or a single SD1.x .safetensors"),
+    "draggan": ("zoo:faces-stylegan2", "the zoo's StyleGAN2",
+                "a converted generator (OUT, OUT.json or OUT.safetensors from 'dragrt convert stylegan2', "
+                "or a folder holding generator.json)"),
+}
+_EVAL_EPILOG = (
+    "The suite: drag tasks on held-out faces of the zoo's world (mouth corner, open mouth, raise eyebrow, move eye, "
+    "turn head; one and several handles; with and without masks), targets from the renderer's ground truth, scored "
+    "by the zoo's landmark regressor (drag error), PSNR/SSIM and an attribute-model feature distance outside the "
+    "edited region. Both modes run on the same tasks; one JSON record per run (bench/quality.py explains every "
+    "number). dragdiffusion and draggan need --model for now: the zoo's diffusion model (zoo:faces-sd) and "
+    "StyleGAN2 (zoo:faces-stylegan2) are not shipped yet (their training did not reach quality). oracle and "
+    "identity are calibration editors (a perfect edit; no edit).")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", choices=_EVAL_METHODS, help="what to score: " + ", ".join(_EVAL_METHODS))
+    p.add_argument("--model", default=None, metavar="PATH_OR_ZOO",
+                   help="dragdiffusion: a diffusers folder or SD1.x .safetensors; draggan: a converted StyleGAN2 "
+                        "(required for both: the zoo's models are not shipped yet)")
+    p.add_argument("--modes", default="fast,reference", metavar="OURS,REFERENCE",
+                   help="the two modes compared, ours first (default fast,reference)")
+    p.add_argument("--tasks", type=int, default=20, metavar="N",
+                   help="number of tasks, interleaved over the five kinds (default 20)")
+    p.add_argument("--steps", type=int, default=None, metavar="K",
+                   help="at most K drag steps per edit (default: the engine's, 80 for DragDiffusion, 500 for DragGAN)")
+    p.add_argument("--inference-steps", type=int, default=None, metavar="N",
+                   help="dragdiffusion: DDIM schedule length (default 50)")
+    p.add_argument("--lora", action="store_true", help="dragdiffusion: train a per-image LoRA first")
+    p.add_argument("--projection-steps", type=int, default=300, metavar="N",
+                   help="draggan: projection steps per image (default 300; the edit starts from the projection)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (float16 on CUDA), float32, float16, bfloat16")
+    p.add_argument("--size", type=int, default=256, help="task image size, a multiple of 64 (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="suite seed (default 0)")
+    p.add_argument("--warmup", type=int, default=None, metavar="N",
+                   help="untimed edits before timing each mode (default 1 for dragdiffusion/draggan, 0 otherwise)")
+    p.add_argument("--landmarks", default="zoo:faces-landmarks", metavar="PATH_OR_ZOO", help="landmark regressor")
+    p.add_argument("--attributes", default="zoo:faces-attributes", metavar="PATH_OR_ZOO", help="attribute model")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip the identity and oracle rows (scored on the same tasks, cheap)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the modes are not equal within noise")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="results folder (default: bench/results or $DRAGRT_BENCH_RESULTS)")
+
+
+def _eval_modes(text: str) -> tuple[str, str]:
+    modes = [m.strip() for m in str(text).split(",")]
+    if len(modes) != 2 or any(m not in _EVAL_MODES for m in modes):
+        raise ValueError(f"--modes={text!r} is not allowed; give two modes OURS,REFERENCE from: "
+                         f"{', '.join(_EVAL_MODES)} (e.g. fast,reference)")
+    return modes[0], modes[1]
+
+
+def _eval_positive(name: str, value: int | None, hi: int) -> None:
+    if value is not None and not 1 <= value <= hi:
+        raise ValueError(f"{name}={value} is not allowed; use an integer from 1 to {hi}")
+
+
+def _eval_editor_factory(args: argparse.Namespace, runtime, landmark_model):
+    """``mode -> editor`` for the method; loads its model once (FileNotFoundError / ValueError when it cannot)."""
+    from dragrt.bench import quality
+    from dragrt.zoo.registry import resolve
+
+    if args.method in quality.CALIBRATION_EDITORS:
+        editor = quality.CALIBRATION_EDITORS[args.method]
+        return lambda mode: editor
+    zoo_name, what, expected = _UNSHIPPED[args.method]
+    if args.model is None:
+        raise ValueError(f"{args.method} needs --model: {what} ({zoo_name}) is not shipped yet (its training did "
+                         f"not reach quality); pass {expected}")
+    try:
+        resolve(args.model)
+    except FileNotFoundError as exc:
+        if args.model.strip().rstrip("/") == zoo_name:
+            what = what[0].upper() + what[1:]
+            raise FileNotFoundError(f"{exc}. {what} is not shipped yet (its training did not reach quality); "
+                                    f"pass --model with {expected}") from None
+        raise
+    device = runtime.torch_device()
+    config = {} if args.steps is None else {"max_steps": args.steps}
+    if args.method == "dragdiffusion":
+        from dragrt.runtime.models.sd import load_sd
+
+        components = load_sd(args.model, torch_dtype=runtime.torch_dtype(), device=device)
+        if args.inference_steps is not None:
+            config["num_inference_steps"] = args.inference_steps
+        if args.lora:
+            config["lora"] = True
+        return lambda mode: quality.dragdiffusion_editor(components, mode, runtime=runtime, **config)
+    from dragrt.runtime.models.stylegan2_convert import load_generator
+
+    generator = load_generator(args.model, device=device)
+    shared: dict = {}  # one projection per task, for both modes
+    return lambda mode: quality.draggan_editor(generator, mode, landmark_model=landmark_model, runtime=runtime,
+                                               projection_steps=args.projection_steps, inversion_cache=shared,
+                                               **config)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from dragrt.bench import harness, quality
+    from dragrt.runtime.config import RuntimeConfig
+    from dragrt.zoo import evaluators
+
+    ours_mode, ref_mode = _eval_modes(args.modes)
+    _eval_positive("--tasks", args.tasks, 5000)
+    _eval_positive("--steps", args.steps, 100_000)
+    _eval_positive("--inference-steps", args.inference_steps, 1000)
+    _eval_positive("--projection-steps", args.projection_steps, 100_000)
+    engines = args.method not in quality.CALIBRATION_EDITORS
+    warmup = (1 if engines else 0) if args.warmup is None else args.warmup
+    if not 0 <= warmup <= args.tasks:
+        raise ValueError(f"--warmup={warmup} is not allowed; use 0 to --tasks ({args.tasks})")
+    runtime = RuntimeConfig(device=args.device, dtype=args.dtype)
+    device = runtime.torch_device()
+    try:
+        landmarks = evaluators.load_landmark_model(args.landmarks, device)
+        attributes = evaluators.load_attribute_model(args.attributes, device)
+        make_editor = _eval_editor_factory(args, runtime, landmarks)
+    except FileNotFoundError as exc:
+        print(f"dragrt eval: error: {exc}", file=sys.stderr)
+        return 2
+    n_per_kind = math.ceil(args.tasks / len(quality.KINDS))
+    tasks = quality.drag_suite(n_per_kind, seed=args.seed, size=args.size)[: args.tasks]
+
+    def progress(role: str, mode: str):
+        def show(i: int, task, row: dict) -> None:
+            print(f"[{role}: {mode}] {i + 1}/{len(tasks)} {task.name}: drag error {row['drag_error_px']:.2f} px "
+                  f"(start {row['handle_start_error_px']:.2f}), {row['edit_ms']:.0f} ms", file=sys.stderr)
+        return show
+
+    runs = {}
+    for role, mode in (("ours", ours_mode), ("reference", ref_mode)):
+        editor = make_editor(mode)
+        runs[role] = quality.run_suite(editor, tasks, landmarks, attributes, warmup=warmup,
+                                       progress=progress(role, mode))
+        if hasattr(editor, "close"):
+            editor.close()
+    calibration = None
+    if engines and not args.no_calibration:
+        calibration = {name: quality.run_suite(ed, tasks, landmarks, attributes)
+                       for name, ed in quality.CALIBRATION_EDITORS.items()}
+    q = quality.quality_object(runs["ours"], runs["reference"], calibration=calibration)
+    config = {
+        "method": args.method, "model": args.model, "modes": {"ours": ours_mode, "reference": ref_mode},
+        "tasks": len(tasks), "suite_seed": args.seed, "size": args.size, "kinds": list(quality.KINDS),
+        "max_steps": args.steps, "warmup_edits": warmup, "device": str(device),
+        "dtype": str(runtime.torch_dtype()).removeprefix("torch."),
+        "landmark_model": args.landmarks, "attribute_model": args.attributes,
+    }
+    if args.method == "dragdiffusion":
+        config.update(num_inference_steps=args.inference_steps, lora=bool(args.lora))
+    if args.method == "draggan":
+        config["projection_steps"] = args.projection_steps
+    compile_s = ({"ours": sum(runs["ours"].warmup_s), "reference": sum(runs["reference"].warmup_s)}
+                 if warmup else None)
+    record = harness.make_record(f"quality-{args.method}", config, runs["ours"].timing(),
+                                 runs["reference"].timing(), compile_s=compile_s,
+                                 extra={"timing_note": "ours/reference: wall time per edit (host clock)"})
+    record["quality"] = q
+    path = harness.write_record(record, args.out)
+    print(quality.format_table(q, {"ours": f"{args.method} {ours_mode}", "reference": f"{args.method} {ref_mode}"}),
+          end="")
+    print(f"wrote {path}")
+    if not q["equal_within_noise"]:
+        print(f"dragrt eval: {ours_mode} and {ref_mode} differ beyond noise in drag error "
+              f"({q['comparison']['drag_error_mean_diff_px']:+.3f} px)", file=sys.stderr)
+        if args.strict:
+            return 1
+    return 0
+
+
 def _not_landed(name: str, issue: str, what: str) -> int:
     print(f"dragrt {name}: not available yet. It will {what}; it lands with issue {issue}.", file=sys.stderr)
     return EXIT_NOT_AVAILABLE
@@ -185,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("eval", help="score drag quality on the model zoo's world, fast vs reference mode",
+                       description="Score drag quality on the model zoo's world, fast vs reference mode.",
+                       epilog=_EVAL_EPILOG)
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
+
     for name, (issue, what) in _NOT_LANDED.items():
         p = sub.add_parser(name, help=f"(not available yet: {issue})", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -209,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except ValueError as exc:  # bad user input: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as exc:  # bad input or a missing model/file: one clear line
         print(f"dragrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -37,7 +37,7 @@ def test_info_text_explains_refusals(capsys, monkeypatch) -> None:
         assert "no GPU:" in out
 
 
-@pytest.mark.parametrize("command", ["eval", "export", "serve"])
+@pytest.mark.parametrize("command", ["export", "serve"])
 def test_unfinished_commands_say_so_and_fail(command, capsys) -> None:
     assert cli.main([command]) == cli.EXIT_NOT_AVAILABLE
     err = capsys.readouterr().err

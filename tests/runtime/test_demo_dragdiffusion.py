@@ -36,3 +36,13 @@ def test_dragdiffusion_demo_writes_the_edit(sd_folder, tmp_path, capsys):
 def test_draggan_models_are_checked_per_method(tmp_path, capsys):
     assert cli.main(["demo", "--model", "tiny-sd", "--out", str(tmp_path)]) == 2
     assert "--model 'tiny-sd' is not allowed with --method draggan" in capsys.readouterr().err
+
+
+def test_missing_zoo_pipeline_is_one_line_naming_the_training_command(tmp_path, capsys, monkeypatch):
+    from dragrt.zoo import registry
+
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "empty")
+    assert cli.main(["demo", "--method", "dragdiffusion", "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "zoo model 'faces-sd' is not installed" in err and "dragrt.zoo.train faces-sd" in err
+    assert "Traceback" not in err
