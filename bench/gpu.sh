@@ -22,6 +22,8 @@ mkdir -p "$out/results"
 cd "$root" || exit 1
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DRAGRT_BENCH_RESULTS="$out/results"
+# ../shared does not travel to the device machine: a copy of its assets in the ignored .assets/ (carry it) serves.
+[ -d "$root/.assets" ] && export DRAGRT_ASSETS=${DRAGRT_ASSETS:-$root/.assets}
 
 wheels=${DRAGRT_WHEELS:-$root/.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
