@@ -164,25 +164,13 @@ def build_clip(recipe: Recipe, tokenizer: CLIPTokenizer) -> CLIPModel:
     return CLIPModel(clip_config(recipe, tokenizer))
 
 
-def resolve_zoo_path(path: str | os.PathLike, what: str) -> Path:
-    """``"zoo:NAME"`` -> the package's ``weights/NAME``; anything else as a path (which must exist)."""
-    from dragrt.zoo.train import WEIGHTS_DIR
-
-    text = os.fspath(path)
-    folder = WEIGHTS_DIR / text[4:] if text.startswith("zoo:") else Path(text).expanduser()
-    if not folder.exists():
-        hint = f" (train and export it: python -m dragrt.zoo.train {text[4:]} ...)" if text.startswith("zoo:") else ""
-        raise FileNotFoundError(f"{what}: {folder} does not exist{hint}")
-    return folder
-
-
 def load_clip(path: str | os.PathLike = "zoo:" + NAME, device: str | torch.device = "cpu",
               dtype: torch.dtype = torch.float32) -> tuple[CLIPModel, CLIPTokenizer]:
     """The exported model (a transformers folder, or ``"zoo:faces-clip"``), frozen, in eval mode, and its
     tokenizer."""
     from transformers import CLIPModel
 
-    folder = resolve_zoo_path(path, "load_clip")
+    folder = training.resolve_zoo_path(path, "load_clip")
     for name in ("config.json", WEIGHTS_FILE, "vocab.json", "merges.txt"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"load_clip: {folder / name} is missing; expected an exported {NAME} folder")
@@ -549,21 +537,6 @@ def evaluate(clip: CLIPModel, tokenizer: CLIPTokenizer, *, pairs: int, group: in
 # --------------------------------------------------------------------------------------------------
 
 
-def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warmup over ``warmup`` steps, then a cosine from 1 to ``floor`` at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if total <= warmup:
-        return 1.0
-    t = min(1.0, (step - warmup) / (total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def mix_seed(*parts: int) -> int:
-    """A 31-bit seed from several integers, stable across platforms."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -634,7 +607,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 4.0, device: str = "cu
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
     start_step = int(progress["step"])
-    gen = torch.Generator().manual_seed(mix_seed(seed, start_step, 2))
+    gen = torch.Generator().manual_seed(training.mix_seed(seed, start_step, 2))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     max_scale = math.log(100.0)
     train_end = max(budget.seconds - recipe.reserve_s, 0.5 * budget.seconds)
@@ -664,8 +637,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 4.0, device: str = "cu
         buffer.add(fresh)
         truth = caption_truth(tph, partial, iph)
         for g in opt.param_groups:
-            g["lr"] = recipe.lr * lr_factor(step, recipe.warmup, progress["schedule_steps"] or recipe.max_steps,
-                                            recipe.lr_floor)
+            total = progress["schedule_steps"] or recipe.max_steps
+            g["lr"] = recipe.lr * training.lr_factor(step, recipe.warmup, total, recipe.lr_floor)
         with autocast:
             img = encode_images(model, clip_pixels(images, recipe.image_size), normalize=False)
             txt = encode_text(model, ids, normalize=False)

@@ -372,21 +372,48 @@ def evaluate_attributes(model: AttributeNet, n: int = 1000, seed: int = 0, batch
     }
 
 
-def frechet_distance(feats_a: Tensor | np.ndarray, feats_b: Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (e.g. AttributeNet
-    ``features`` of real renders vs generated images)."""
-    a = np.asarray(feats_a.detach().cpu() if isinstance(feats_a, Tensor) else feats_a, dtype=np.float64)
-    b = np.asarray(feats_b.detach().cpu() if isinstance(feats_b, Tensor) else feats_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
-        raise ValueError(f"features must be [N, D] with equal D and N >= 2; got {a.shape}, {b.shape}")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # trace sqrt(ca cb) = sum sqrt(eig(sqrt(ca) cb sqrt(ca))), symmetric PSD, no complex roots
-    w, v = np.linalg.eigh(ca)
-    sa = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    eig = np.linalg.eigvalsh(sa @ cb @ sa)
-    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2.0 * tr_sqrt)
+def _as_features(name: str, x: Any) -> np.ndarray:
+    a = x.detach().double().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 1:
+        raise ValueError(f"{name} must be features [N, D] with N >= 2, got shape {list(a.shape)}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues -> 0)."""
+    vals, vecs = np.linalg.eigh((m + m.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
+
+
+def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the squared 2-Wasserstein distance between
+    two Gaussians. ``tr (S_a S_b)^(1/2)`` is computed as ``tr (S_a^(1/2) S_b S_a^(1/2))^(1/2)`` (the same
+    eigenvalues, but of a symmetric matrix), all in float64 with ``eigh``: no scipy needed."""
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
+    d = mu_a.shape[0]
+    if mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
+        raise ValueError(f"means must be [D] and covariances [D, D] with one D; got {mu_a.shape}, {cov_a.shape}, "
+                         f"{mu_b.shape}, {cov_b.shape}")
+    root_a = _sqrt_psd(cov_a)
+    inner = root_a @ cov_b @ root_a
+    vals = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_cross = float(np.sqrt(np.clip(vals, 0.0, None)).sum())
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_cross)
+
+
+def frechet_distance(feats_a: Any, feats_b: Any) -> float:
+    """Frechet distance between the Gaussians fitted (mean, unbiased covariance) to two feature sets
+    ``[N_a, D]`` and ``[N_b, D]`` (numpy arrays or tensors): FID's formula in any feature space."""
+    a, b = _as_features("feats_a", feats_a), _as_features("feats_b", feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feats_a and feats_b must be features of the same feature size D, got {a.shape[1]} and "
+                         f"{b.shape[1]}")
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1]),
+                                       b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1]))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,7 +58,7 @@ from dragrt.runtime.models.stylegan2 import (
     setup_filter,
     upfirdn2d,
 )
-from dragrt.zoo import training
+from dragrt.zoo import evaluators, training
 
 NAME = "faces-stylegan2"
 RESOLUTIONS = (128, 256)
@@ -420,49 +419,6 @@ def mix_styles(generator: Generator, z: Tensor, prob: float) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _as_features(name: str, x: Any) -> np.ndarray:
-    a = x.detach().double().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 1:
-        raise ValueError(f"{name} must be features [N, D] with N >= 2, got shape {list(a.shape)}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a
-
-
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues -> 0)."""
-    vals, vecs = np.linalg.eigh((m + m.T) / 2)
-    return (vecs * np.sqrt(np.clip(vals, 0.0, None))) @ vecs.T
-
-
-def frechet_distance_from_stats(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the squared 2-Wasserstein distance between
-    two Gaussians. ``tr (S_a S_b)^(1/2)`` is computed as ``tr (S_a^(1/2) S_b S_a^(1/2))^(1/2)`` (the same
-    eigenvalues, but of a symmetric matrix), all in float64 with ``eigh``: no scipy needed."""
-    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
-    cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
-    d = mu_a.shape[0]
-    if mu_b.shape != (d,) or cov_a.shape != (d, d) or cov_b.shape != (d, d):
-        raise ValueError(f"means must be [D] and covariances [D, D] with one D; got {mu_a.shape}, {cov_a.shape}, "
-                         f"{mu_b.shape}, {cov_b.shape}")
-    root_a = _sqrt_psd(cov_a)
-    inner = root_a @ cov_b @ root_a
-    vals = np.linalg.eigvalsh((inner + inner.T) / 2)
-    tr_cross = float(np.sqrt(np.clip(vals, 0.0, None)).sum())
-    diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * tr_cross)
-
-
-def frechet_distance(feats_a: Any, feats_b: Any) -> float:
-    """Frechet distance between the Gaussians fitted (mean, unbiased covariance) to two feature sets
-    ``[N_a, D]`` and ``[N_b, D]`` (numpy arrays or tensors): FID's formula in any feature space."""
-    a, b = _as_features("feats_a", feats_a), _as_features("feats_b", feats_b)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"feats_a and feats_b must have the same feature size, got {a.shape[1]} and {b.shape[1]}")
-    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1]),
-                                       b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1]))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Networks, checkpoint state
 # ---------------------------------------------------------------------------------------------------------
@@ -675,7 +631,7 @@ def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: 
     samples = generate(g_ema, cfg.eval_samples, seed=1_000_003 + seed, device=device)
     if attr is not None:
         fake_feats = _attribute_features(attr, samples, device)
-        out["frechet_distance_attr"] = float(f"{frechet_distance(fake_feats, real_feats):.6g}")
+        out["frechet_distance_attr"] = float(f"{evaluators.frechet_distance(fake_feats, real_feats):.6g}")
     if lm is not None:
         out["landmark_conf_samples"] = float(f"{float(_landmark_confidence(lm, samples, device).mean()):.5g}")
         out["landmark_conf_renders"] = float(f"{float(real_conf.mean()):.5g}")

@@ -14,6 +14,7 @@ GPU runs come in chunks of at most 10 minutes, so the budget check runs every st
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -131,3 +132,31 @@ def default_workers(requested: int = -1, *, cap: int = 30) -> int:
     except AttributeError:
         cores = os.cpu_count() or 2
     return max(1, min(cap, cores - 2))
+
+
+def resolve_zoo_path(path: str | os.PathLike, what: str) -> Path:
+    """``"zoo:NAME"`` -> the shipped folder (:func:`dragrt.zoo.registry.resolve`, whose error says how to train a
+    missing model); any other path must exist. ``what`` names the caller in the error."""
+    from dragrt.zoo.registry import resolve
+
+    folder = resolve(path).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"{what}: {folder} does not exist")
+    return folder
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup over ``warmup`` steps, then a cosine from 1 to ``floor`` at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / (total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def mix_seed(*parts: int) -> int:
+    """A 31-bit seed from several integers (a run seed, a step, a stream id), stable across platforms."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)

@@ -262,7 +262,7 @@ def load_text_tower(path: str | os.PathLike) -> tuple[CLIPTextModel, CLIPTokeniz
     :func:`dragrt.zoo.clip.load_clip`) or a folder with ``text_encoder/`` and ``tokenizer/``."""
     from transformers import CLIPTextModel
 
-    folder = zvae.resolve_zoo_path(path, "text tower")
+    folder = training.resolve_zoo_path(path, "text tower")
     if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
         te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32, local_files_only=True)
         return te, load_tokenizer(folder / "tokenizer", te.config.max_position_embeddings)
@@ -437,7 +437,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
 
     start_step = progress.step
     autocast = zvae.autocast_for(dev)
-    gen = torch.Generator(dev).manual_seed(zvae.mix_seed(seed, start_step, 2))
+    gen = torch.Generator(dev).manual_seed(training.mix_seed(seed, start_step, 2))
     stream = zvae.BatchStream(hp.fresh_per_step, seed=seed, step=start_step, size=hp.image_size,
                               num_workers=hp.num_workers, device=dev)
     ctx_len = int(frozen.text_encoder.config.max_position_embeddings)
@@ -461,7 +461,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
         text = torch.where(drop.view(-1, 1, 1), empty, text)
         for group in opt.param_groups:
-            group["lr"] = hp.lr * zvae.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
+            group["lr"] = hp.lr * training.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
                                                  hp.lr_floor)
         with autocast:
             loss = diffusion_loss(unet, x0, text, alphas_cumprod, gen, min_snr_gamma=hp.min_snr_gamma)
@@ -626,7 +626,7 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
                            "guidance_scales": list(hp.guidance_scales), "main_guidance": hp.main_guidance}
     by_scale: dict[str, Any] = {}
     for g in hp.guidance_scales:
-        images = generate(pipe, captions, steps=hp.eval_steps, guidance=g, seed=zvae.mix_seed(seed, 7),
+        images = generate(pipe, captions, steps=hp.eval_steps, guidance=g, seed=training.mix_seed(seed, 7),
                           batch=hp.eval_batch, size=size)
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         if bad:

@@ -143,22 +143,12 @@ def build_vae(config: Mapping[str, Any] | None = None) -> AutoencoderKL:
     return AutoencoderKL.from_config(cfg)
 
 
-def resolve_zoo_path(path: str | os.PathLike, what: str) -> Path:
-    """``"zoo:NAME"`` -> the shipped folder (:func:`dragrt.zoo.registry.resolve`); a path must exist."""
-    from dragrt.zoo.registry import resolve
-
-    folder = resolve(path).expanduser()
-    if not folder.exists():
-        raise FileNotFoundError(f"{what}: {folder} does not exist")
-    return folder
-
-
 def load_vae(path: str | os.PathLike = "zoo:" + NAME, device: str | torch.device = "cpu",
              dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """The exported autoencoder (a diffusers folder, or ``"zoo:faces-vae"``), frozen, in eval mode."""
     from diffusers import AutoencoderKL
 
-    folder = resolve_zoo_path(path, "load_vae")
+    folder = training.resolve_zoo_path(path, "load_vae")
     for name in ("config.json", WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"load_vae: {folder / name} is missing; expected an exported {NAME} folder")
@@ -326,7 +316,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     start_step = progress.step
     stream = batch_stream(hp.batch_size, seed=seed, step=start_step, size=hp.image_size,
                           num_workers=hp.num_workers, device=dev)
-    gen = torch.Generator(dev).manual_seed(mix_seed(seed, start_step, 1))
+    gen = torch.Generator(dev).manual_seed(training.mix_seed(seed, start_step, 1))
     autocast = autocast_for(dev)
     vae.train()
     chunk_start = time.monotonic()
@@ -335,7 +325,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     while not progress.done() and budget.elapsed < train_end:
         batch = next(stream)
         for group in opt.param_groups:
-            group["lr"] = hp.lr * lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
+            group["lr"] = hp.lr * training.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
                                             hp.lr_floor)
         with autocast:
             loss, parts = vae_loss(vae, batch["image"], hp, gen)
@@ -568,21 +558,6 @@ def ema_model_state(model: nn.Module, state: Mapping[str, Any]) -> dict[str, tor
     return helper.model_state(model)
 
 
-def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
-    """Linear warmup over ``warmup`` steps, then a cosine from 1 to ``floor`` at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if total <= warmup:
-        return 1.0
-    t = min(1.0, (step - warmup) / (total - warmup))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def mix_seed(*parts: int) -> int:
-    """A 31-bit seed from several integers (a run seed, a step, a stream id), stable across platforms."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
 def default_workers(requested: int) -> int:
     return training.default_workers(requested, cap=14)
 
@@ -687,5 +662,5 @@ def _log(message: str) -> None:
 __all__ = [
     "HPARAMS", "MODEL_CONFIG", "NAME", "SMOKE_CONFIG", "SMOKE_HPARAMS", "BatchStream", "Ema", "Progress",
     "StepPlanner", "VAEHParams", "build_vae", "evaluate", "export", "heldout_images", "latent_scaling_factor",
-    "load_vae", "lr_factor", "mix_seed", "posterior_means", "psnr", "ssim", "train", "vae_loss",
+    "load_vae", "posterior_means", "psnr", "ssim", "train", "vae_loss",
 ]

@@ -14,8 +14,8 @@ import torch
 from dragrt.runtime.models import stylegan2 as sg2
 from dragrt.runtime.models import stylegan2_convert as conv
 from dragrt.runtime.models.stylegan2 import Generator
+from dragrt.zoo import evaluators, training
 from dragrt.zoo import stylegan2_train as st
-from dragrt.zoo import training
 
 SMOKE_STEPS = 2  # with r1/pl every 2 steps, step 0 runs every phase
 
@@ -117,18 +117,18 @@ def test_frechet_distance_on_gaussians_with_known_answer() -> None:
     m = s_a @ s_b
     expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b)
                 - 2 * math.sqrt(np.trace(m) + 2 * math.sqrt(np.linalg.det(m))))
-    assert st.frechet_distance_from_stats(mu_a, s_a, mu_b, s_b) == pytest.approx(expected, rel=1e-10)
+    assert evaluators.frechet_distance_from_stats(mu_a, s_a, mu_b, s_b) == pytest.approx(expected, rel=1e-10)
     # From samples: N(0, I) against N(mu, 4 I) in 8-D -> |mu|^2 + 8 (1 + 4 - 2 * 2) = |mu|^2 + 8.
     rng = np.random.default_rng(0)
     mu = np.full(8, 0.5)
     a = rng.standard_normal((20000, 8))
     b = torch.from_numpy(mu + 2.0 * rng.standard_normal((20000, 8)))
-    assert st.frechet_distance(a, b) == pytest.approx(float(mu @ mu) + 8.0, rel=0.03)
-    assert abs(st.frechet_distance(a, a)) < 1e-8
+    assert evaluators.frechet_distance(a, b) == pytest.approx(float(mu @ mu) + 8.0, rel=0.03)
+    assert abs(evaluators.frechet_distance(a, a)) < 1e-8
     with pytest.raises(ValueError, match="feature size"):
-        st.frechet_distance(a, a[:, :3])
+        evaluators.frechet_distance(a, a[:, :3])
     with pytest.raises(ValueError, match="N >= 2"):
-        st.frechet_distance(a[:1], a)
+        evaluators.frechet_distance(a[:1], a)
 
 
 def test_export_round_trip_gives_the_same_images(smoke_run: dict, tmp_path: Path) -> None:

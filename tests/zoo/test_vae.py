@@ -136,10 +136,10 @@ def test_psnr_and_ssim():
 
 
 def test_lr_schedule_and_planner():
-    assert zvae.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert zvae.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
-    assert zvae.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert zvae.lr_factor(1000, 10, 100, 0.1) == pytest.approx(0.1)
+    assert training.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert training.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert training.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert training.lr_factor(1000, 10, 100, 0.1) == pytest.approx(0.1)
     planner = zvae.StepPlanner(skip=2, steps=10, min_steps=50, max_steps=10_000)
     assert planner.wants_time(2) and not planner.wants_time(5)
     assert planner.observe(2, 2, now=100.0, seconds_left=60.0) == 0
