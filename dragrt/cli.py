@@ -154,7 +154,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 # --- dragrt eval -----------------------------------------------------------------------------------------
 
-_EVAL_METHODS = ("dragdiffusion", "draggan", "oracle", "identity")
+_EVAL_METHODS = ("dragdiffusion", "draggan", "oracle", "identity", "dragbench")
 _EVAL_MODES = ("fast", "reference")
 # The zoo models the drag methods would run on by default, and why --model is required for now.
 _UNSHIPPED = {
@@ -170,7 +170,9 @@ _EVAL_EPILOG = (
     "edited region. Both modes run on the same tasks; one JSON record per run (bench/quality.py explains every "
     "number). dragdiffusion and draggan need --model for now: the zoo's diffusion model (zoo:faces-sd) and "
     "StyleGAN2 (zoo:faces-stylegan2) are not shipped yet (their training did not reach quality). oracle and "
-    "identity are calibration editors (a perfect edit; no edit).")
+    "identity are calibration editors (a perfect edit; no edit). dragbench runs DragDiffusion over a local "
+    "DragBench folder (--dragbench DIR, --model an SD1.x) and scores mean distance (DIFT features of --model) and "
+    "PSNR/SSIM at 224x224 (bench/dragbench.py).")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -202,6 +204,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit 1 when the modes are not equal within noise")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="results folder (default: bench/results or $DRAGRT_BENCH_RESULTS)")
+    p.add_argument("--dragbench", default=None, metavar="DIR",
+                   help="dragbench: the DragBench folder (<category>/<sample>/original_image.png + meta_data.pkl)")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N", help="dragbench: only the first N samples")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="dragbench: write DIR/<mode>/<category>/<sample>/dragged_image.png (default: not kept)")
 
 
 def _eval_modes(text: str) -> tuple[str, str]:
@@ -257,6 +264,73 @@ def _eval_editor_factory(args: argparse.Namespace, runtime, landmark_model):
                                                **config)
 
 
+def _cmd_eval_dragbench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dragrt.bench import dragbench, harness
+    from dragrt.runtime.config import RuntimeConfig
+
+    ours_mode, ref_mode = _eval_modes(args.modes)
+    _eval_positive("--max-samples", args.max_samples, 100_000)
+    _eval_positive("--steps", args.steps, 100_000)
+    _eval_positive("--inference-steps", args.inference_steps, 1000)
+    if args.dragbench is None:
+        raise ValueError("dragbench needs --dragbench DIR: a DragBench folder (<category>/<sample>/original_image.png "
+                         "and meta_data.pkl)")
+    if args.model is None:
+        raise ValueError("dragbench needs --model: a diffusers folder or a single SD1.x .safetensors")
+    samples = dragbench.read_dragbench(args.dragbench)[: args.max_samples]  # errors before the model loads
+    warmup = 1 if args.warmup is None else args.warmup
+    if not 0 <= warmup <= len(samples):
+        raise ValueError(f"--warmup={warmup} is not allowed; use 0 to the number of samples ({len(samples)})")
+    runtime = RuntimeConfig(device=args.device, dtype=args.dtype)
+    device = runtime.torch_device()
+    from dragrt.runtime.models.sd import load_sd
+
+    try:
+        components = load_sd(args.model, torch_dtype=runtime.torch_dtype(), device=device)
+    except FileNotFoundError as exc:
+        print(f"dragrt eval: error: {exc}", file=sys.stderr)
+        return 2
+    config = {} if args.steps is None else {"max_steps": args.steps}
+    if args.inference_steps is not None:
+        config["num_inference_steps"] = args.inference_steps
+    if args.lora:
+        config["lora"] = True
+    cache: dict = {}  # the source images' DIFT features, shared by both modes
+    runs = {}
+    for role, mode in (("ours", ours_mode), ("reference", ref_mode)):
+        images = Path(args.images) / mode if args.images else None
+        runs[role] = dragbench.run_dragbench(samples, components, mode=mode, out_dir=images, runtime=runtime,
+                                             warmup=warmup, feature_cache=cache, **config)
+    timing = {role: harness.Timing(times_ms=[r["wall_s"] * 1e3 for r in run["rows"]], clock=harness.CLOCK_CPU,
+                                   warmup_reps=len(run["warmup_s"])) for role, run in runs.items()}
+    record_config = {
+        "method": "dragdiffusion", "benchmark": "dragbench", "dragbench": str(args.dragbench), "model": args.model,
+        "modes": {"ours": ours_mode, "reference": ref_mode}, "samples": len(samples),
+        "max_steps": args.steps, "num_inference_steps": args.inference_steps, "lora": bool(args.lora),
+        "warmup_edits": warmup, "device": str(device), "dtype": str(runtime.torch_dtype()).removeprefix("torch."),
+        "extractor": runs["ours"]["extractor"],
+    }
+    compile_s = {role: sum(run["warmup_s"]) for role, run in runs.items()} if warmup else None
+    record = harness.make_record("quality-dragbench", record_config, timing["ours"], timing["reference"],
+                                 compile_s=compile_s,
+                                 extra={"timing_note": "ours/reference: wall time per edit (host clock)"})
+    record["quality"] = {role: {k: v for k, v in run.items() if k != "config"} for role, run in runs.items()}
+    record["quality"]["fidelity_note"] = dragbench.LPIPS_NOTE
+    path = harness.write_record(record, args.out)
+    print(f"{'mode':<22}{'MD px':>9}{'PSNR224':>9}{'SSIM224':>9}{'s/edit':>9}")
+    for role, mode in (("ours", ours_mode), ("reference", ref_mode)):
+        m = runs[role]["means"]
+        cells = [f"{v:>9.3f}" if v is not None else f"{'-':>9}" for v in (m["md_px"], m["psnr_224"], m["ssim_224"],
+                                                                           m["wall_s"])]
+        print(f"{role + ': ' + mode:<22}" + "".join(cells))
+    print(f"({len(samples)} samples, {runs['ours']['n_pairs']} point pairs; MD by DIFT features of --model; "
+          f"LPIPS not available: PSNR/SSIM at 224x224 instead)")
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
@@ -264,6 +338,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from dragrt.runtime.config import RuntimeConfig
     from dragrt.zoo import evaluators
 
+    if args.method == "dragbench":
+        return _cmd_eval_dragbench(args)
     ours_mode, ref_mode = _eval_modes(args.modes)
     _eval_positive("--tasks", args.tasks, 5000)
     _eval_positive("--steps", args.steps, 100_000)
