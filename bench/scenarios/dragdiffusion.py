@@ -160,6 +160,14 @@ def dragdiffusion_edit(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
         ref_res["r"] = ref.edit(image, PROMPT, HANDLES, TARGETS)
 
     ref_edit = _wall(edit_ref, 1)
+
+    def first_preview():  # an interactive start: points set -> the first step's preview on screen
+        fast.start(HANDLES, TARGETS)
+        fast.step()
+        fast.preview()
+
+    first_preview()  # a later start reuses the captured step graph: time that (the warm, interactive path)
+    to_preview = _wall(first_preview, 1 if quick else 3)
     return [harness.make_record(
         f"dragdiffusion.{SIZE}.edit", {**BASE_CONFIG, "lora": False, "inversion": "computed"},
         edit_uncached, ref_edit,
@@ -167,6 +175,7 @@ def dragdiffusion_edit(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
         compile_s=sh["compile_s"],
         extra={"ours_steps": res.steps, "reference_steps": ref_res["r"].steps,
                "ours_inversion_cached_p50_ms": edit_cached.p50_ms,
+               "ours_time_to_first_preview_ms": to_preview.p50_ms,
                "ours_cached_stages": _stage_timings(res_cached.timings)})]
 
 

@@ -224,6 +224,10 @@ class DragDiffusionEngine:
         self.prepared: _Prepared | None = None
         self._base_fingerprint: str | None = None
         self._fast: _FastState | None = None
+        # One fast state (buffers + captured step graph) per forward kind (with / without the mask term), kept
+        # across start() calls on the same prepared image: a new drag refills the buffers instead of capturing
+        # again, so an interactive run starts with its first step.
+        self._fast_states: dict[bool, _FastState] = {}
         self._ref: dict | None = None
         self._denoise_graph: dict | None = None
 
@@ -289,8 +293,7 @@ class DragDiffusionEngine:
         self.prepared = _Prepared(image=img, prompt=prompt, text_emb=emb, z_t=res.z_t.detach().float(), t=int(res.t),
                                   denoise_timesteps=[int(x) for x in res.denoise_timesteps], lora=weights, a=a, b=b)
         self.prepared_timings = times
-        self._fast = self._ref = None
-        self._denoise_graph = None
+        self._drop_graphs()
         return self.prepared
 
     @contextlib.contextmanager
@@ -320,13 +323,17 @@ class DragDiffusionEngine:
         stack.enter_context(lora_mod.fused_lora(self.unet, weights))
         if self.config.mode == "reference":
             stack.enter_context(lora_mod.fused_lora(self.unet_fp32, weights))
-        self._lora_stack = stack
-        self._fast = None  # captured graphs read the weights in place: fused weights are seen by replays
+        self._lora_stack = stack  # captured graphs read the weights in place: replays see the fused weights
 
     def close(self) -> None:
         """Undo a fused LoRA (the shared UNet gets its exact weights back) and drop captured graphs."""
         self._set_lora(None)
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget the edit state and the captured graphs (they read this image's prompt embedding and latents)."""
         self._fast = self._ref = None
+        self._fast_states = {}
         self._denoise_graph = None
 
     # --- phase 2: start --------------------------------------------------------------------------------------
@@ -425,12 +432,26 @@ class DragDiffusionEngine:
             feat0, eps0 = self._features(z, full=keep is not None)
             refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
             x_prev0 = (p.a * z + p.b * eps0.float()) if keep is not None else None
-        self._fast = _FastState(
-            z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
-            refs=refs, x_prev0=x_prev0, keep=keep,
-            exp_avg=torch.zeros_like(z), exp_avg_sq=torch.zeros_like(z), adam_t=torch.zeros((), device=dev),
-            step=torch.zeros((), device=dev), scale=torch.full((), 65536.0, device=dev),
-            done=torch.zeros((), dtype=torch.bool, device=dev), loss=torch.zeros((), device=dev))
+        st = self._fast_states.get(keep is not None)
+        if st is None:
+            st = _FastState(
+                z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
+                refs=refs, x_prev0=x_prev0, keep=keep,
+                exp_avg=torch.zeros_like(z), exp_avg_sq=torch.zeros_like(z), adam_t=torch.zeros((), device=dev),
+                step=torch.zeros((), device=dev), scale=torch.full((), 65536.0, device=dev),
+                done=torch.zeros((), dtype=torch.bool, device=dev), loss=torch.zeros((), device=dev))
+            self._fast_states[keep is not None] = st
+        else:  # refill the buffers a captured graph reads (same shapes: same image, padded handles)
+            with torch.no_grad():
+                for dst, src in ((st.z, z), (st.handles, h_buf), (st.targets, t_buf), (st.init_handles, h_buf),
+                                 (st.active, active), (st.refs, refs), (st.x_prev0, x_prev0), (st.keep, keep)):
+                    if dst is not None:
+                        dst.copy_(src)
+                for t in (st.exp_avg, st.exp_avg_sq, st.adam_t, st.step, st.loss):
+                    t.zero_()
+                st.scale.fill_(65536.0)
+                st.done.fill_(False)
+        self._fast = st
 
     def _features(self, z: Tensor, full: bool) -> tuple[Tensor, Tensor | None]:
         """``up_blocks[feature_block]`` output ``[1, C, h', w']`` and (``full``) the UNet's eps ``[1, 4, h, w]``;

@@ -183,3 +183,23 @@ def test_fast_mode_on_cuda_graphs_and_compiled_blocks_match_the_reference():
     assert max(abs(a - b) for r, f in zip(ref, fast) for p, q in zip(r, f) for a, b in zip(p, q)) <= 4.0
     images = {mode: e.denoise(eng["fast"].latent()) for mode, e in eng.items()}
     assert (images["fast"] - images["reference"]).abs().mean() < 2e-2
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_a_new_start_refills_the_same_buffers_and_matches_a_fresh_engine(sd, with_mask):
+    """start() reuses the fast state (and, on CUDA, its captured graph): it must reset everything an edit keeps."""
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
+    mask = _mask() if with_mask else None
+    reused, fresh = (DragDiffusionEngine(sd, DragDiffusionConfig(**BASE), rt) for _ in range(2))
+    for e in (reused, fresh):
+        e.prepare(_image(), PROMPT)
+    reused.start(HANDLES, TARGETS, mask)
+    first = reused._fast
+    list(reused.run(max_steps=3))
+    reused.start(HANDLES, TARGETS, mask)
+    assert reused._fast is first
+    got = [r.handles for r in reused.run(max_steps=3)]
+    fresh.start(HANDLES, TARGETS, mask)
+    want = [r.handles for r in fresh.run(max_steps=3)]
+    assert got == want
+    torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
