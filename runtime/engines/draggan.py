@@ -105,6 +105,8 @@ def _positive(name: str, value: float) -> None:
 
 @dataclass
 class _FastState:
+    w: Tensor  # the optimised styles (the engine's ``w``), a leaf
+    w0: Tensor  # [1, num_ws, w_dim] the start latent (fixed styles come from it)
     handles: Tensor  # [P_max, 2] x, y (image px), integers after tracking
     targets: Tensor  # [P_max, 2]
     active: Tensor  # [P_max] bool
@@ -163,6 +165,7 @@ class DragGANEngine:
         self.w: Tensor | None = None
         self.w0: Tensor | None = None
         self._fast: _FastState | None = None
+        self._fast_states: dict[bool, _FastState] = {}
         self._ref: dict | None = None
         # Fast mode on CUDA runs on a stream of its own, from start() through warm-up, capture and replay,
         # ordered with the caller's stream by events (no host waits). Capturing the backward on the stream
@@ -212,13 +215,20 @@ class DragGANEngine:
             raise ValueError(f"handle_points has {len(handles)} points but target_points has {len(targets)}")
         fixed = self._check_mask(mask)
         with self._on_engine_stream():
-            self.w0 = w.detach().clone()
+            w0 = w.detach().clone()
             free = w.detach().clone() if cfg.latent_space == "w+" else w[:, 0, :].detach().clone()
-            self.w = free.requires_grad_(True)
+            reuse = self._fast_states.get(fixed is not None) if cfg.mode == "fast" else None
+            if reuse is None:
+                self.w0, self.w = w0, free.requires_grad_(True)
+            else:  # the buffers a captured graph reads: refill them
+                with torch.no_grad():
+                    reuse.w.copy_(free)
+                    reuse.w0.copy_(w0)
+                self.w0, self.w = reuse.w0, reuse.w
             if cfg.mode == "reference":
                 self._start_reference(handles, targets, fixed)
             else:
-                self._start_fast(handles, targets, fixed)
+                self._start_fast(handles, targets, fixed, reuse)
 
     def _check_latent(self, w: Tensor) -> Tensor:
         return check_latent("w", w, self.G.num_ws, self.G.w_dim).to(self.device)
@@ -292,7 +302,7 @@ class DragGANEngine:
                                    stop_after=self.feature_resolution)
         return feats[-1]
 
-    def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None) -> None:
+    def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None, reuse: _FastState | None) -> None:
         cfg, dev = self.config, self.device
         n, pmax = len(handles), cfg.max_handles
         pad = torch.zeros(pmax, 2, device=dev)
@@ -303,13 +313,27 @@ class DragGANEngine:
         with torch.no_grad():
             feat0 = self._features(self._ws())
             refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
-        self._fast = _FastState(
-            handles=h_buf, targets=t_buf, active=active, refs=refs,
-            feat0=feat0.detach() if fixed is not None else None,
-            fixed=None if fixed is None else fixed[None, None],
-            exp_avg=torch.zeros_like(self.w), exp_avg_sq=torch.zeros_like(self.w),
-            t=torch.zeros((), device=dev), done=torch.zeros((), dtype=torch.bool, device=dev),
-            loss=torch.zeros((), device=dev))
+        fixed4 = None if fixed is None else fixed[None, None]
+        if reuse is None:
+            # One state (buffers + captured step graph) per forward kind (with / without the mask term), kept
+            # across start() calls: a new drag refills the buffers instead of capturing again.
+            reuse = _FastState(
+                w=self.w, w0=self.w0, handles=h_buf, targets=t_buf, active=active, refs=refs,
+                feat0=feat0.detach() if fixed is not None else None, fixed=fixed4,
+                exp_avg=torch.zeros_like(self.w), exp_avg_sq=torch.zeros_like(self.w),
+                t=torch.zeros((), device=dev), done=torch.zeros((), dtype=torch.bool, device=dev),
+                loss=torch.zeros((), device=dev))
+            self._fast_states[fixed is not None] = reuse
+        else:
+            with torch.no_grad():
+                for dst, src in ((reuse.handles, h_buf), (reuse.targets, t_buf), (reuse.active, active),
+                                 (reuse.refs, refs), (reuse.feat0, feat0), (reuse.fixed, fixed4)):
+                    if dst is not None:
+                        dst.copy_(src)
+                for t in (reuse.exp_avg, reuse.exp_avg_sq, reuse.t, reuse.loss):
+                    t.zero_()
+                reuse.done.fill_(False)
+        self._fast = reuse
         self._n_handles = n
         self._targets_host = targets.tolist()
 

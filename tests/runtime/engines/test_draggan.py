@@ -158,3 +158,25 @@ def test_cuda_graph_and_compile_equal_eager_fast_mode() -> None:
     # Inductor fuses and reorders float32 arithmetic: same points, latent within rounding.
     assert out[True, "default"][0] == eager[0]
     torch.testing.assert_close(out[True, "default"][1], eager[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_a_new_start_refills_the_same_buffers_and_matches_a_fresh_engine(device, with_mask) -> None:
+    """start() reuses the fast state (and, on CUDA, its captured graph): it must reset everything an edit keeps."""
+    reused = engines(device)["fast"]
+    fresh = engines(device)["fast"]
+    w = reused.latent_from_seed(3)
+    mask = None
+    if with_mask:
+        mask = torch.zeros(reused.size)
+        mask[: reused.size[0] // 2] = 1
+    reused.start(w, HANDLES, TARGETS, mask)
+    first = reused._fast
+    list(reused.run(max_steps=3))
+    reused.start(w, HANDLES, TARGETS, mask)
+    assert reused._fast is first
+    got = [r.handles for r in reused.run(max_steps=3)]
+    fresh.start(w, HANDLES, TARGETS, mask)
+    want = [r.handles for r in fresh.run(max_steps=3)]
+    assert got == want
+    torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
