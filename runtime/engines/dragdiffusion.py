@@ -157,6 +157,7 @@ class _Prepared:
     z_t: Tensor  # [1, 4, h, w] float32 inverted latent
     t: int  # the drag timestep
     denoise_timesteps: list[int]
+    denoise_coefficients: list[tuple[float, float]]  # (a, b) of each denoise step: x_prev = a * x + b * eps
     lora: dict[str, Tensor] | None
     a: float  # x_{t-1} = a * z_t + b * eps (DDIM, eta 0)
     b: float
@@ -231,16 +232,8 @@ class DragDiffusionEngine:
         self._ref: dict | None = None
         self._denoise_graph: dict | None = None
 
-    @contextlib.contextmanager
-    def _on_engine_stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(caller)
-        with torch.cuda.stream(self._stream):
-            yield
-        caller.wait_stream(self._stream)
+    def _on_engine_stream(self) -> contextlib.AbstractContextManager:
+        return stepping.on_stream(self._stream, self.device)
 
     # --- phase 1: LoRA, encode, invert ----------------------------------------------------------------------
 
@@ -289,9 +282,14 @@ class DragDiffusionEngine:
                                    progress=progress)
         times["inversion"] = time.perf_counter() - t1
         emb = inv.encode_prompt(self.sd, prompt).to(self.device, self.dtype)
-        a, b = inv.ddim_step_coefficients(self.sd.scheduler, int(res.t), cfg.num_inference_steps)
+        sched = inv.ddim_schedule(self.sd.scheduler, cfg.num_inference_steps)  # once: it builds a scheduler
+        a, b = inv.ddim_step_coefficients(sched, int(res.t))
+        # the final denoise steps with diffusers' DDIMScheduler.step (its boundary rule)
+        denoise_coefficients = [tuple(inv.ddim_step_coefficients(sched, int(t), prev_inclusive=True))
+                                for t in res.denoise_timesteps]
         self.prepared = _Prepared(image=img, prompt=prompt, text_emb=emb, z_t=res.z_t.detach().float(), t=int(res.t),
-                                  denoise_timesteps=[int(x) for x in res.denoise_timesteps], lora=weights, a=a, b=b)
+                                  denoise_timesteps=[int(x) for x in res.denoise_timesteps],
+                                  denoise_coefficients=denoise_coefficients, lora=weights, a=a, b=b)
         self.prepared_timings = times
         self._drop_graphs()
         return self.prepared
@@ -370,16 +368,7 @@ class DragDiffusionEngine:
                 self._start_fast(handles, targets, keep)
 
     def _grid_points(self, name: str, points: Any, H: int, W: int) -> Tensor:
-        try:
-            t = torch.as_tensor(points, dtype=torch.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a list of [x, y] pairs: {exc}") from None
-        if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
-            raise ValueError(f"{name} must be [[x, y], ...] with at least one point, got shape {tuple(t.shape)}")
-        if t.shape[0] > self.config.max_handles:
-            raise ValueError(f"{name}: {t.shape[0]} points; at most max_handles={self.config.max_handles}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or infinite coordinates")
+        t = stepping.check_points(name, points, self.config.max_handles)
         if (t[:, 0] < 0).any() or (t[:, 0] > W - 1).any() or (t[:, 1] < 0).any() or (t[:, 1] > H - 1).any():
             raise ValueError(f"{name}: x must be within 0 to {W - 1} and y within 0 to {H - 1} px, got {t.tolist()}")
         # The reference: torch.round([y / H * sup_h, x / W * sup_w]) in float32 (round half to even). A point in
@@ -503,17 +492,7 @@ class DragDiffusionEngine:
     def _capture(self) -> torch.cuda.CUDAGraph:
         st = self._fast
         state = (st.z, st.handles, st.exp_avg, st.exp_avg_sq, st.adam_t, st.step, st.scale, st.done, st.loss)
-        with self._on_engine_stream():
-            keep = [t.detach().clone() for t in state]
-            for _ in range(2):  # warm-up off the default stream: compilation, cuDNN plans, memory pools
-                self._fast_body()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream):
-            self._fast_body()
-        with self._on_engine_stream(), torch.no_grad():  # capture must not change the edit
-            for dst, src in zip(state, keep):
-                dst.copy_(src)
-        return graph
+        return stepping.capture_step(self._fast_body, state, self._stream, self.device)
 
     # --- reference mode --------------------------------------------------------------------------------------
 
@@ -640,14 +619,10 @@ class DragDiffusionEngine:
         return out
 
     def _denoise_latents(self, z_edit: Tensor, unet_call: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        from dragrt.runtime import inversion as inv
-
-        p, cfg = self.prepared, self.config
+        p = self.prepared
         latents = torch.cat([p.z_t.to(z_edit), z_edit.float()]).to(self.dtype)
-        for i, t in enumerate(p.denoise_timesteps):
+        for i, (t, (a, b)) in enumerate(zip(p.denoise_timesteps, p.denoise_coefficients)):
             eps = unet_call(latents, t, i)
-            # the pipeline denoises with diffusers' DDIMScheduler.step (its boundary rule)
-            a, b = inv.ddim_step_coefficients(self.sd.scheduler, t, cfg.num_inference_steps, prev_inclusive=True)
             latents = (a * latents.float() + b * eps.float()).to(self.dtype)
         return latents
 

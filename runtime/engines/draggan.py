@@ -167,22 +167,12 @@ class DragGANEngine:
         self._fast: _FastState | None = None
         self._fast_states: dict[bool, _FastState] = {}
         self._ref: dict | None = None
-        # Fast mode on CUDA runs on a stream of its own, from start() through warm-up, capture and replay,
-        # ordered with the caller's stream by events (no host waits). Capturing the backward on the stream
-        # where the latent's gradient accumulator lives is what lets autograd run inside the graph
-        # (measured on an H200: capturing from the default stream fails with cudaErrorStreamCaptureImplicit).
+        # Fast mode on CUDA runs on a stream of its own, from start() through warm-up, capture and replay
+        # (why: stepping.on_stream).
         self._stream = torch.cuda.Stream(self.device) if (self.device.type == "cuda" and cfg.mode == "fast") else None
 
-    @contextlib.contextmanager
-    def _on_engine_stream(self) -> Iterator[None]:
-        if self._stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(caller)
-        with torch.cuda.stream(self._stream):
-            yield
-        caller.wait_stream(self._stream)
+    def _on_engine_stream(self) -> contextlib.AbstractContextManager:
+        return stepping.on_stream(self._stream, self.device)
 
     # --- phase 1: latent, handles, targets ----------------------------------------------------------------
 
@@ -234,16 +224,7 @@ class DragGANEngine:
         return check_latent("w", w, self.G.num_ws, self.G.w_dim).to(self.device)
 
     def _check_points(self, name: str, points) -> Tensor:
-        try:
-            t = torch.as_tensor(points, dtype=torch.float64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} must be a list of [x, y] pairs: {exc}") from None
-        if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
-            raise ValueError(f"{name} must be [[x, y], ...] with at least one point, got shape {tuple(t.shape)}")
-        if t.shape[0] > self.config.max_handles:
-            raise ValueError(f"{name}: {t.shape[0]} points; at most max_handles={self.config.max_handles}")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or infinite coordinates")
+        t = stepping.check_points(name, points, self.config.max_handles)
         hi = self.resolution - 1
         if (t < 0).any() or (t > hi).any():
             raise ValueError(f"{name}: every coordinate must be within the image, 0 to {hi} px, got {t.tolist()}")
@@ -371,17 +352,7 @@ class DragGANEngine:
     def _capture(self) -> torch.cuda.CUDAGraph:
         st = self._fast
         state = (self.w, st.handles, st.exp_avg, st.exp_avg_sq, st.t, st.done, st.loss)
-        with self._on_engine_stream():
-            keep = [t.detach().clone() for t in state]
-            for _ in range(2):  # warm-up (off the default stream): Triton compilation, cuDNN plans, pools
-                self._fast_body()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._stream):
-            self._fast_body()
-        with self._on_engine_stream(), torch.no_grad():  # undo the warm-up steps: capture must not change the edit
-            for dst, src in zip(state, keep):
-                dst.copy_(src)
-        return graph
+        return stepping.capture_step(self._fast_body, state, self._stream, self.device)
 
     # --- reference mode -------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ coordinates) into a result in image pixels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -95,3 +96,53 @@ def pipelined_run(step: Callable[[], tuple[Tensor, Tensor, Tensor]], snapshot: C
         pending = (k, snap)
     if pending is not None:
         yield result(pending[0], pending[1], t_last)
+
+
+def check_points(name: str, points: Any, max_handles: int) -> Tensor:
+    """User points ``[[x, y], ...]`` as float64 ``[P, 2]``: 1 to ``max_handles`` finite points, else a
+    ``ValueError`` naming ``name`` and what is allowed. The caller checks them against its image."""
+    try:
+        t = torch.as_tensor(points, dtype=torch.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a list of [x, y] pairs: {exc}") from None
+    if t.dim() != 2 or t.shape[1] != 2 or t.shape[0] < 1:
+        raise ValueError(f"{name} must be [[x, y], ...] with at least one point, got shape {tuple(t.shape)}")
+    if t.shape[0] > max_handles:
+        raise ValueError(f"{name}: {t.shape[0]} points; at most max_handles={max_handles}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or infinite coordinates")
+    return t
+
+
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None, device: torch.device) -> Iterator[None]:
+    """Run the block on a fast engine's own CUDA stream, ordered after and before the caller's stream by
+    stream waits (no host waits); a no-op without a stream. Capturing the backward from the stream where the
+    latent's gradient accumulator lives is what lets autograd run inside a CUDA graph (capturing from the
+    default stream failed on an H200 with cudaErrorStreamCaptureImplicit)."""
+    if stream is None:
+        yield
+        return
+    caller = torch.cuda.current_stream(device)
+    stream.wait_stream(caller)
+    with torch.cuda.stream(stream):
+        yield
+    caller.wait_stream(stream)
+
+
+def capture_step(body: Callable[[], None], state: tuple[Tensor, ...], stream: torch.cuda.Stream,
+                 device: torch.device) -> torch.cuda.CUDAGraph:
+    """Capture one optimisation step ``body`` into a CUDA graph on ``stream``: two warm-up calls first
+    (compilation, cuDNN plans, memory pools), then the capture; the tensors in ``state`` (everything the step
+    updates) are put back afterwards, so capturing does not advance the edit."""
+    with on_stream(stream, device):
+        keep = [t.detach().clone() for t in state]
+        for _ in range(2):
+            body()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        body()
+    with on_stream(stream, device), torch.no_grad():
+        for dst, src in zip(state, keep):
+            dst.copy_(src)
+    return graph
