@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import pickle
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,17 +329,10 @@ def run_dragbench(root: str | Path | Sequence[DragBenchSample], components: Any,
     warm = []
     try:
         for s in samples[:warmup]:
-            t0 = time.perf_counter()
-            edit(s)
-            harness.synchronize()
-            warm.append(time.perf_counter() - t0)
+            warm.append(harness.timed_call(lambda s=s: edit(s))[1])
         rows = []
         for i, s in enumerate(samples):
-            harness.synchronize()
-            t0 = time.perf_counter()
-            result, edit_size = edit(s)
-            harness.synchronize()
-            wall = time.perf_counter() - t0
+            (result, edit_size), wall = harness.timed_call(lambda s=s: edit(s))
             H, W = s.image.height, s.image.width
             img = result.image.detach().float().clamp(0, 1)
             if tuple(img.shape[-2:]) != (H, W):

@@ -281,13 +281,18 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def measure_compile(fn: Callable[[], Any]) -> float:
-    """Seconds taken by one synchronised call of ``fn``: use it for the first (compiling/capturing) call."""
+def timed_call(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds)`` for one call, synchronised with the device before and after (no-op without CUDA)."""
     synchronize()
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     synchronize()
-    return time.perf_counter() - t0
+    return out, time.perf_counter() - t0
+
+
+def measure_compile(fn: Callable[[], Any]) -> float:
+    """Seconds taken by one synchronised call of ``fn``: use it for the first (compiling/capturing) call."""
+    return timed_call(fn)[1]
 
 
 def sync_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:

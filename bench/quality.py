@@ -581,17 +581,11 @@ def run_suite(editor: Callable[[DragTask], Any], tasks: Sequence[DragTask], land
     warmup = _check_int("warmup", warmup, 0, len(tasks))
     warm: list[float] = []
     for task in tasks[:warmup]:
-        t0 = time.perf_counter()
-        editor(task)
-        harness.synchronize()
-        warm.append(time.perf_counter() - t0)
+        warm.append(harness.timed_call(lambda task=task: editor(task))[1])
     rows = []
     for i, task in enumerate(tasks):
-        harness.synchronize()
-        t0 = time.perf_counter()
-        out = editor(task)
-        harness.synchronize()
-        wall_ms = (time.perf_counter() - t0) * 1e3
+        out, wall_s = harness.timed_call(lambda task=task: editor(task))
+        wall_ms = wall_s * 1e3
         if not isinstance(out, EditOutput):
             out = EditOutput(image=out)
         scores = score_edit(task, out.image, landmark_model, attribute_model, source_image=out.source_image,

@@ -18,7 +18,6 @@ Targets are placed far from the handles, so no edit stops early: every edit runs
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -53,11 +52,7 @@ def _wall(fn, reps: int) -> harness.Timing:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append(harness.timed_call(fn)[1] * 1e3)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     return harness.Timing(times_ms=times, clock="perf_counter", peak_mem_mb=peak)
 
