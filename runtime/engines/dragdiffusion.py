@@ -226,11 +226,14 @@ class DragDiffusionEngine:
         self._base_fingerprint: str | None = None
         self._fast: _FastState | None = None
         # One fast state (buffers + captured step graph) per forward kind (with / without the mask term), kept
-        # across start() calls on the same prepared image: a new drag refills the buffers instead of capturing
-        # again, so an interactive run starts with its first step.
+        # across start() calls and across prepared images of the same size and schedule (the prompt embedding
+        # is refilled in place): a new drag refills the buffers instead of capturing again, so an interactive
+        # run starts with its first step.
         self._fast_states: dict[bool, _FastState] = {}
         self._ref: dict | None = None
-        self._denoise_graph: dict | None = None
+        self._unet_graphs: dict[tuple, dict[str, Any]] = {}  # whole-UNet graphs (inversion, denoise)
+        self._graph_key: tuple | None = None
+        self._text_emb: Tensor | None = None
 
     def _on_engine_stream(self) -> contextlib.AbstractContextManager:
         return stepping.on_stream(self._stream, self.device)
@@ -287,20 +290,33 @@ class DragDiffusionEngine:
         # the final denoise steps with diffusers' DDIMScheduler.step (its boundary rule)
         denoise_coefficients = [tuple(inv.ddim_step_coefficients(sched, int(t), prev_inclusive=True))
                                 for t in res.denoise_timesteps]
-        self.prepared = _Prepared(image=img, prompt=prompt, text_emb=emb, z_t=res.z_t.detach().float(), t=int(res.t),
-                                  denoise_timesteps=[int(x) for x in res.denoise_timesteps],
+        # Captured graphs read the prompt embedding in place and bake in the latent size and the drag timestep: a
+        # new image of the same size and schedule refills the embedding and keeps them (no recapture).
+        graph_key = (tuple(res.z_t.shape), int(res.t), tuple(emb.shape))
+        if graph_key == self._graph_key:
+            self._text_emb.copy_(emb)
+        else:
+            self._fast_states = {}
+            self._graph_key, self._text_emb = graph_key, emb
+        self._fast = self._ref = None
+        self.prepared = _Prepared(image=img, prompt=prompt, text_emb=self._text_emb, z_t=res.z_t.detach().float(),
+                                  t=int(res.t), denoise_timesteps=[int(x) for x in res.denoise_timesteps],
                                   denoise_coefficients=denoise_coefficients, lora=weights, a=a, b=b)
         self.prepared_timings = times
-        self._drop_graphs()
         return self.prepared
 
     @contextlib.contextmanager
     def _unet_for_inversion(self) -> Iterator[Callable | None]:
-        """The UNet call the inversion uses: the engine's own (fast: compiled blocks; reference: its fp16 copy)."""
+        """The UNet call the inversion uses: the engine's own (fast: compiled blocks replayed from a CUDA graph;
+        reference: its fp16 copy, eager)."""
         unet = self.unet
+        if self._use_graphs():
 
-        def call(latent: Tensor, t: Any, emb: Tensor) -> Tensor:
-            return unet(latent.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+            def call(latent: Tensor, t: Any, emb: Tensor) -> Tensor:
+                return self._unet_graph_call("plain", latent, t, emb).clone()
+        else:
+            def call(latent: Tensor, t: Any, emb: Tensor) -> Tensor:
+                return unet(latent.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
 
         yield call
 
@@ -332,7 +348,8 @@ class DragDiffusionEngine:
         """Forget the edit state and the captured graphs (they read this image's prompt embedding and latents)."""
         self._fast = self._ref = None
         self._fast_states = {}
-        self._denoise_graph = None
+        self._unet_graphs = {}
+        self._graph_key = self._text_emb = None
 
     # --- phase 2: start --------------------------------------------------------------------------------------
 
@@ -636,34 +653,50 @@ class DragDiffusionEngine:
         if self.config.start_step > 0:
             raise ValueError("start_step > 0 is not supported by the fast denoise yet; use mode='reference'")
         with self._mutual(literal=False):
-            if self.config.cuda_graph and self.device.type == "cuda":
-                call = self._denoise_graph_call(emb2)
+            if self._use_graphs():
+                def call(x: Tensor, t: int, i: int) -> Tensor:
+                    return self._unet_graph_call("mutual", x, t, emb2)
             else:
                 def call(x: Tensor, t: int, i: int) -> Tensor:
                     return self.unet(x, torch.tensor([t], device=self.device), encoder_hidden_states=emb2).sample
             latents = self._denoise_latents(z_edit, call)
         return self._decode(latents[1:])
 
-    def _denoise_graph_call(self, emb2: Tensor) -> Callable[[Tensor, int, int], Tensor]:
-        g = self._denoise_graph
-        if g is None:
-            h, w = self.prepared.z_t.shape[-2:]
-            x_buf = torch.zeros(2, 4, h, w, device=self.device, dtype=self.dtype)
-            t_buf = torch.zeros(1, device=self.device, dtype=torch.long)
-            for _ in range(2):
-                self.unet(x_buf, t_buf, encoder_hidden_states=emb2)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
-                out = self.unet(x_buf, t_buf, encoder_hidden_states=emb2).sample
-            g = self._denoise_graph = {"graph": graph, "x": x_buf, "t": t_buf, "out": out}
+    def _use_graphs(self) -> bool:
+        return self.config.mode == "fast" and self.config.cuda_graph and self.device.type == "cuda"
 
-        def call(x: Tensor, t: int, i: int) -> Tensor:
-            g["x"].copy_(x)
-            g["t"].fill_(t)
-            g["graph"].replay()
+    def _unet_graph_call(self, kind: str, x: Tensor, t: Any, emb: Tensor) -> Tensor:
+        """``unet(x, t, emb).sample`` replayed from a CUDA graph captured on first use, one per ``kind`` (the
+        attention processors active at capture: ``"plain"`` or ``"mutual"``) and batch size. The returned tensor is
+        the graph's output buffer: the next replay overwrites it. Inputs are copied into the graph's buffers, so
+        the inversion (under ``inference_mode``) and the denoise share the mechanism."""
+        key = (kind, tuple(x.shape), tuple(emb.shape))
+        with torch.inference_mode(False), torch.no_grad():
+            g = self._unet_graphs.get(key)
+            if g is None:
+                # graphs of another image size are not needed any more: free their memory pools
+                self._unet_graphs = {k: v for k, v in self._unet_graphs.items() if k[1][1:] == key[1][1:]}
+                bufs = {"x": torch.zeros(x.shape, device=self.device, dtype=self.dtype),
+                        "t": torch.zeros(1, device=self.device, dtype=torch.long),
+                        "emb": torch.zeros(emb.shape, device=self.device, dtype=self.dtype)}
+                for name, value in (("x", x), ("emb", emb)):
+                    bufs[name].copy_(value)
+                with self._on_engine_stream():
+                    for _ in range(2):  # warm-up: compilation, cuDNN plans, the memory pool
+                        self.unet(bufs["x"], bufs["t"], encoder_hidden_states=bufs["emb"])
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=self._stream):
+                        out = self.unet(bufs["x"], bufs["t"], encoder_hidden_states=bufs["emb"]).sample
+                g = self._unet_graphs[key] = {"graph": graph, "out": out, **bufs}
+            with self._on_engine_stream():
+                g["x"].copy_(x)
+                if isinstance(t, Tensor):
+                    g["t"].copy_(t.reshape(1))  # a device timestep: no host sync
+                else:
+                    g["t"].fill_(int(t))
+                g["emb"].copy_(emb)
+                g["graph"].replay()
             return g["out"]
-
-        return call
 
     def _decode(self, latents: Tensor) -> Tensor:
         vae = self.sd.vae

@@ -28,9 +28,9 @@ def sd():
     return build_random_sd15(tiny=True, seed=0)
 
 
-def _image() -> torch.Tensor:
+def _image(k: float = 1.0) -> torch.Tensor:
     y, x = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    return torch.stack([torch.sin(9 * x), torch.cos(7 * y), torch.sin(5 * (x + y))])[None]
+    return torch.stack([torch.sin(9 * k * x), torch.cos(7 * y), torch.sin(5 * (x + k * y))])[None]
 
 
 def _engines(sd, **kw):
@@ -183,6 +183,28 @@ def test_fast_mode_on_cuda_graphs_and_compiled_blocks_match_the_reference():
     assert max(abs(a - b) for r, f in zip(ref, fast) for p, q in zip(r, f) for a, b in zip(p, q)) <= 4.0
     images = {mode: e.denoise(eng["fast"].latent()) for mode, e in eng.items()}
     assert (images["fast"] - images["reference"]).abs().mean() < 2e-2
+    # the inversion replays a captured UNet graph in fast mode: same z_t as the reference's eager fp16 UNet
+    z = {mode: e.prepared.z_t for mode, e in eng.items()}
+    assert (z["fast"] - z["reference"]).abs().max() < 2e-2 * z["reference"].abs().max()
+
+    # a second image of the same size keeps every captured graph (the prompt embedding is refilled in place)
+    # and edits exactly as a fresh engine does
+    fast = eng["fast"]
+    step_graph, unet_graphs = fast._fast_states[True].graph, dict(fast._unet_graphs)
+    fresh = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", **BASE), rt)
+    out = {}
+    for name, e in (("reused", fast), ("fresh", fresh)):
+        e.prepare(_image(1.7), "another prompt")
+        e.start(HANDLES, TARGETS, _mask())
+        out[name] = ([r.handles for r in e.run()], e.latent(), e.denoise())
+    assert fast._fast_states[True].graph is step_graph
+    assert all(fast._unet_graphs[k]["graph"] is g["graph"] for k, g in unet_graphs.items())
+    # the same kernels replayed; two captures may still pick different cuBLAS/cuDNN algorithms, so allow rounding
+    steps = [(p, q) for r, f in zip(out["reused"][0], out["fresh"][0]) for p, q in zip(r, f)]
+    assert len(out["reused"][0]) == len(out["fresh"][0])
+    assert max(abs(a - b) for p, q in steps for a, b in zip(p, q)) <= 2.0
+    torch.testing.assert_close(out["reused"][1], out["fresh"][1], rtol=1e-2, atol=1e-2)
+    assert (out["reused"][2] - out["fresh"][2]).abs().mean() < 1e-2
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -203,3 +225,27 @@ def test_a_new_start_refills_the_same_buffers_and_matches_a_fresh_engine(sd, wit
     want = [r.handles for r in fresh.run(max_steps=3)]
     assert got == want
     torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
+
+
+def test_a_new_image_of_the_same_size_keeps_the_fast_state_and_matches_a_fresh_engine(sd):
+    """prepare() of another image (same size) refills the prompt embedding in place and keeps the fast state, whose
+    captured graphs read it: the edit must equal a fresh engine's, prompt included."""
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
+    reused, fresh = (DragDiffusionEngine(sd, DragDiffusionConfig(**BASE), rt) for _ in range(2))
+    reused.prepare(_image(), PROMPT)
+    reused.start(HANDLES, TARGETS, _mask())
+    list(reused.run(max_steps=2))
+    state, emb = reused._fast_states[True], reused.prepared.text_emb
+    got, want = {}, {}
+    for e, out in ((reused, got), (fresh, want)):
+        e.prepare(_image(1.7), "another prompt")
+        e.start(HANDLES, TARGETS, _mask())
+        out["handles"] = [r.handles for r in e.run(max_steps=3)]
+        out["latent"], out["image"] = e.latent(), e.denoise()
+    assert reused._fast_states[True] is state and reused.prepared.text_emb is emb
+    assert got["handles"] == want["handles"]
+    torch.testing.assert_close(got["latent"], want["latent"], rtol=0, atol=0)
+    torch.testing.assert_close(got["image"], want["image"], rtol=0, atol=0)
+    # a different size starts over
+    reused.prepare(torch.nn.functional.interpolate(_image(), (192, 192)), PROMPT)
+    assert reused._fast_states == {}
