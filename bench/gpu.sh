@@ -11,7 +11,8 @@
 #
 # Wheels of packages the machine lacks (diffusers, importlib_metadata, xformers, ...) are installed from
 # the folder .whl/ at the repository root, or from $DRAGRT_WHEELS, without touching the network
-# (CONTRIBUTING.md says how to fetch them). Logs and results go to OUT_DIR.
+# (CONTRIBUTING.md says how to fetch them). Logs and results go to OUT_DIR. DRAGRT_SKIP_INSTALL=1 skips both
+# installs (a second gpu.sh running beside a first one, e.g. one per GPU, reuses its install).
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [STEP ...]}
 shift
@@ -25,9 +26,12 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DRAGRT_BENCH_RESULTS="$out/results"
 # ../shared does not travel to the device machine: a copy of its assets in the ignored .assets/ (carry it) serves.
 [ -d "$root/.assets" ] && export DRAGRT_ASSETS=${DRAGRT_ASSETS:-$root/.assets}
 
+site=/tmp/dragrt-site
+if [ -n "${DRAGRT_SKIP_INSTALL:-}" ]; then  # a second gpu.sh on the same machine (e.g. one per GPU): reuse the install
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
 wheels=${DRAGRT_WHEELS:-$root/.whl}
 if compgen -G "$wheels/*.whl" >/dev/null; then
-  site=/tmp/dragrt-site
   $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
     || { echo "gpu.sh: installing the wheels in $wheels failed" >&2; exit 1; }
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -35,6 +39,7 @@ fi
 # dragrt itself: an editable install from this checkout, with no dependency resolution (offline).
 $py -m pip install -q --no-index --no-deps --no-build-isolation -e "$root" >"$out/install.log" 2>&1 \
   || { echo "gpu.sh: pip install -e failed (see $out/install.log)" >&2; cat "$out/install.log" >&2; exit 1; }
+fi
 
 status=0
 for step in "${steps[@]}"; do
