@@ -460,6 +460,18 @@ def _dragrt_version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # "bench" and "convert" hand everything after them to their own CLIs, "-h" included (an argparse REMAINDER
+    # argument does not take a leading option, so parse_args would reject "dragrt bench -h").
+    if argv and argv[0] == "bench":
+        return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    if argv and argv[0] == "convert":
+        rest = argv[1:]
+        if rest and rest[0] in ("-h", "--help"):
+            print(f"usage: dragrt convert {{{','.join(_CONVERTERS)}}} ARGS ... (dragrt convert KIND -h for KIND's "
+                  "arguments)\nconvert checkpoints to safetensors without running their code")
+            return 0
+        return _cmd_convert(argparse.Namespace(kind=rest[0] if rest else None, rest=rest[1:]))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -69,3 +69,23 @@ def test_convert_stylegan2_round_trip_through_the_cli(tmp_path, capsys) -> None:
     assert cli.main(["convert", "stylegan2", str(bad), str(tmp_path / "out")]) in (1, 2)
     assert not (tmp_path / "out.safetensors").exists()
     assert hasattr(conv, "main")
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["bench", "-h"], "usage: dragrt bench"),
+    (["bench", "list"], "dragdiffusion-step"),
+    (["convert", "--help"], "usage: dragrt convert {stylegan2}"),
+])
+def test_forwarding_commands_take_their_own_options(argv, expect, capsys) -> None:
+    """`dragrt bench -h` and `dragrt convert -h` print their help (argparse's REMAINDER would reject a leading -h)."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as exc:  # argparse's own -h exits 0
+        rc = exc.code
+    assert rc == 0
+    assert expect in capsys.readouterr().out
+
+
+def test_convert_without_a_kind_names_the_choices(capsys) -> None:
+    assert cli.main(["convert"]) == 2
+    assert "choose what to convert: stylegan2" in capsys.readouterr().err
