@@ -156,8 +156,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 _EVAL_METHODS = ("dragdiffusion", "draggan", "oracle", "identity", "dragbench")
 _EVAL_MODES = ("fast", "reference")
-# The zoo models the drag methods would run on by default, and why --model is required for now.
-_UNSHIPPED = {
+# The zoo model each drag method runs on by default (when shipped), what it is, and what --model takes instead.
+_DEFAULT_MODELS = {
     "dragdiffusion": ("zoo:faces-sd", "the zoo's diffusion model", "a diffusers folder or a single SD1.x .safetensors"),
     "draggan": ("zoo:faces-stylegan2", "the zoo's StyleGAN2",
                 "a converted generator (OUT, OUT.json or OUT.safetensors from 'dragrt convert stylegan2', "
@@ -168,8 +168,9 @@ _EVAL_EPILOG = (
     "turn head; one and several handles; with and without masks), targets from the renderer's ground truth, scored "
     "by the zoo's landmark regressor (drag error), PSNR/SSIM and an attribute-model feature distance outside the "
     "edited region. Both modes run on the same tasks; one JSON record per run (bench/quality.py explains every "
-    "number). dragdiffusion and draggan need --model for now: the zoo's diffusion model (zoo:faces-sd) and "
-    "StyleGAN2 (zoo:faces-stylegan2) are not shipped yet (their training did not reach quality). oracle and "
+    "number). dragdiffusion runs on zoo:faces-sd by default (shipped as a provisional model: its card says how far "
+    "it is from its target); draggan needs --model for now, as the zoo's StyleGAN2 (zoo:faces-stylegan2) is not "
+    "shipped yet (its training did not reach quality). oracle and "
     "identity are calibration editors (a perfect edit; no edit). dragbench runs DragDiffusion over a local "
     "DragBench folder (--dragbench DIR, --model an SD1.x) and scores mean distance (DIFT features of --model) and "
     "PSNR/SSIM at 224x224 (bench/dragbench.py).")
@@ -178,8 +179,8 @@ _EVAL_EPILOG = (
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", choices=_EVAL_METHODS, help="what to score: " + ", ".join(_EVAL_METHODS))
     p.add_argument("--model", default=None, metavar="PATH_OR_ZOO",
-                   help="dragdiffusion: a diffusers folder or SD1.x .safetensors; draggan: a converted StyleGAN2 "
-                        "(required for both: the zoo's models are not shipped yet)")
+                   help="dragdiffusion: a diffusers folder or SD1.x .safetensors (default zoo:faces-sd); draggan: "
+                        "a converted StyleGAN2 (required: zoo:faces-stylegan2 is not shipped yet)")
     p.add_argument("--modes", default="fast,reference", metavar="OURS,REFERENCE",
                    help="the two modes compared, ours first (default fast,reference)")
     p.add_argument("--tasks", type=int, default=20, metavar="N",
@@ -232,16 +233,15 @@ def _eval_editor_factory(args: argparse.Namespace, runtime, landmark_model):
     if args.method in quality.CALIBRATION_EDITORS:
         editor = quality.CALIBRATION_EDITORS[args.method]
         return lambda mode: editor
-    zoo_name, what, expected = _UNSHIPPED[args.method]
+    zoo_name, what, expected = _DEFAULT_MODELS[args.method]
     if args.model is None:
-        raise ValueError(f"{args.method} needs --model: {what} ({zoo_name}) is not shipped yet (its training did "
-                         f"not reach quality); pass {expected}")
+        args.model = zoo_name
     try:
         resolve(args.model)
     except FileNotFoundError as exc:
         if args.model.strip().rstrip("/") == zoo_name:
             what = what[0].upper() + what[1:]
-            raise FileNotFoundError(f"{exc}. {what} is not shipped yet (its training did not reach quality); "
+            raise FileNotFoundError(f"{exc}. {what} is not in this installation; "
                                     f"pass --model with {expected}") from None
         raise
     device = runtime.torch_device()

@@ -29,9 +29,21 @@ def test_subpackages_import_under_dragrt() -> None:
 
 
 def test_folders_refuse_to_be_top_level_packages() -> None:
-    proc = _run("import kernels", cwd=ROOT)
+    proc = _run("import runtime", cwd=ROOT)
+    assert proc.returncode != 0
+    assert "this folder is the package 'dragrt.runtime'" in proc.stderr
+    # `kernels` shares its name with a PyPI package that transformers imports to probe for: inert, not an error
+    proc = _run("import kernels; kernels.bilinear_sample", cwd=ROOT)
     assert proc.returncode != 0
     assert "this folder is the package 'dragrt.kernels'" in proc.stderr
+
+
+def test_transformers_and_diffusers_import_from_the_repository_root() -> None:
+    """From the checkout's root (python -c, a REPL), transformers imports `kernels` to probe for the PyPI package of
+    that name: our folder must read as "no usable kernels", not break the import."""
+    proc = _run("from transformers.activations import ACT2FN; from diffusers import StableDiffusionPipeline; "
+                "StableDiffusionPipeline.__name__", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_plain_checkout_works_without_install(tmp_path) -> None:

@@ -26,6 +26,7 @@ first chunk's ``minutes`` (minus an evaluation reserve); a resumed chunk continu
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -211,8 +212,12 @@ def save_text_encoder(text_model: CLIPTextModel, dest: str | os.PathLike, dtype:
         key = k if k.startswith("text_model.") else "text_model." + k
         v = v.detach().to("cpu")
         state[key] = (v.to(dtype) if v.is_floating_point() else v).contiguous()
-    cfg = text_model.config
+    cfg = copy.deepcopy(text_model.config)
     cfg.architectures = ["CLIPTextModel"]
+    # The dtype a plain from_pretrained loads in: float32, as diffusers loads the other parts of a pipeline. With
+    # "float16" here transformers 5 ("auto" dtype) kept the text tower in fp16 next to an fp32 UNet, and
+    # StableDiffusionPipeline.from_pretrained(folder) failed with a dtype mismatch.
+    cfg.dtype = torch.float32
     cfg.save_pretrained(str(dest))
     save_file(state, str(dest / WEIGHTS_FILE), metadata={"format": "pt"})
     os.chmod(dest / WEIGHTS_FILE, 0o644)

@@ -102,11 +102,14 @@ def git_commit(default: str = "unknown") -> str:
 
 
 def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, training: Mapping[str, Any],
-               metrics: Mapping[str, Any], files: list[str]) -> Path:
-    """Write ``dest/MODEL_CARD.md``: what the model is, the data, training (steps, device, device time,
-    commit, command) and the measured metrics."""
+               metrics: Mapping[str, Any], files: list[str], status: str | None = None) -> Path:
+    """Write ``dest/MODEL_CARD.md``: what the model is, its status (``status``: e.g. a missed target, said at
+    the top), the data, training (steps, device, device time, commit, command) and the measured metrics."""
     dest = Path(dest)
-    lines = [f"# zoo:{name}", "", summary, "", "## Data", "", data, "", "## Training", ""]
+    lines = [f"# zoo:{name}", "", summary, ""]
+    if status:
+        lines += ["## Status", "", status, ""]
+    lines += ["## Data", "", data, "", "## Training", ""]
     lines += [f"- {k}: {v}" for k, v in training.items()]
     lines += ["", "## Metrics", ""]
     lines += [f"- {k}: {v}" for k, v in metrics.items()]
@@ -114,6 +117,15 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     path = dest / CARD
     path.write_text("\n".join(lines))
     return path
+
+
+def target_status(metrics: Mapping[str, Any], measured: str, target: str) -> str | None:
+    """The card's status line of a model that misses its target (``metrics["meets_target"]`` false), else None."""
+    if metrics.get("meets_target", True):
+        return None
+    return (f"**Below target:** {measured} against the target {target}. Shipped as a provisional model so that the "
+            "demos and evaluations that need it run; every number it produces should be read with this in mind. "
+            "Train further (the command below resumes a run) and re-export to replace it.")
 
 
 def default_workers(requested: int = -1, *, cap: int = 30) -> int:

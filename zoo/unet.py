@@ -725,10 +725,15 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes 9 (twice) --export",
+            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M --export (again to resume)",
         },
         metrics={k: metrics[k] for k in keys if k in metrics},
         files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],
+        status=training.target_status(
+            metrics, f"{metrics.get('attribute_accuracy')} of sampled attributes correct (CFG "
+                     f"{metrics.get('main_guidance')}; the classifier scores "
+                     f"{metrics.get('classifier_on_vae_round_trips')} on VAE round trips of renders, the ceiling "
+                     "this VAE allows)", "0.8"),
     )
     return dest
 

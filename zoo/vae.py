@@ -407,11 +407,12 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "images seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes 8 --export",
+            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M --export (again to resume)",
         },
         metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
                  if k in metrics},
         files=["config.json", WEIGHTS_FILE],
+        status=training.target_status(metrics, f"{metrics.get('psnr_db')} dB PSNR on held-out renders", "28 dB"),
     )
     return dest
 

@@ -258,8 +258,8 @@ def zoo_without_generators(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["dragdiffusion"], "needs --model: the zoo's diffusion model (zoo:faces-sd) is not shipped yet"),
-    (["draggan"], "needs --model: the zoo's StyleGAN2 (zoo:faces-stylegan2) is not shipped yet"),
+    (["dragdiffusion"], "zoo model 'faces-sd' is not installed"),  # the default model, missing from this zoo
+    (["draggan"], "zoo model 'faces-stylegan2' is not installed"),
     (["dragdiffusion", "--model", "zoo:faces-sd"], "zoo model 'faces-sd' is not installed"),
     (["draggan", "--model", "zoo:faces-stylegan2"], "zoo model 'faces-stylegan2' is not installed"),
     (["oracle", "--landmarks", "zoo:faces-nope"], "zoo model 'faces-nope' is not installed"),
@@ -271,6 +271,6 @@ def test_cli_eval_errors_are_one_clear_line(argv, expected, zoo_without_generato
     assert cli.main(["eval", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
-    if "--model" in argv:
-        assert "not shipped yet" in err
+    if argv[0] in ("dragdiffusion", "draggan"):
+        assert "is not in this installation; pass --model with" in err
     assert not list(tmp_path.glob("*.json"))
