@@ -667,7 +667,7 @@ class DragDiffusionEngine:
 
     def _unet_graph_call(self, kind: str, x: Tensor, t: Any, emb: Tensor) -> Tensor:
         """``unet(x, t, emb).sample`` replayed from a CUDA graph captured on first use, one per ``kind`` (the
-        attention processors active at capture: ``"plain"`` or ``"mutual"``) and batch size. The returned tensor is
+        attention processors active at capture: ``"plain"`` or ``"mutual"``) and input shapes. The returned tensor is
         the graph's output buffer: the next replay overwrites it. Inputs are copied into the graph's buffers, so
         the inversion (under ``inference_mode``) and the denoise share the mechanism."""
         key = (kind, tuple(x.shape), tuple(emb.shape))
