@@ -145,6 +145,10 @@ _CONVERTERS = {"stylegan2": "dragrt.runtime.models.stylegan2_convert"}
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.kind in ("-h", "--help"):
+        print(f"usage: dragrt convert {{{','.join(_CONVERTERS)}}} ARGS ... (dragrt convert KIND -h for KIND's "
+              "arguments)\nconvert checkpoints to safetensors without running their code")
+        return 0
     if not args.kind or args.kind not in _CONVERTERS:
         print(f"dragrt convert: choose what to convert: {', '.join(_CONVERTERS)} "
               "(e.g. dragrt convert stylegan2 IN.pkl OUT)", file=sys.stderr)
@@ -466,12 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "bench":
         return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     if argv and argv[0] == "convert":
-        rest = argv[1:]
-        if rest and rest[0] in ("-h", "--help"):
-            print(f"usage: dragrt convert {{{','.join(_CONVERTERS)}}} ARGS ... (dragrt convert KIND -h for KIND's "
-                  "arguments)\nconvert checkpoints to safetensors without running their code")
-            return 0
-        return _cmd_convert(argparse.Namespace(kind=rest[0] if rest else None, rest=rest[1:]))
+        return _cmd_convert(argparse.Namespace(kind=argv[1] if len(argv) > 1 else None, rest=argv[2:]))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -496,20 +496,10 @@ class DragDiffusionEngine:
 
     def _step_fast(self) -> tuple[Tensor, Tensor, Tensor]:
         st = self._fast
-        if self.config.cuda_graph and self.device.type == "cuda" and st.graph is None:
-            st.graph = self._capture()
-        with self._on_engine_stream():
-            if st.graph is not None:
-                st.graph.replay()
-            else:
-                self._fast_body()
-        st.n += 1
+        stepping.fast_step(st, self._use_graphs(), lambda: (st.z, st.handles, st.exp_avg, st.exp_avg_sq, st.adam_t,
+                                                            st.step, st.scale, st.done, st.loss),
+                           self._fast_body, self._stream, self.device)
         return st.handles[: self._n_handles], st.done, st.loss
-
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        st = self._fast
-        state = (st.z, st.handles, st.exp_avg, st.exp_avg_sq, st.adam_t, st.step, st.scale, st.done, st.loss)
-        return stepping.capture_step(self._fast_body, state, self._stream, self.device)
 
     # --- reference mode --------------------------------------------------------------------------------------
 

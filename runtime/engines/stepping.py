@@ -146,3 +146,18 @@ def capture_step(body: Callable[[], None], state: tuple[Tensor, ...], stream: to
         for dst, src in zip(state, keep):
             dst.copy_(src)
     return graph
+
+
+def fast_step(st: Any, use_graph: bool, state: Callable[[], tuple[Tensor, ...]], body: Callable[[], None],
+              stream: torch.cuda.Stream | None, device: torch.device) -> None:
+    """One fast-mode step of an engine's state ``st`` (its ``graph``, ``n``): the step graph is captured on first
+    use when ``use_graph`` (``state()`` names the tensors the capture must put back), then replayed on the
+    engine's stream; without a graph ``body`` runs eagerly there."""
+    if use_graph and st.graph is None:
+        st.graph = capture_step(body, state(), stream, device)
+    with on_stream(stream, device):
+        if st.graph is not None:
+            st.graph.replay()
+        else:
+            body()
+    st.n += 1

@@ -370,6 +370,19 @@ def _eager() -> Iterator[None]:
         yield
 
 
+def _optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:
+    """Backward, step and zero the gradients (``set_to_none``, torch's default), through ``scaler`` (a GradScaler,
+    as accelerate's fp16 mixed precision does) when one is given."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_image_lora(
     components: SDComponents,
     image: Any,
@@ -493,14 +506,7 @@ def _train_reference(components: SDComponents, pixels: np.ndarray, emb: Tensor, 
         else:
             raise ValueError(f"unknown prediction_type {prediction!r} in the scheduler config")
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad()
+        _optimizer_step(loss, opt, scaler)
         if callback is not None:
             callback(step, loss.detach())
 
@@ -598,14 +604,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=use_autocast):
             pred = unet(noisy, timesteps, emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        _optimizer_step(loss, opt, scaler)
         if callback is not None:
             callback(step, loss.detach())
 
