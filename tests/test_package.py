@@ -32,10 +32,23 @@ def test_folders_refuse_to_be_top_level_packages() -> None:
     proc = _run("import runtime", cwd=ROOT)
     assert proc.returncode != 0
     assert "this folder is the package 'dragrt.runtime'" in proc.stderr
-    # `kernels` shares its name with a PyPI package that transformers imports to probe for: inert, not an error
-    proc = _run("import kernels; kernels.bilinear_sample", cwd=ROOT)
+    # `kernels` shares its name with a PyPI package (transformers >= 5.25 requires and imports it). Without it
+    # (`python -S`: no site-packages), the folder is an inert module whose attributes say what it is.
+    proc = subprocess.run([sys.executable, "-S", "-c", "import kernels; kernels.bilinear_sample"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "this folder is the package 'dragrt.kernels'" in proc.stderr
+
+
+def test_the_pypi_kernels_package_wins_over_the_folder_of_that_name() -> None:
+    """Where the PyPI `kernels` is installed, `import kernels` from the checkout's root gets it, not our folder."""
+    elsewhere = _run("import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')",
+                     cwd=Path("/"))
+    if not elsewhere.stdout.strip():
+        pytest.skip("the PyPI package 'kernels' is not installed here")
+    proc = _run("import kernels; print(kernels.__file__)", cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == elsewhere.stdout.strip()
 
 
 def test_transformers_and_diffusers_import_from_the_repository_root() -> None:

@@ -48,6 +48,13 @@ def tiny_folder(tiny: sd.SDComponents, tmp_path_factory: pytest.TempPathFactory)
     return sd.save_sd_folder(tiny, tmp_path_factory.mktemp("sd") / "tiny-diffusers")
 
 
+def _assert_same_output(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Bit-identical weights give the same function, but not always the same bits: CPU GEMM kernels pick their
+    vector paths by the weights' memory alignment, and safetensors maps a file's tensors at any offset (seen:
+    1.5e-6 apart, 0 once the loaded weights are copied to fresh memory). Float32 rounding apart, equal."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 def _inputs(components: sd.SDComponents, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = components.unet.config.sample_size
@@ -209,7 +216,7 @@ def test_folder_round_trip_gives_identical_weights_and_output(
     with torch.no_grad():
         ref = tiny.unet(latents, 681, encoder_hidden_states=emb).sample
         out = loaded.unet(latents, 681, encoder_hidden_states=_inputs(loaded)[1]).sample
-    assert torch.equal(ref, out)
+    _assert_same_output(out, ref)
 
 
 def test_folder_loads_in_half_precision(tiny_folder: Path) -> None:
@@ -237,7 +244,7 @@ def test_single_file_in_original_layout_round_trip(
     with torch.no_grad():
         ref = tiny.unet(latents, 681, encoder_hidden_states=emb).sample
         out = loaded.unet(latents, 681, encoder_hidden_states=emb).sample
-    assert torch.equal(ref, out)
+    _assert_same_output(out, ref)
 
 
 def test_original_layout_matches_diffusers_converters_at_full_size() -> None:
