@@ -23,6 +23,9 @@ TRAINERS: dict[str, str] = {
     "faces-stylegan2": "dragrt.zoo.stylegan2_train",
 }
 
+#: Trainers that can start a new run from exported weights (``--init``).
+INIT_TRAINERS = ("faces-vae", "faces-sd")
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
@@ -44,11 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-train", action="store_true", help="only export an existing run")
     parser.add_argument("--export", type=Path, nargs="?", const=True, default=None,
                         help="write shipped weights + model card (default dest: the package's weights/NAME)")
+    parser.add_argument("--init", default=None, metavar="PATH",
+                        help=f"start a new run from exported weights (a folder or zoo:NAME) instead of random ones; "
+                             f"for {', '.join(INIT_TRAINERS)}")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="faces-vae with --init: fine-tune the decoder only (the latent space stays the same)")
     args = parser.parse_args(argv)
     module = trainer(args.name)
+    extra = {}
+    if args.init is not None:
+        if args.name not in INIT_TRAINERS:
+            parser.error(f"--init is not supported for {args.name}; it is for {', '.join(INIT_TRAINERS)}")
+        extra["init"] = args.init
+    if args.decoder_only:
+        if args.name != "faces-vae" or args.init is None:
+            parser.error("--decoder-only is for faces-vae with --init")
+        extra["decoder_only"] = True
     if not args.no_train:
         metrics = module.train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
-                               smoke=args.smoke)
+                               smoke=args.smoke, **extra)
         print(json.dumps(metrics, indent=2, sort_keys=True))
     if args.export is not None:
         dest = WEIGHTS_DIR / args.name if args.export is True else args.export

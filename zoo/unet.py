@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,7 @@ class UNetHParams:
         eval_samples, eval_steps, guidance_scales, main_guidance: the evaluation (DDIM steps, CFG scales).
         eval_batch: prompts per pipeline call; grid_samples: samples in ``run_dir/samples.png``.
         num_workers: loader processes (-1: all CPUs but two, at most 14).
+        init: the exported pipeline folder (or ``zoo:`` name) whose UNet a new run started from; ``""``: random.
     """
 
     image_size: int = 256
@@ -150,9 +151,12 @@ class UNetHParams:
     eval_batch: int = 256
     grid_samples: int = 16
     num_workers: int = -1
+    init: str = ""
 
 
 HPARAMS = UNetHParams()
+#: A run started from a trained UNet (``init``): half the peak learning rate, a short warmup.
+FINETUNE_CHANGES: dict[str, Any] = {"lr": 4e-4, "warmup": 100}
 SMOKE_HPARAMS = UNetHParams(
     image_size=64, batch_size=4, fresh_per_step=2, buffer_size=16, min_fill=4, lr=3e-3, warmup=3,
     ema_decay=0.9, planned_seconds=0.0, min_steps=1, max_steps=16, fixed_steps=16, calib_skip=0, calib_steps=0,
@@ -354,6 +358,26 @@ def encode_batch(frozen: Frozen, images: torch.Tensor, captions: Sequence[str], 
     return latents, text
 
 
+def load_init_unet(init: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of the UNet in the exported pipeline folder ``init`` (or ``zoo:faces-sd``), checked
+    against ``config`` (the run's UNet config: a start from another architecture is an error)."""
+    from diffusers import UNet2DConditionModel
+
+    folder = training.resolve_zoo_path(init, "init") / "unet"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"init: {folder} has no UNet config; expected an exported {NAME} pipeline folder")
+    start = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    differ = sorted(k for k, v in config.items() if not k.startswith("_") and k in start.config
+                    and _as_list(start.config[k]) != _as_list(v))
+    if differ:
+        raise ValueError(f"init: the UNet in {folder} differs from this run's config in {', '.join(differ)}")
+    return start.state_dict()
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
                    generator: torch.Generator, *, min_snr_gamma: float = 0.0,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
@@ -375,7 +399,8 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas
 
 def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cuda", seed: int = 0,
           smoke: bool = False, vae_path: str | os.PathLike | None = None, clip_path: str | os.PathLike | None = None,
-          attributes_path: str | os.PathLike | None = None) -> dict[str, Any]:
+          attributes_path: str | os.PathLike | None = None,
+          init: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or resume) faces-sd in ``run_dir`` for at most ``minutes``; returns the metrics.
 
     The first chunk copies the frozen VAE, text tower and tokenizer (``vae_path``, default zoo:faces-vae;
@@ -395,10 +420,15 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
+        if init is not None:
+            raise ValueError(f"{run_dir} holds a run already; init applies to a new run only (resume without it, "
+                             "or use another run directory)")
         hp = UNetHParams(**{**state["hparams"], "guidance_scales": tuple(state["hparams"]["guidance_scales"])})
         seed, smoke = int(state["seed"]), bool(state["smoke"])
     else:
         hp = SMOKE_HPARAMS if smoke else HPARAMS
+        if init is not None:
+            hp = replace(hp, **({} if smoke else FINETUNE_CHANGES), init=str(init))
     _validate(hp)
 
     frozen_dir = run_dir / FROZEN
@@ -422,7 +452,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         raise ValueError(f"image_size {hp.image_size} must be 8 x the UNet sample_size {latent_hw}")
 
     torch.manual_seed(seed)
-    unet = build_unet(config).to(dev)
+    unet = build_unet(config)
+    if state is None and init is not None:
+        unet.load_state_dict(load_init_unet(init, config))
+    unet.to(dev)
     ema = zvae.Ema(unet, hp.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay,
                             **zvae.optimizer_kernel(dev))
@@ -725,7 +758,11 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M --export (again to resume)",
+            "started from": (f"the UNet of {state['hparams']['init']}" if state["hparams"].get("init")
+                             else "random initialisation"),
+            "command": (f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M"
+                        + (f" --init {state['hparams']['init']}" if state["hparams"].get("init") else "")
+                        + " --export (then again, without --init, to resume)"),
         },
         metrics={k: metrics[k] for k in keys if k in metrics},
         files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],

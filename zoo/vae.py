@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,10 @@ class VAEHParams:
         reserve_s: seconds of the chunk kept for evaluation and saving.
         eval_images: held-out renders in the evaluation.
         num_workers: loader processes (-1: all CPUs but two, at most 14).
+        decoder_only: train the decoder (and ``post_quant_conv``) only, the encoder frozen: the latent space
+            stays exactly that of the starting weights, so a diffusion model trained on it stays valid
+            (Stable Diffusion's ft-MSE autoencoder was made this way). Needs ``init``.
+        init: the exported folder (or ``zoo:`` name) a new run started from; ``""``: random weights.
     """
 
     image_size: int = 256
@@ -116,9 +120,13 @@ class VAEHParams:
     reserve_s: float = 30.0
     eval_images: int = 256
     num_workers: int = -1
+    decoder_only: bool = False
+    init: str = ""
 
 
 HPARAMS = VAEHParams()
+#: A run started from trained weights (``init``): half the peak learning rate, a short warmup.
+FINETUNE_CHANGES: dict[str, Any] = {"lr": 3e-4, "warmup": 100}
 SMOKE_HPARAMS = VAEHParams(image_size=64, batch_size=4, lr=2e-3, warmup=5, ema_decay=0.9, max_steps=24,
                            min_steps=1, fixed_steps=24, calib_steps=0, calib_skip=0, reserve_s=0.0,
                            eval_images=8, num_workers=0)
@@ -279,11 +287,14 @@ def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) ->
 
 
 def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cuda", seed: int = 0,
-          smoke: bool = False) -> dict[str, Any]:
+          smoke: bool = False, init: str | os.PathLike | None = None, decoder_only: bool = False) -> dict[str, Any]:
     """Train (or resume) faces-vae in ``run_dir`` for at most ``minutes`` of wall time; returns the metrics.
 
     The chunk stops at ``minutes`` minus the evaluation reserve, or when the planned schedule is done,
     then saves ``checkpoint.pt``, evaluates the EMA weights on held-out renders and writes ``metrics.json``.
+    ``init`` (an exported folder or ``zoo:faces-vae``) starts a new run from those weights (with
+    :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder (see :class:`VAEHParams`). A resumed
+    run keeps what its checkpoint says; passing either for it is an error.
     """
     budget = training.Budget(minutes)
     run_dir = Path(run_dir)
@@ -291,20 +302,34 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     dev = torch.device(device)
     setup_torch(dev)
     state = training.load_checkpoint(run_dir)
+    if decoder_only and init is None:
+        raise ValueError("decoder_only needs init: the frozen encoder must come from trained weights")
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
+        if init is not None or decoder_only:
+            raise ValueError(f"{run_dir} holds a run already; init and decoder_only apply to a new run only "
+                             "(resume without them, or use another run directory)")
         hp = VAEHParams(**state["hparams"])
         config = dict(state["config"])
         seed = int(state["seed"])
     else:
         hp = SMOKE_HPARAMS if smoke else HPARAMS
         config = dict(SMOKE_CONFIG if smoke else MODEL_CONFIG)
+        if init is not None:
+            start = load_vae(init)
+            config = {k: v for k, v in start.config.items() if not k.startswith("_")}
+            changes = {} if smoke else FINETUNE_CHANGES
+            hp = replace(hp, **changes, decoder_only=bool(decoder_only), init=str(init))
 
     torch.manual_seed(seed)
-    vae = build_vae(config).to(dev)
+    vae = build_vae(config)
+    if state is None and init is not None:
+        vae.load_state_dict(start.state_dict())
+    vae.to(dev)
+    trainable = trainable_parameters(vae, hp.decoder_only)
     ema = Ema(vae, hp.ema_decay)
-    opt = torch.optim.AdamW(vae.parameters(), lr=hp.lr, betas=(0.9, 0.99), weight_decay=hp.weight_decay,
+    opt = torch.optim.AdamW(trainable, lr=hp.lr, betas=(0.9, 0.99), weight_decay=hp.weight_decay,
                             **optimizer_kernel(dev))
     progress = Progress()
     if state is not None:
@@ -332,7 +357,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
             loss, parts = vae_loss(vae, batch["image"], hp, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), hp.grad_clip, foreach=True)
+        torch.nn.utils.clip_grad_norm_(trainable, hp.grad_clip, foreach=True)
         opt.step()
         ema.update(vae)
         progress.step += 1
@@ -375,6 +400,17 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     return metrics
 
 
+def trainable_parameters(vae: AutoencoderKL, decoder_only: bool) -> list[nn.Parameter]:
+    """Every parameter, or with ``decoder_only`` those of ``decoder`` and ``post_quant_conv`` (the encoder and
+    ``quant_conv`` are frozen: ``requires_grad`` off, so the encoder runs without building a graph)."""
+    if not decoder_only:
+        return list(vae.parameters())
+    for module in (vae.encoder, vae.quant_conv):
+        if module is not None:
+            module.requires_grad_(False)
+    return [p for m in (vae.decoder, vae.post_quant_conv) if m is not None for p in m.parameters()]
+
+
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the EMA weights of ``run_dir`` as a diffusers ``AutoencoderKL`` folder in fp16 (with the measured
     ``scaling_factor``) and a model card into ``dest``; returns ``dest``."""
@@ -407,7 +443,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "images seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M --export (again to resume)",
+            "started from": _start_description(state["hparams"]),
+            "command": (f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M{_init_flags(state['hparams'])} "
+                        "--export (then again, without --init/--decoder-only, to resume)"),
         },
         metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
                  if k in metrics},
@@ -415,6 +453,21 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
         status=training.target_status(metrics, f"{metrics.get('psnr_db')} dB PSNR on held-out renders", "28 dB"),
     )
     return dest
+
+
+def _start_description(hparams: Mapping[str, Any]) -> str:
+    """Where a run's weights started (for its model card)."""
+    init = hparams.get("init", "")
+    if not init:
+        return "random initialisation"
+    return f"{init}" + (" (encoder frozen: the decoder fine-tuned, the latent space unchanged)"
+                        if hparams.get("decoder_only") else " (all weights fine-tuned)")
+
+
+def _init_flags(hparams: Mapping[str, Any]) -> str:
+    """The ``--init``/``--decoder-only`` flags that started a run, as a command-line fragment."""
+    init = hparams.get("init", "")
+    return (f" --init {init}" + (" --decoder-only" if hparams.get("decoder_only") else "")) if init else ""
 
 
 def _loss_window_metrics(losses: list[float]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from dragrt.zoo import training
@@ -261,3 +262,25 @@ def test_latent_buffer_ring():
     assert buf.size == 4 and sorted(buf.latents.flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]
     lat, text = buf.sample(8, torch.Generator().manual_seed(0))
     assert lat.shape == (8, 1, 1, 1) and text.dtype == torch.float32
+
+
+def test_init_starts_a_new_run_from_an_exported_unet(smoke_run, exported, tmp_path):
+    """--init: the new run's UNet starts from the exported one (checked against the run's config), the card
+    says so, and a run that exists already refuses it."""
+    config = json.loads((exported / "unet" / "config.json").read_text())
+    state = zunet.load_init_unet(exported, config)
+    shipped = load_file(str(exported / "unet" / zunet.UNET_WEIGHTS))
+    assert set(state) == set(shipped)
+    assert all(torch.equal(state[k], shipped[k].float()) for k in shipped)
+    with pytest.raises(ValueError, match="differs from this run's config in block_out_channels"):
+        zunet.load_init_unet(exported, {**config, "block_out_channels": [8, 8, 16, 16]})
+
+    run = tmp_path / "run"
+    m = zunet.train(run, minutes=5, device="cpu", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
+                    clip_path=smoke_run.root / "clip", init=exported)
+    assert m["step"] == zunet.SMOKE_HPARAMS.fixed_steps
+    assert training.load_checkpoint(run)["hparams"]["init"] == str(exported)
+    card = (zunet.export(run, tmp_path / "out") / training.CARD).read_text()
+    assert f"the UNet of {exported}" in card and f"--init {exported}" in card
+    with pytest.raises(ValueError, match="new run only"):
+        zunet.train(run, minutes=1, device="cpu", smoke=True, init=exported)

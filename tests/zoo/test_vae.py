@@ -192,3 +192,44 @@ def test_compact_training_state_round_trip():
         assert torch.allclose(a, b, rtol=1e-2, atol=1e-12)
     exported = zvae.ema_model_state(model2, state)
     assert torch.allclose(exported["0.weight"], ema.shadow[0], atol=1e-5)
+
+
+def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
+    """--init + --decoder-only: the exported encoder is bit-identical to the start (so a diffusion model trained on
+    its latents stays valid), the decoder moved, the card says where the run started, and misuse is refused."""
+    from safetensors.torch import load_file
+
+    start = zvae.export(smoke_run[0], tmp_path / "start")
+    run = tmp_path / "ft"
+    m = zvae.train(run, minutes=5, device="cpu", seed=1, smoke=True, init=start, decoder_only=True)
+    assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps
+    state = training.load_checkpoint(run)
+    assert state["hparams"]["decoder_only"] is True and state["hparams"]["init"] == str(start)
+    assert m["scaling_factor"] == pytest.approx(json.loads((start / "config.json").read_text())["scaling_factor"],
+                                                rel=1e-3)  # same encoder, same latent statistics (fp16 weights)
+    done = zvae.export(run, tmp_path / "done")
+    a, b = load_file(str(start / zvae.WEIGHTS_FILE)), load_file(str(done / zvae.WEIGHTS_FILE))
+    frozen = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    tuned = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and tuned and len(frozen) + len(tuned) == len(a)
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert sum(not torch.equal(a[k], b[k]) for k in tuned) > len(tuned) // 2
+    card = (done / training.CARD).read_text()
+    assert "encoder frozen" in card and f"--init {start} --decoder-only" in card
+
+    with pytest.raises(ValueError, match="decoder_only needs init"):
+        zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, decoder_only=True)
+    with pytest.raises(ValueError, match="new run only"):
+        zvae.train(run, minutes=1, device="cpu", smoke=True, init=start)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["faces-vae", "--decoder-only"], "--decoder-only is for faces-vae with --init"),
+    (["faces-clip", "--init", "zoo:faces-clip"], "--init is not supported for faces-clip"),
+])
+def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
+    from dragrt.zoo import train as zoo_train
+
+    with pytest.raises(SystemExit):
+        zoo_train.main([*argv, "--run-dir", str(tmp_path), "--smoke", "--device", "cpu"])
+    assert message in capsys.readouterr().err
