@@ -119,6 +119,23 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     return path
 
 
+def describe_start(path: str | os.PathLike) -> str:
+    """What a run started from, for its model card: ``path`` (a folder or ``zoo:`` name) with the steps,
+    commit and own start its card records (e.g. ``"zoo:faces-vae (2600 steps at commit 5fe377e, from random
+    initialisation)"``), so the cards of a chain of fine-tunes tell the whole training history."""
+    card = resolve_zoo_path(path, "init") / CARD
+    facts = {}
+    if card.is_file():
+        for line in card.read_text().splitlines():
+            for key in ("steps", "commit", "started from"):
+                if line.startswith(f"- {key}: ") and key not in facts:
+                    facts[key] = line[len(key) + 4:].strip()
+    if "steps" not in facts:
+        return str(path)
+    return (f"{path} ({facts['steps']} steps at commit {facts.get('commit', '?')}, "
+            f"from {facts.get('started from', 'random initialisation')})")
+
+
 def target_status(metrics: Mapping[str, Any], measured: str, target: str) -> str | None:
     """The card's status line of a model that misses its target (``metrics["meets_target"]`` false), else None."""
     if metrics.get("meets_target", True):

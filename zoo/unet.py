@@ -122,6 +122,7 @@ class UNetHParams:
         eval_batch: prompts per pipeline call; grid_samples: samples in ``run_dir/samples.png``.
         num_workers: loader processes (-1: all CPUs but two, at most 14).
         init: the exported pipeline folder (or ``zoo:`` name) whose UNet a new run started from; ``""``: random.
+        init_history: what ``init`` was when the run started (:func:`dragrt.zoo.training.describe_start`).
     """
 
     image_size: int = 256
@@ -152,6 +153,7 @@ class UNetHParams:
     grid_samples: int = 16
     num_workers: int = -1
     init: str = ""
+    init_history: str = ""
 
 
 HPARAMS = UNetHParams()
@@ -428,7 +430,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     else:
         hp = SMOKE_HPARAMS if smoke else HPARAMS
         if init is not None:
-            hp = replace(hp, **({} if smoke else FINETUNE_CHANGES), init=str(init))
+            hp = replace(hp, **({} if smoke else FINETUNE_CHANGES), init=str(init),
+                         init_history=training.describe_start(init))
     _validate(hp)
 
     frozen_dir = run_dir / FROZEN
@@ -758,8 +761,8 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "started from": (f"the UNet of {state['hparams']['init']}" if state["hparams"].get("init")
-                             else "random initialisation"),
+            "started from": (f"the UNet of {state['hparams'].get('init_history') or state['hparams']['init']}"
+                             if state["hparams"].get("init") else "random initialisation"),
             "command": (f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M"
                         + (f" --init {state['hparams']['init']}" if state["hparams"].get("init") else "")
                         + " --export (then again, without --init, to resume)"),

@@ -100,6 +100,7 @@ class VAEHParams:
             stays exactly that of the starting weights, so a diffusion model trained on it stays valid
             (Stable Diffusion's ft-MSE autoencoder was made this way). Needs ``init``.
         init: the exported folder (or ``zoo:`` name) a new run started from; ``""``: random weights.
+        init_history: what ``init`` was when the run started (:func:`dragrt.zoo.training.describe_start`).
     """
 
     image_size: int = 256
@@ -122,6 +123,7 @@ class VAEHParams:
     num_workers: int = -1
     decoder_only: bool = False
     init: str = ""
+    init_history: str = ""
 
 
 HPARAMS = VAEHParams()
@@ -320,7 +322,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
             start = load_vae(init)
             config = {k: v for k, v in start.config.items() if not k.startswith("_")}
             changes = {} if smoke else FINETUNE_CHANGES
-            hp = replace(hp, **changes, decoder_only=bool(decoder_only), init=str(init))
+            hp = replace(hp, **changes, decoder_only=bool(decoder_only), init=str(init),
+                         init_history=training.describe_start(init))
 
     torch.manual_seed(seed)
     vae = build_vae(config)
@@ -460,8 +463,8 @@ def _start_description(hparams: Mapping[str, Any]) -> str:
     init = hparams.get("init", "")
     if not init:
         return "random initialisation"
-    return f"{init}" + (" (encoder frozen: the decoder fine-tuned, the latent space unchanged)"
-                        if hparams.get("decoder_only") else " (all weights fine-tuned)")
+    return (hparams.get("init_history") or init) + ("; encoder frozen: the decoder fine-tuned, the latent space unchanged"
+                        if hparams.get("decoder_only") else "; all weights fine-tuned")
 
 
 def _init_flags(hparams: Mapping[str, Any]) -> str:

@@ -216,6 +216,8 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
     assert sum(not torch.equal(a[k], b[k]) for k in tuned) > len(tuned) // 2
     card = (done / training.CARD).read_text()
     assert "encoder frozen" in card and f"--init {start} --decoder-only" in card
+    steps = zvae.SMOKE_HPARAMS.fixed_steps  # the start's own card, carried into this one: the chain's history
+    assert f"- started from: {start} ({steps} steps at commit " in card and "from random initialisation)" in card
 
     with pytest.raises(ValueError, match="decoder_only needs init"):
         zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, decoder_only=True)
