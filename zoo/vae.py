@@ -403,6 +403,26 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     return metrics
 
 
+def write_round_trip_grid(vae: AutoencoderKL, path: str | os.PathLike, n: int = 8, thumb: int = 128) -> Path:
+    """A PNG of ``n`` held-out renders (top row) over their round trips through ``vae`` (posterior mean,
+    bottom row), each ``thumb`` pixels wide: ``docs/zoo/faces-vae_round_trips.png`` is
+    ``write_round_trip_grid(load_vae(), "docs/zoo/faces-vae_round_trips.png")``."""
+    from PIL import Image
+
+    device, dtype = _module_device_dtype(vae)
+    size = int(vae.config.sample_size)
+    images = heldout_images(n, size)
+    with torch.no_grad():
+        z = posterior_means(vae, images)
+        recon = to_uint8(vae.decode(z.to(device, dtype)).sample).cpu()
+    rows = [torch.cat(list(x), dim=2) for x in (images, recon)]  # [3, size, n * size] each
+    grid = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+    out = Image.fromarray(grid).resize((n * thumb, 2 * thumb), Image.LANCZOS)
+    path = Path(path)
+    out.save(path, optimize=True)
+    return path
+
+
 def trainable_parameters(vae: AutoencoderKL, decoder_only: bool) -> list[nn.Parameter]:
     """Every parameter, or with ``decoder_only`` those of ``decoder`` and ``post_quant_conv`` (the encoder and
     ``quant_conv`` are frozen: ``requires_grad`` off, so the encoder runs without building a graph)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,16 @@ def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message,
     with pytest.raises(SystemExit):
         zoo_train.main([*argv, "--run-dir", str(tmp_path), "--smoke", "--device", "cpu"])
     assert message in capsys.readouterr().err
+
+
+def test_round_trip_grid_shows_renders_over_their_round_trips(smoke_run, tmp_path):
+    from PIL import Image
+
+    dest = zvae.export(smoke_run[0], tmp_path / "vae")
+    vae = zvae.load_vae(dest)
+    grid = np.asarray(Image.open(zvae.write_round_trip_grid(vae, tmp_path / "g.png", n=3, thumb=64)))
+    assert grid.shape == (128, 192, 3)
+    renders = zvae.heldout_images(3, vae.config.sample_size)  # [3, 3, 64, 64] uint8, the thumbs' size
+    top = torch.cat(list(renders), dim=2).permute(1, 2, 0).numpy()
+    assert np.abs(grid[:64].astype(int) - top.astype(int)).mean() < 2  # top row: the renders themselves
+    assert np.abs(grid[64:].astype(int) - top.astype(int)).mean() > 2  # bottom row: the smoke VAE's round trips
