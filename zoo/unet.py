@@ -360,24 +360,18 @@ def encode_batch(frozen: Frozen, images: torch.Tensor, captions: Sequence[str], 
     return latents, text
 
 
-def load_init_unet(init: str | os.PathLike, config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The fp32 state dict of the UNet in the exported pipeline folder ``init`` (or ``zoo:faces-sd``), checked
-    against ``config`` (the run's UNet config: a start from another architecture is an error)."""
+def load_init_unet(init: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config (checked for SD1.5's block layout, as :func:`build_unet` does) and fp32 state dict of the UNet
+    in the exported pipeline folder ``init`` (or ``zoo:faces-sd``): a run started from it fine-tunes that model."""
     from diffusers import UNet2DConditionModel
 
     folder = training.resolve_zoo_path(init, "init") / "unet"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"init: {folder} has no UNet config; expected an exported {NAME} pipeline folder")
     start = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
-    differ = sorted(k for k, v in config.items() if not k.startswith("_") and k in start.config
-                    and _as_list(start.config[k]) != _as_list(v))
-    if differ:
-        raise ValueError(f"init: the UNet in {folder} differs from this run's config in {', '.join(differ)}")
-    return start.state_dict()
-
-
-def _as_list(value: Any) -> Any:
-    return list(value) if isinstance(value, (list, tuple)) else value
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in start.config.items() if not k.startswith("_")}
+    build_unet(config)  # the layout check: a UNet DragDiffusion cannot use is refused here
+    return config, start.state_dict()
 
 
 def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -443,8 +437,11 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         first.save(frozen_dir)
     frozen = load_frozen_folder(frozen_dir).to(dev)  # every chunk and the export read this same copy
     hidden = int(frozen.text_encoder.config.hidden_size)
+    init_state = None
     if state is not None:
         config = dict(state["config"])
+    elif init is not None:
+        config, init_state = load_init_unet(init)  # fine-tune that model: its architecture, its weights
     else:
         config = unet_config(hidden, smoke=smoke)
     if config["cross_attention_dim"] != hidden:
@@ -456,8 +453,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
 
     torch.manual_seed(seed)
     unet = build_unet(config)
-    if state is None and init is not None:
-        unet.load_state_dict(load_init_unet(init, config))
+    if init_state is not None:
+        unet.load_state_dict(init_state)
     unet.to(dev)
     ema = zvae.Ema(unet, hp.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay,

@@ -265,15 +265,16 @@ def test_latent_buffer_ring():
 
 
 def test_init_starts_a_new_run_from_an_exported_unet(smoke_run, exported, tmp_path):
-    """--init: the new run's UNet starts from the exported one (checked against the run's config), the card
-    says so, and a run that exists already refuses it."""
-    config = json.loads((exported / "unet" / "config.json").read_text())
-    state = zunet.load_init_unet(exported, config)
+    """--init: the new run fine-tunes the exported UNet (its config and weights), the card says so, and a run
+    that exists already refuses it."""
+    config, state = zunet.load_init_unet(exported)
+    saved = json.loads((exported / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == saved["block_out_channels"] == [16, 16, 32, 32]  # the smoke UNet's
     shipped = load_file(str(exported / "unet" / zunet.UNET_WEIGHTS))
     assert set(state) == set(shipped)
     assert all(torch.equal(state[k], shipped[k].float()) for k in shipped)
-    with pytest.raises(ValueError, match="differs from this run's config in block_out_channels"):
-        zunet.load_init_unet(exported, {**config, "block_out_channels": [8, 8, 16, 16]})
+    with pytest.raises(FileNotFoundError, match="has no UNet config"):
+        zunet.load_init_unet(tmp_path)
 
     run = tmp_path / "run"
     m = zunet.train(run, minutes=5, device="cpu", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
