@@ -82,3 +82,20 @@ def one_torch_thread():
 def device() -> torch.device:
     """The fast device of this machine: CUDA when usable, else the CPU."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def aot_eager_compile(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``torch.compile`` with the aot_eager backend (dynamo + AOTAutograd, no code generation: seconds on a CPU,
+    where inductor would build C++ for minutes), dynamo's caches reset around the test; yields the list of the
+    modes asked for."""
+    original, modes = torch.compile, []
+
+    def compile_aot_eager(fn, *, mode=None, dynamic=None, **kwargs):
+        modes.append(mode)
+        return original(fn, backend="aot_eager", dynamic=dynamic)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
+    yield modes
+    torch._dynamo.reset()

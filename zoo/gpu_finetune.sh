@@ -8,6 +8,7 @@
 # VAE_MINUTES (default 3.5) goes to the VAE; the UNet gets the rest up to END_S seconds after the start
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
+# DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile; not measured yet on a GPU).
 # OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
 # Measured on one H200 (2026-12-04): two calls took faces-vae from 25.0 to 26.1 dB and faces-sd from 0.49 to
@@ -28,19 +29,21 @@ mkdir -p "$logs" "$runs"
 bash bench/gpu.sh "$logs/gpu" info >"$logs/info.log" 2>&1 || { cat "$logs/info.log"; exit 1; }
 export DRAGRT_SKIP_INSTALL=1 PYTHONPATH="/tmp/dragrt-site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 [ -d "$root/.assets" ] && export DRAGRT_ASSETS=${DRAGRT_ASSETS:-$root/.assets}
+compile=()
+[ -n "${DRAGRT_ZOO_COMPILE:-}" ] && compile=(--compile "$DRAGRT_ZOO_COMPILE")
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 
 echo "faces-vae (decoder) from $(el) s"
 DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae --decoder-only --export >"$logs/faces-vae.log" 2>&1
+  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae --decoder-only "${compile[@]}" --export >"$logs/faces-vae.log" 2>&1
 echo "faces-vae exit $? at $(el) s"
 (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
 
 minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
 echo "faces-sd (UNet) from $(el) s, $minutes min"
 DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
-  --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd --export >"$logs/faces-sd.log" 2>&1
+  --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" --export >"$logs/faces-sd.log" 2>&1
 echo "faces-sd exit $? at $(el) s"
 (cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)
 
@@ -53,8 +56,9 @@ $py - "$logs" <<'EOF'
 import json, sys
 from pathlib import Path
 logs = Path(sys.argv[1])
-for name, keys in (("faces-vae", ("psnr_db", "ssim", "step")),
-                   ("faces-sd", ("attribute_accuracy", "classifier_on_vae_round_trips", "step", "steps_per_second"))):
+for name, keys in (("faces-vae", ("psnr_db", "ssim", "step", "steps_per_second", "compile_mode")),
+                   ("faces-sd", ("attribute_accuracy", "classifier_on_vae_round_trips", "step", "steps_per_second",
+                                "compile_mode"))):
     f = logs / f"{name}.metrics.json"
     m = json.loads(f.read_text()) if f.is_file() else {}
     print(name, {k: m.get(k) for k in keys})

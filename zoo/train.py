@@ -25,6 +25,8 @@ TRAINERS: dict[str, str] = {
 
 #: Trainers that can start a new run from exported weights (``--init``).
 INIT_TRAINERS = ("faces-vae", "faces-sd")
+#: Trainers whose steps can be compiled (``--compile MODE``).
+COMPILE_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"for {', '.join(INIT_TRAINERS)}")
     parser.add_argument("--decoder-only", action="store_true",
                         help="faces-vae with --init: fine-tune the decoder only (the latent space stays the same)")
+    parser.add_argument("--compile", default=None, metavar="MODE",
+                        help=f"torch.compile mode for this chunk's training steps ({', '.join(COMPILE_TRAINERS)}; "
+                             "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
     args = parser.parse_args(argv)
     module = trainer(args.name)
     extra = {}
@@ -63,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.name != "faces-vae" or args.init is None:
             parser.error("--decoder-only is for faces-vae with --init")
         extra["decoder_only"] = True
+    if args.compile is not None:
+        if args.name not in COMPILE_TRAINERS:
+            parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")
+        extra["compile_mode"] = args.compile
     if not args.no_train:
         metrics = module.train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
                                smoke=args.smoke, **extra)

@@ -119,6 +119,33 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     return path
 
 
+#: ``torch.compile`` modes a trainer accepts (``--compile MODE``; off by default).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+def check_compile_mode(mode: str | None) -> None:
+    """``ValueError`` naming the allowed modes unless ``mode`` is ``None`` or one of :data:`COMPILE_MODES`."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={mode!r} is not allowed; choose one of {', '.join(COMPILE_MODES)} or None")
+
+
+def compile_forwards(modules: list[nn.Module], mode: str | None) -> None:
+    """Compile each module's ``forward`` in place (an instance attribute: parameter names and state dicts stay
+    as they are, so checkpoints and exports do not change), with static shapes; nothing when ``mode`` is None."""
+    check_compile_mode(mode)
+    if mode is None:
+        return
+    for m in modules:
+        m.__dict__.pop("forward", None)
+        m.forward = torch.compile(m.forward, mode=mode, dynamic=False)
+
+
+def uncompile_forwards(modules: list[nn.Module]) -> None:
+    """Undo :func:`compile_forwards` (e.g. before an evaluation at other shapes, which would compile again)."""
+    for m in modules:
+        m.__dict__.pop("forward", None)
+
+
 def describe_start(path: str | os.PathLike) -> str:
     """What a run started from, for its model card: ``path`` (a folder or ``zoo:`` name) with the steps,
     commit and own start its card records (e.g. ``"zoo:faces-vae (2600 steps at commit 5fe377e, from random

@@ -396,7 +396,7 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas
 def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cuda", seed: int = 0,
           smoke: bool = False, vae_path: str | os.PathLike | None = None, clip_path: str | os.PathLike | None = None,
           attributes_path: str | os.PathLike | None = None,
-          init: str | os.PathLike | None = None) -> dict[str, Any]:
+          init: str | os.PathLike | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     """Train (or resume) faces-sd in ``run_dir`` for at most ``minutes``; returns the metrics.
 
     The first chunk copies the frozen VAE, text tower and tokenizer (``vae_path``, default zoo:faces-vae;
@@ -408,6 +408,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     from diffusers import DDIMScheduler
 
     budget = training.Budget(minutes)
+    training.check_compile_mode(compile_mode)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
@@ -483,6 +484,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast))
     fill_seconds = time.monotonic() - fill_start
 
+    compiled = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    training.compile_forwards(compiled, compile_mode)
     unet.train()
     losses: list[float] = []
     train_end = budget.seconds - hp.reserve_s
@@ -534,6 +537,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     del buffer, opt
 
     t0 = time.monotonic()
+    training.uncompile_forwards(compiled)  # the evaluation runs other shapes: eager, no second compile
     eval_unet = ema.copy_to(unet).eval().requires_grad_(False)
     if attributes_path is None and not smoke:
         attributes_path = DEFAULT_ATTRIBUTES
@@ -548,6 +552,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         seed=seed, smoke=smoke, params=sum(p.numel() for p in unet.parameters()),
         scaling_factor=frozen.scaling_factor, frozen_source=frozen.source, commit=training.git_commit(),
         samples_per_render=round(hp.batch_size / hp.fresh_per_step, 2),
+        compile_mode=compile_mode,
     )
     training.write_metrics(run_dir, metrics)
     return metrics

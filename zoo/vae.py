@@ -289,16 +289,19 @@ def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) ->
 
 
 def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cuda", seed: int = 0,
-          smoke: bool = False, init: str | os.PathLike | None = None, decoder_only: bool = False) -> dict[str, Any]:
+          smoke: bool = False, init: str | os.PathLike | None = None, decoder_only: bool = False,
+          compile_mode: str | None = None) -> dict[str, Any]:
     """Train (or resume) faces-vae in ``run_dir`` for at most ``minutes`` of wall time; returns the metrics.
 
     The chunk stops at ``minutes`` minus the evaluation reserve, or when the planned schedule is done,
     then saves ``checkpoint.pt``, evaluates the EMA weights on held-out renders and writes ``metrics.json``.
     ``init`` (an exported folder or ``zoo:faces-vae``) starts a new run from those weights (with
     :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder (see :class:`VAEHParams`). A resumed
-    run keeps what its checkpoint says; passing either for it is an error.
+    run keeps what its checkpoint says; passing either for it is an error. ``compile_mode``
+    (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards for this chunk.
     """
     budget = training.Budget(minutes)
+    training.check_compile_mode(compile_mode)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
@@ -347,6 +350,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
                           num_workers=hp.num_workers, device=dev)
     gen = torch.Generator(dev).manual_seed(training.mix_seed(seed, start_step, 1))
     autocast = autocast_for(dev)
+    compiled = [vae.encoder, vae.decoder]
+    training.compile_forwards(compiled, compile_mode)
     vae.train()
     chunk_start = time.monotonic()
     losses: list[float] = []
@@ -378,7 +383,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
                  f"l1 {parts['l1']:.4f} kl {parts['kl']:.1f} lr {opt.param_groups[0]['lr']:.2e} "
                  f"{budget.elapsed:.0f}s")
     stream.close()  # a chunk too short to plan leaves schedule_steps 0: the next chunk plans
-    progress.seconds += time.monotonic() - chunk_start
+    chunk_seconds = time.monotonic() - chunk_start
+    progress.seconds += chunk_seconds
     progress.chunks += 1
 
     training.save_checkpoint(run_dir, {
@@ -386,6 +392,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         **training_state(vae, ema, opt),
     })
 
+    training.uncompile_forwards(compiled)  # the evaluation runs other shapes: eager, no second compile
     eval_vae = ema.copy_to(vae).eval()
     t0 = time.monotonic()
     held_out = heldout_images(hp.eval_images, hp.image_size)
@@ -396,6 +403,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         train_seconds=round(progress.seconds, 1), chunks=progress.chunks, eval_seconds=round(time.monotonic() - t0, 1),
         chunk_steps=progress.step - start_step, device=str(dev), device_name=device_name(dev), seed=seed,
         smoke=smoke, params=sum(p.numel() for p in vae.parameters()), target_psnr_db=28.0,
+        compile_mode=compile_mode, steps_per_second=round((progress.step - start_step) / max(chunk_seconds, 1e-6), 2),
         commit=training.git_commit(),
     )
     metrics["meets_target"] = metrics["psnr_db"] >= 28.0

@@ -285,3 +285,13 @@ def test_init_starts_a_new_run_from_an_exported_unet(smoke_run, exported, tmp_pa
     assert f"the UNet of {exported}" in card and f"--init {exported}" in card
     with pytest.raises(ValueError, match="new run only"):
         zunet.train(run, minutes=1, device="cpu", smoke=True, init=exported)
+
+
+def test_compiled_chunk_trains(smoke_run, aot_eager_compile, tmp_path):
+    """compile_mode compiles the UNet's blocks in place for the chunk; the run and its export are unchanged
+    in form."""
+    m = zunet.train(tmp_path / "run", minutes=5, device="cpu", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
+                    clip_path=smoke_run.root / "clip", compile_mode="default")
+    assert m["compile_mode"] == "default" and m["step"] == zunet.SMOKE_HPARAMS.fixed_steps
+    assert len(aot_eager_compile) == 9 and set(aot_eager_compile) == {"default"}  # 4 down, mid, 4 up blocks
+    assert not any("_orig_mod" in k for k in training.load_checkpoint(tmp_path / "run")["model"])

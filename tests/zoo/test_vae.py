@@ -229,6 +229,7 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["faces-vae", "--decoder-only"], "--decoder-only is for faces-vae with --init"),
     (["faces-clip", "--init", "zoo:faces-clip"], "--init is not supported for faces-clip"),
+    (["faces-clip", "--compile", "default"], "--compile is for faces-vae, faces-sd, faces-stylegan2"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
     from dragrt.zoo import train as zoo_train
@@ -249,3 +250,15 @@ def test_round_trip_grid_shows_renders_over_their_round_trips(smoke_run, tmp_pat
     top = torch.cat(list(renders), dim=2).permute(1, 2, 0).numpy()
     assert np.abs(grid[:64].astype(int) - top.astype(int)).mean() < 2  # top row: the renders themselves
     assert np.abs(grid[64:].astype(int) - top.astype(int)).mean() > 2  # bottom row: the smoke VAE's round trips
+
+
+def test_compiled_chunk_trains_and_saves_the_same_keys(aot_eager_compile, tmp_path):
+    """compile_mode compiles the encoder's and decoder's forwards in place: training runs, the metrics say so,
+    and the checkpoint and export keep their plain parameter names."""
+    m = zvae.train(tmp_path / "run", minutes=5, device="cpu", seed=0, smoke=True, compile_mode="default")
+    assert aot_eager_compile == ["default", "default"]
+    assert m["compile_mode"] == "default" and math.isfinite(m["psnr_db"]) and m["steps_per_second"] > 0
+    keys = set(training.load_checkpoint(tmp_path / "run")["model"])
+    assert keys == set(zvae.build_vae(zvae.SMOKE_CONFIG).state_dict())
+    with pytest.raises(ValueError, match="compile_mode='max' is not allowed"):
+        zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, compile_mode="max")
