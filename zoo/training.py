@@ -163,13 +163,14 @@ def describe_start(path: str | os.PathLike) -> str:
             f"from {facts.get('started from', 'random initialisation')})")
 
 
-def target_status(metrics: Mapping[str, Any], measured: str, target: str) -> str | None:
+def target_status(metrics: Mapping[str, Any], measured: str, target: str, name: str) -> str | None:
     """The card's status line of a model that misses its target (``metrics["meets_target"]`` false), else None."""
     if metrics.get("meets_target", True):
         return None
     return (f"**Below target:** {measured} against the target {target}. Shipped as a provisional model so that the "
             "demos and evaluations that need it run; every number it produces should be read with this in mind. "
-            "Train further (the command below resumes a run) and re-export to replace it.")
+            f"Train further (the command below; `--init zoo:{name}` starts a new run from these very weights) and "
+            "re-export to replace it.")
 
 
 def default_workers(requested: int = -1, *, cap: int = 30) -> int:

@@ -775,7 +775,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             metrics, f"{metrics.get('attribute_accuracy')} of sampled attributes correct (CFG "
                      f"{metrics.get('main_guidance')}; the classifier scores "
                      f"{metrics.get('classifier_on_vae_round_trips')} on VAE round trips of renders, the ceiling "
-                     "this VAE allows)", "0.8"),
+                     "this VAE allows)", "0.8", NAME),
     )
     return dest
 

@@ -481,7 +481,8 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
         metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
                  if k in metrics},
         files=["config.json", WEIGHTS_FILE],
-        status=training.target_status(metrics, f"{metrics.get('psnr_db')} dB PSNR on held-out renders", "28 dB"),
+        status=training.target_status(metrics, f"{metrics.get('psnr_db')} dB PSNR on held-out renders", "28 dB",
+                                      NAME),
     )
     return dest
 

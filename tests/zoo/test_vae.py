@@ -262,3 +262,10 @@ def test_compiled_chunk_trains_and_saves_the_same_keys(aot_eager_compile, tmp_pa
     assert keys == set(zvae.build_vae(zvae.SMOKE_CONFIG).state_dict())
     with pytest.raises(ValueError, match="compile_mode='max' is not allowed"):
         zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, compile_mode="max")
+
+
+def test_target_status_names_the_miss_and_how_to_train_on():
+    assert training.target_status({"meets_target": True}, "29 dB", "28 dB", "faces-vae") is None
+    line = training.target_status({"meets_target": False}, "26.1 dB PSNR", "28 dB", "faces-vae")
+    assert line.startswith("**Below target:** 26.1 dB PSNR against the target 28 dB.")
+    assert "`--init zoo:faces-vae` starts a new run from these very weights" in line
