@@ -403,7 +403,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     ``clip_path``, default zoo:faces-clip; with ``smoke`` and no paths, random tiny stand-ins) into
     ``run_dir/frozen``; resumed chunks and :func:`export` use that copy. ``attributes_path`` (default
     zoo:faces-attributes; none with ``smoke``) is the attribute model of the evaluation, skipped with a
-    note when it is not there.
+    note when it is not there. ``init`` (an exported pipeline folder or ``zoo:faces-sd``) starts a new run that
+    fine-tunes that UNet (:func:`load_init_unet`, with :data:`FINETUNE_CHANGES`); ``compile_mode``
+    (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the UNet's blocks for this chunk's training steps.
     """
     from diffusers import DDIMScheduler
 

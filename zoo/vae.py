@@ -492,8 +492,9 @@ def _start_description(hparams: Mapping[str, Any]) -> str:
     init = hparams.get("init", "")
     if not init:
         return "random initialisation"
-    return (hparams.get("init_history") or init) + ("; encoder frozen: the decoder fine-tuned, the latent space unchanged"
-                        if hparams.get("decoder_only") else "; all weights fine-tuned")
+    how = ("encoder frozen: the decoder fine-tuned, the latent space unchanged" if hparams.get("decoder_only")
+           else "all weights fine-tuned")
+    return f"{hparams.get('init_history') or init}; {how}"
 
 
 def _init_flags(hparams: Mapping[str, Any]) -> str:
