@@ -60,6 +60,23 @@ def _wall(fn, reps: int) -> tuple[harness.Timing, Any]:
     return harness.Timing(times_ms=times, clock="perf_counter", peak_mem_mb=peak), out
 
 
+def _first_step_peak_mb(engine: DragDiffusionEngine, mask: torch.Tensor | None) -> tuple[float, float]:
+    """``(seconds, MiB)`` of a drag's ``start`` and first ``step``: the time, and the peak CUDA memory above the
+    prepared engine. For the fast engine the first step of a kind captures its CUDA graph, whose pool and buffers
+    then stay allocated, so the timed replays (which allocate nothing) report a peak of 0: this is the memory a
+    drag needs. Call it once per kind, before the timed steps."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+
+    def first() -> None:
+        engine.start(HANDLES, TARGETS, mask)
+        engine.step()
+
+    seconds = harness.measure_compile(first)
+    return seconds, round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+
 def _stage_timings(timings: dict[str, float]) -> dict[str, dict[str, float]]:
     return {k: {"p50_ms": v * 1e3, "p95_ms": v * 1e3} for k, v in timings.items()}
 
@@ -79,12 +96,11 @@ def _shared() -> dict[str, Any]:
         fast = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast"), runtime, cache=TensorCache("bench"))
         ref = DragDiffusionEngine(sd, DragDiffusionConfig(mode="reference"), runtime)
         image = _image(SIZE)
-        # cold start: first prepare (compiles the UNet blocks while inverting), first step (graph capture)
+        # cold start: first prepare (compiles the UNet blocks while inverting), first start + step (graph capture)
         cold_prepare = harness.measure_compile(lambda: fast.prepare(image, PROMPT))
-        fast.start(HANDLES, TARGETS)
-        cold_step = harness.measure_compile(fast.step)
+        cold_step, step_mb = _first_step_peak_mb(fast, None)
         ref.prepare(image, PROMPT)
-        _SHARED.update(sd=sd, runtime=runtime, fast=fast, ref=ref, image=image,
+        _SHARED.update(sd=sd, runtime=runtime, fast=fast, ref=ref, image=image, first_step_mb={"step": step_mb},
                        compile_s={"ours_first_prepare": cold_prepare, "ours_first_step": cold_step})
     return _SHARED
 
@@ -105,11 +121,10 @@ def dragdiffusion_step(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
                      "xformers not usable on this machine (not installed, or a wheel without kernels for this "
                      "torch: PyPI's newest, 0.0.35, targets torch 2.10), so only SDPA was measured")
     for name, mask in (("step", None), ("step-mask", _mask(SIZE))):
-        fast.start(HANDLES, TARGETS, mask)
-        first = harness.measure_compile(fast.step)
+        first, first_mb = _first_step_peak_mb(fast, mask)
+        first_mb = sh["first_step_mb"].setdefault(name, first_mb)  # the no-mask graph was captured in _shared
         ours = harness.time_cuda(fast.step, budget_ms=budget_ms)
-        ref.start(HANDLES, TARGETS, mask)
-        ref_first = harness.measure_compile(ref.step)
+        ref_first, ref_first_mb = _first_step_peak_mb(ref, mask)
         reference = harness.time_cuda(ref.step, budget_ms=budget_ms, min_reps=5)
         records.append(harness.make_record(
             f"dragdiffusion.{SIZE}.{name}", {**BASE_CONFIG, "mask": mask is not None, "attention": fast.attention},
@@ -117,7 +132,11 @@ def dragdiffusion_step(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
             compile_s={"ours_first_step": first, "reference_first_step": ref_first, **sh["compile_s"]},
             extra={"note": "fast: frozen fp16 UNet, truncated after up_blocks[2] without a mask, kernels, one CUDA "
                            "graph per step; reference: fp32 UNet with weight gradients under fp16 autocast, dense "
-                           "256x256 upsample, Python loops", "attention": xformers_note}))
+                           "256x256 upsample, Python loops", "attention": xformers_note,
+                   "ours_first_step_peak_mem_mb": first_mb, "reference_first_step_peak_mem_mb": ref_first_mb,
+                   "peak_mem_note": "peak_mem_mb is the peak above the start of the timed steps (ours: 0, its graph "
+                                    "pool was allocated by the first step); *_first_step_peak_mem_mb is the peak of "
+                                    "starting the drag and its first step, above the prepared engine"}))
     if xformers_available():
         try:
             fx = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", attention="xformers"), sh["runtime"],
