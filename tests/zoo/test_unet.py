@@ -295,3 +295,19 @@ def test_compiled_chunk_trains(smoke_run, aot_eager_compile, tmp_path):
     assert m["compile_mode"] == "default" and m["step"] == zunet.SMOKE_HPARAMS.fixed_steps
     assert len(aot_eager_compile) == 9 and set(aot_eager_compile) == {"default"}  # 4 down, mid, 4 up blocks
     assert not any("_orig_mod" in k for k in training.load_checkpoint(tmp_path / "run")["model"])
+
+
+def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, capsys):
+    """The shipped card's evaluation, re-run on an exported folder at several CFG scales (same captions and
+    seed as the run's own evaluation, so its number at the run's scale comes back)."""
+    m = zunet.evaluate_folder(exported, guidance_scales=(5.0, 2.0), samples=4, steps=2, device="cpu",
+                              attributes_path=smoke_run.attributes)
+    assert set(m["attribute_accuracy_by_guidance"]) == {"5.0", "2.0"}
+    run_accuracy = smoke_run.metrics["attribute_accuracy"]  # 4 samples x 9 attributes: fp16 weights may flip one
+    assert m["attribute_accuracy_by_guidance"]["5.0"] == pytest.approx(run_accuracy, abs=0.03)
+    assert 0.0 <= m["classifier_on_vae_round_trips"] <= 1.0 and m["eval_samples"] == 4
+    with pytest.raises(ValueError, match="guidance_scales must be one or more finite numbers >= 1"):
+        zunet.evaluate_folder(exported, guidance_scales=(0.5,), device="cpu")
+    with pytest.raises(SystemExit):
+        zunet.main(["evaluate", str(exported), "--guidance", "0", "--device", "cpu"])
+    assert "guidance_scales must be one or more finite numbers >= 1" in capsys.readouterr().err
