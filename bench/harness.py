@@ -290,6 +290,24 @@ def timed_call(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+class PeakMemory:
+    """``with PeakMemory() as mem: ...`` then ``mem.mb``: the peak CUDA memory allocated inside the block above what
+    was allocated when it began, in MiB (e.g. an engine's first step, whose CUDA graph pool later timed replays do
+    not show)."""
+
+    mb: float = 0.0
+
+    def __enter__(self) -> PeakMemory:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.cuda.synchronize()
+        self.mb = (torch.cuda.max_memory_allocated() - self._base) / _MIB
+
+
 def measure_compile(fn: Callable[[], Any]) -> float:
     """Seconds taken by one synchronised call of ``fn``: use it for the first (compiling/capturing) call."""
     return timed_call(fn)[1]

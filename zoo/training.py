@@ -13,6 +13,7 @@ GPU runs come in chunks of at most 10 minutes, so the budget check runs every st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -161,6 +162,38 @@ def describe_start(path: str | os.PathLike) -> str:
         return str(path)
     return (f"{path} ({facts['steps']} steps at commit {facts.get('commit', '?')}, "
             f"from {facts.get('started from', 'random initialisation')})")
+
+
+def start_from(hp: Any, init: str | os.PathLike, changes: Mapping[str, Any], **fields: Any) -> Any:
+    """``hp`` (a trainer's hyper-parameter dataclass with ``init`` and ``init_history`` fields) for a new run
+    started from the exported weights ``init``: with ``changes`` (the trainer's fine-tuning schedule) and
+    ``fields`` applied, and the start recorded for the model card (:func:`describe_start`)."""
+    return dataclasses.replace(hp, **changes, **fields, init=str(init), init_history=describe_start(init))
+
+
+def refuse_init_on_resume(run_dir: str | os.PathLike, given: bool, what: str = "init") -> None:
+    """``ValueError`` when start-of-run options (``what``) are ``given`` for ``run_dir``, which holds a run."""
+    if given:
+        raise ValueError(f"{run_dir} holds a run already; {what} apply to a new run only (resume without them, "
+                         "or use another run directory)")
+
+
+def card_start(hparams: Mapping[str, Any], how: str = "") -> str:
+    """The model card's "started from" line of a run: ``random initialisation``, or what ``init`` was
+    (``init_history``) followed by ``how`` (e.g. ``"; the decoder fine-tuned"``)."""
+    init = hparams.get("init", "")
+    if not init:
+        return "random initialisation"
+    return f"{hparams.get('init_history') or init}{how}"
+
+
+def card_command(name: str, hparams: Mapping[str, Any], flags: str = "") -> str:
+    """The model card's command line of a run: with ``--init`` (and the trainer's extra start ``flags``) when it
+    started from exported weights."""
+    init = hparams.get("init", "")
+    start = f" --init {init}{flags}" if init else ""
+    resume = "(then again, without the start options, to resume)" if init else "(again to resume)"
+    return f"python -m dragrt.zoo.train {name} --run-dir RUN --minutes M{start} --export {resume}"
 
 
 def target_status(metrics: Mapping[str, Any], measured: str, target: str, name: str) -> str | None:

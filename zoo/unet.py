@@ -91,13 +91,16 @@ def build_unet(config: Mapping[str, Any]) -> UNet2DConditionModel:
     """A randomly initialised ``UNet2DConditionModel`` with SD1.5's block layout (checked)."""
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(config)
+    _check_layout(config)
+    return UNet2DConditionModel.from_config(dict(config))
+
+
+def _check_layout(config: Mapping[str, Any]) -> None:
     for key in ("down_block_types", "up_block_types", "layers_per_block"):
-        value = list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+        value = list(config[key]) if isinstance(config[key], (list, tuple)) else config[key]
         if value != SD15_UNET_CONFIG[key]:
             raise ValueError(f"{key} must be SD1.5's {SD15_UNET_CONFIG[key]!r} (DragDiffusion relies on the "
-                             f"block layout), got {cfg[key]!r}")
-    return UNet2DConditionModel.from_config(cfg)
+                             f"block layout), got {config[key]!r}")
 
 
 @dataclass(frozen=True)
@@ -361,18 +364,18 @@ def encode_batch(frozen: Frozen, images: torch.Tensor, captions: Sequence[str], 
     return latents, text
 
 
-def load_init_unet(init: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config (checked for SD1.5's block layout, as :func:`build_unet` does) and fp32 state dict of the UNet
-    in the exported pipeline folder ``init`` (or ``zoo:faces-sd``): a run started from it fine-tunes that model."""
+def load_init_unet(init: str | os.PathLike) -> tuple[dict[str, Any], UNet2DConditionModel]:
+    """The config (checked for SD1.5's block layout, as :func:`build_unet` does) and the fp32 UNet of the exported
+    pipeline folder ``init`` (or ``zoo:faces-sd``): a run started from it fine-tunes that model."""
     from diffusers import UNet2DConditionModel
 
     folder = training.resolve_zoo_path(init, "init") / "unet"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"init: {folder} has no UNet config; expected an exported {NAME} pipeline folder")
-    start = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in start.config.items() if not k.startswith("_")}
-    build_unet(config)  # the layout check: a UNet DragDiffusion cannot use is refused here
-    return config, start.state_dict()
+    unet = UNet2DConditionModel.from_pretrained(str(folder), torch_dtype=torch.float32, local_files_only=True)
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in unet.config.items() if not k.startswith("_")}
+    _check_layout(config)  # a UNet DragDiffusion cannot use is refused here
+    return config, unet
 
 
 def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -420,16 +423,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        if init is not None:
-            raise ValueError(f"{run_dir} holds a run already; init applies to a new run only (resume without it, "
-                             "or use another run directory)")
+        training.refuse_init_on_resume(run_dir, init is not None)
         hp = UNetHParams(**{**state["hparams"], "guidance_scales": tuple(state["hparams"]["guidance_scales"])})
         seed, smoke = int(state["seed"]), bool(state["smoke"])
     else:
         hp = SMOKE_HPARAMS if smoke else HPARAMS
         if init is not None:
-            hp = replace(hp, **({} if smoke else FINETUNE_CHANGES), init=str(init),
-                         init_history=training.describe_start(init))
+            hp = training.start_from(hp, init, {} if smoke else FINETUNE_CHANGES)
     _validate(hp)
 
     frozen_dir = run_dir / FROZEN
@@ -441,11 +441,11 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         first.save(frozen_dir)
     frozen = load_frozen_folder(frozen_dir).to(dev)  # every chunk and the export read this same copy
     hidden = int(frozen.text_encoder.config.hidden_size)
-    init_state = None
+    unet = None
     if state is not None:
         config = dict(state["config"])
     elif init is not None:
-        config, init_state = load_init_unet(init)  # fine-tune that model: its architecture, its weights
+        config, unet = load_init_unet(init)  # fine-tune that model: its architecture, its weights
     else:
         config = unet_config(hidden, smoke=smoke)
     if config["cross_attention_dim"] != hidden:
@@ -456,9 +456,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         raise ValueError(f"image_size {hp.image_size} must be 8 x the UNet sample_size {latent_hw}")
 
     torch.manual_seed(seed)
-    unet = build_unet(config)
-    if init_state is not None:
-        unet.load_state_dict(init_state)
+    if unet is None:
+        unet = build_unet(config)
     unet.to(dev)
     ema = zvae.Ema(unet, hp.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(0.9, 0.999), weight_decay=hp.weight_decay,
@@ -572,16 +571,15 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-    folder = training.resolve_zoo_path(path, "evaluate")
     dev = torch.device(device)
+    hp = replace(HPARAMS, guidance_scales=scales, main_guidance=scales[0], eval_samples=samples, eval_steps=steps,
+                 eval_batch=max(1, min(HPARAMS.eval_batch if dev.type == "cuda" else 64, samples)))
+    _validate(hp)
+    folder = training.resolve_zoo_path(path, "evaluate")
     unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32,
                                                 local_files_only=True)
     unet.to(dev).eval().requires_grad_(False)
     frozen = load_frozen_folder(folder).to(dev)
-    hp = replace(HPARAMS, guidance_scales=scales, main_guidance=scales[0], eval_samples=samples, eval_steps=steps,
-                 eval_batch=min(HPARAMS.eval_batch, samples) if dev.type == "cuda" else min(64, samples))
     out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed)
     out.update(folder=str(folder), device=str(dev))
     return out
@@ -817,11 +815,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "started from": (f"the UNet of {state['hparams'].get('init_history') or state['hparams']['init']}"
-                             if state["hparams"].get("init") else "random initialisation"),
-            "command": (f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M"
-                        + (f" --init {state['hparams']['init']}" if state["hparams"].get("init") else "")
-                        + " --export (then again, without --init, to resume)"),
+            "started from": ("the UNet of " if state["hparams"].get("init") else "")
+                            + training.card_start(state["hparams"]),
+            "command": training.card_command(NAME, state["hparams"]),
         },
         metrics={k: metrics[k] for k in keys if k in metrics},
         files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],

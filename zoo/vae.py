@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -312,9 +312,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        if init is not None or decoder_only:
-            raise ValueError(f"{run_dir} holds a run already; init and decoder_only apply to a new run only "
-                             "(resume without them, or use another run directory)")
+        training.refuse_init_on_resume(run_dir, init is not None or decoder_only, "init and decoder_only")
         hp = VAEHParams(**state["hparams"])
         config = dict(state["config"])
         seed = int(state["seed"])
@@ -322,16 +320,14 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         hp = SMOKE_HPARAMS if smoke else HPARAMS
         config = dict(SMOKE_CONFIG if smoke else MODEL_CONFIG)
         if init is not None:
-            start = load_vae(init)
-            config = {k: v for k, v in start.config.items() if not k.startswith("_")}
-            changes = {} if smoke else FINETUNE_CHANGES
-            hp = replace(hp, **changes, decoder_only=bool(decoder_only), init=str(init),
-                         init_history=training.describe_start(init))
+            hp = training.start_from(hp, init, {} if smoke else FINETUNE_CHANGES, decoder_only=bool(decoder_only))
 
     torch.manual_seed(seed)
-    vae = build_vae(config)
     if state is None and init is not None:
-        vae.load_state_dict(start.state_dict())
+        vae = load_vae(init).requires_grad_(True)  # the exported model itself (fp32), trained from here
+        config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
+    else:
+        vae = build_vae(config)
     vae.to(dev)
     trainable = trainable_parameters(vae, hp.decoder_only)
     ema = Ema(vae, hp.ema_decay)
@@ -474,9 +470,11 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "images seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
-            "started from": _start_description(state["hparams"]),
-            "command": (f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes M{_init_flags(state['hparams'])} "
-                        "--export (then again, without --init/--decoder-only, to resume)"),
+            "started from": training.card_start(state["hparams"], "; " + (
+                "encoder frozen: the decoder fine-tuned, the latent space unchanged"
+                if state["hparams"].get("decoder_only") else "all weights fine-tuned")),
+            "command": training.card_command(NAME, state["hparams"],
+                                             " --decoder-only" if state["hparams"].get("decoder_only") else ""),
         },
         metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
                  if k in metrics},
@@ -485,22 +483,6 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                                       NAME),
     )
     return dest
-
-
-def _start_description(hparams: Mapping[str, Any]) -> str:
-    """Where a run's weights started (for its model card)."""
-    init = hparams.get("init", "")
-    if not init:
-        return "random initialisation"
-    how = ("encoder frozen: the decoder fine-tuned, the latent space unchanged" if hparams.get("decoder_only")
-           else "all weights fine-tuned")
-    return f"{hparams.get('init_history') or init}; {how}"
-
-
-def _init_flags(hparams: Mapping[str, Any]) -> str:
-    """The ``--init``/``--decoder-only`` flags that started a run, as a command-line fragment."""
-    init = hparams.get("init", "")
-    return (f" --init {init}" + (" --decoder-only" if hparams.get("decoder_only") else "")) if init else ""
 
 
 def _loss_window_metrics(losses: list[float]) -> dict[str, float]:

@@ -50,14 +50,12 @@ def _wall(fn, reps: int) -> tuple[harness.Timing, Any]:
     """Synchronised wall-clock times of ``reps`` calls (for multi-second, host-orchestrated phases) and the last
     call's return value (a warm run: its per-stage timings go in the record)."""
     times = []
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
     out = None
-    for _ in range(reps):
-        out, seconds = harness.timed_call(fn)
-        times.append(seconds * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return harness.Timing(times_ms=times, clock="perf_counter", peak_mem_mb=peak), out
+    with harness.PeakMemory() as mem:
+        for _ in range(reps):
+            out, seconds = harness.timed_call(fn)
+            times.append(seconds * 1e3)
+    return harness.Timing(times_ms=times, clock="perf_counter", peak_mem_mb=mem.mb), out
 
 
 def _first_step_peak_mb(engine: DragDiffusionEngine, mask: torch.Tensor | None) -> tuple[float, float]:
@@ -65,16 +63,13 @@ def _first_step_peak_mb(engine: DragDiffusionEngine, mask: torch.Tensor | None) 
     prepared engine. For the fast engine the first step of a kind captures its CUDA graph, whose pool and buffers
     then stay allocated, so the timed replays (which allocate nothing) report a peak of 0: this is the memory a
     drag needs. Call it once per kind, before the timed steps."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-
     def first() -> None:
         engine.start(HANDLES, TARGETS, mask)
         engine.step()
 
-    seconds = harness.measure_compile(first)
-    return seconds, round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    with harness.PeakMemory() as mem:
+        seconds = harness.measure_compile(first)
+    return seconds, round(mem.mb, 1)
 
 
 def _stage_timings(timings: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -45,14 +45,12 @@ def draggan(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
 
             # Cold start (first step of a new engine: compile + warm-up + CUDA-graph capture), then parity
             # on the device: how far apart the two modes' tracked points are over the first 5 steps.
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fast.start(w, handles, targets)
-            cold_s = harness.measure_compile(fast.step)
             # Graph replays allocate nothing (their pool is reserved at capture), so the timed region's
             # peak says 0: report the peak of starting the edit and its first step instead.
-            engine_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            with harness.PeakMemory() as mem:
+                fast.start(w, handles, targets)
+                cold_s = harness.measure_compile(fast.step)
+            engine_mem_mb = mem.mb
             ref.start(w, handles, targets)
             ref.step()
             tracks = {"fast": [fast.handles], "ref": [ref.handles]}

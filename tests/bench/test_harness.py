@@ -311,3 +311,13 @@ def test_time_cuda_events_and_graph_on_gpu() -> None:
     assert graphed.clock == "cuda_events" and graphed.graph and graphed.n >= 10
     assert harness.copy_bandwidth_gbs(1 << 24, 20) > 0
     assert harness.env_info()["gpu"] != "cpu"
+
+
+@pytest.mark.cuda
+def test_peak_memory_counts_what_the_block_allocates() -> None:
+    keep = torch.empty(4 * 2**20, dtype=torch.uint8, device="cuda")  # allocated before: not counted
+    with harness.PeakMemory() as mem:
+        tmp = torch.empty(16 * 2**20, dtype=torch.uint8, device="cuda")
+        del tmp
+    assert 16.0 <= mem.mb < 20.0
+    del keep

@@ -267,7 +267,8 @@ def test_latent_buffer_ring():
 def test_init_starts_a_new_run_from_an_exported_unet(smoke_run, exported, tmp_path):
     """--init: the new run fine-tunes the exported UNet (its config and weights), the card says so, and a run
     that exists already refuses it."""
-    config, state = zunet.load_init_unet(exported)
+    config, start = zunet.load_init_unet(exported)
+    state = start.state_dict()
     saved = json.loads((exported / "unet" / "config.json").read_text())
     assert config["block_out_channels"] == saved["block_out_channels"] == [16, 16, 32, 32]  # the smoke UNet's
     shipped = load_file(str(exported / "unet" / zunet.UNET_WEIGHTS))
