@@ -1,0 +1,192 @@
+"""Where DragDiffusion's per-image LoRA step spends its time on a GPU (issue #6: LoRA at most ~4 s of a 5 s edit).
+
+Usage (GPU machine, full-size SD1.5-config UNet with random weights, 512 px, batch 4, rank 16):
+
+    python bench/tools/profile_lora.py OUT [VARIANT ...]
+
+Each variant runs the fast trainer's step (``lora._train_fast``'s maths: posterior sample, noise, timesteps,
+``add_noise``, UNet under autocast, MSE, backward, fused AdamW) with one change, and reports ms per step from
+CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capture). Variants:
+
+- ``base``: as shipped (fp16 UNet, fp16 autocast, GradScaler, peft layers);
+- ``cudnn``: ``torch.backends.cudnn.benchmark = True``;
+- ``cl``: the UNet and its input in channels-last;
+- ``bf16``: a bf16 UNet under bf16 autocast, no GradScaler;
+- ``nolora``: no LoRA, gradients to the input only (the floor of this step's maths);
+- ``graph``: ``base`` with the whole step (forward, backward, GradScaler, AdamW) captured in one CUDA graph;
+- ``graph-bf16``: ``bf16`` captured likewise;
+- ``graph-cl``: ``graph`` in channels-last;
+- ``compile-graph``: ``graph`` with the UNet's blocks compiled (``torch.compile``, default mode) first;
+- ``fwd1``, ``fwd2``, ``fwd1-cl``, ``fwd2-cl``: not training: one UNet forward at batch 1 / 2 (the inversion's and
+  the final denoise's), eager, captured in a CUDA graph, NCHW or channels-last, cuDNN benchmark on.
+
+``base`` is also profiled (3 steps, torch.profiler): the top CUDA kernels go to ``OUT/lora_prof.txt``. One JSON
+line per variant is printed and all of them are written to ``OUT/lora.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+WARMUP, STEPS = 5, 15
+
+
+def make_step(sd, variant: str):
+    """A zero-argument step for ``variant`` (``sd`` is changed in place: build a fresh one per variant)."""
+    from dragrt.runtime.inversion import encode_prompt
+    from dragrt.runtime.models import lora as L
+
+    unet, vae = sd.unet, sd.vae
+    dev = torch.device("cuda")
+    if variant.startswith("fwd"):
+        return make_forward(sd, variant)
+    bf16 = "bf16" in variant
+    cl = variant in ("cl", "graph-cl")
+    if variant == "compile-graph":
+        from dragrt.runtime.engines.dragdiffusion import _compile_blocks
+    dtype = torch.bfloat16 if bf16 else torch.float16
+    unet.to(dtype)
+    if cl:
+        unet.to(memory_format=torch.channels_last)
+    cfg = L.LoRAConfig()
+    emb = encode_prompt(sd, "a photo of a cat").to(dtype).repeat(4, 1, 1)
+    torch.manual_seed(0)
+    unet.requires_grad_(False)
+    params = []
+    if variant != "nolora":
+        layers = L._inject(unet, cfg, dev)
+        params = [w for _, lay in layers for w in (lay.lora_A[L._ADAPTER].weight, lay.lora_B[L._ADAPTER].weight)]
+    if variant == "compile-graph":
+        _compile_blocks(unet, "default")
+    add_noise = L._AddNoise(L._ddpm(sd).alphas_cumprod, dev, torch.float16)
+    img = torch.rand(4, 3, 512, 512, device=dev, dtype=torch.float16) * 2 - 1
+    with torch.no_grad():
+        dist = vae.encode(img).latent_dist
+    mean, std = dist.mean, dist.std
+    graphed = "graph" in variant
+    scaler = None if bf16 else torch.amp.GradScaler("cuda")
+    opt = (torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2, fused=True, capturable=graphed)
+           if params else None)
+    probe = torch.zeros(4, 4, 64, 64, device=dev, requires_grad=True) if not params else None
+
+    def body() -> None:
+        x0 = (mean + std * torch.randn(mean.shape, device=dev, dtype=mean.dtype)) * 0.18215
+        if cl:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (4,), device=dev)
+        noisy = add_noise(x0, noise, t)
+        if probe is not None:
+            noisy = noisy + probe
+        with torch.autocast("cuda", dtype=dtype):
+            pred = unet(noisy, t, emb, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), noise.float())
+        if opt is None:
+            loss.backward()
+            probe.grad = None
+            return
+        L._optimizer_step(loss, opt, scaler)
+
+    if not graphed:
+        return body
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
+
+
+def make_forward(sd, variant: str):
+    from dragrt.runtime.inversion import encode_prompt
+
+    unet, dev = sd.unet, torch.device("cuda")
+    b = int(variant[3])
+    fmt = torch.channels_last if variant.endswith("-cl") else torch.contiguous_format
+    unet.to(memory_format=fmt)
+    emb = encode_prompt(sd, "a photo of a cat").repeat(b, 1, 1)
+    x = torch.randn(b, 4, 64, 64, device=dev, dtype=torch.float16).contiguous(memory_format=fmt)
+    t = torch.tensor(500, device=dev)
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                unet(x, t, emb, return_dict=False)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            unet(x, t, emb, return_dict=False)
+    return graph.replay
+
+
+def time_steps(step) -> float:
+    for _ in range(WARMUP):
+        step()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    a.record()
+    for _ in range(STEPS):
+        step()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / STEPS
+
+
+def profile(step, out: Path) -> dict:
+    from torch.profiler import DeviceType, ProfilerActivity
+    from torch.profiler import profile as prof
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / 3
+    ka = p.key_averages()
+    kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
+    (out / "lora_prof.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
+                                       + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+    return {"prof_wall_ms": round(1000 * wall, 2), "kernels_per_step": sum(e.count for e in kernels) / 3,
+            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / 3, 2)}
+
+
+def main(out: Path, variants: list[str]) -> None:
+    from dragrt.runtime.models.sd import build_random_sd15
+
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for v in variants:
+        torch.backends.cudnn.benchmark = v == "cudnn" or v.startswith("fwd")
+        sd = build_random_sd15(torch.float16, "cuda")
+        t = time.perf_counter()
+        try:
+            step = make_step(sd, v)
+            r = {"variant": v, "setup_s": round(time.perf_counter() - t, 1), "ms_per_step": round(time_steps(step), 2),
+                 "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+            if v == "base":
+                r.update(profile(step, out))
+        except Exception as e:  # noqa: BLE001 - a failed variant is a result too
+            r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:500]}
+        print(json.dumps(r), flush=True)
+        results[v] = r
+        (out / "lora.json").write_text(json.dumps(results, indent=1))
+        del sd
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:] or ["base", "cudnn", "cl", "bf16", "nolora", "graph", "graph-bf16",
+                                              "graph-cl", "fwd1", "fwd1-cl", "fwd2", "fwd2-cl", "compile-graph"])
