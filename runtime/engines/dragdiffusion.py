@@ -76,7 +76,8 @@ class DragDiffusionConfig:
         lora_config: the LoRA's knobs (rank 16, lr 5e-4, 80 steps, batch 4); ``None`` = defaults.
         attention: ``"auto"`` (SDPA), ``"sdpa"`` or ``"xformers"`` for the fast mode's attention.
         max_handles: padded size of the fast mode's handle arrays (more handles -> an error, not a recompile).
-        cuda_graph: replay the fast drag step and denoise UNet calls from CUDA graphs (CUDA only).
+        cuda_graph: replay the fast drag step, the inversion and denoise UNet calls and the LoRA training step
+            from CUDA graphs (CUDA only).
         compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
             picks the mode; ``auto`` = on CUDA only).
     """
@@ -272,7 +273,8 @@ class DragDiffusionEngine:
         elif cfg.lora:
             lcfg = cfg.lora_config or lora_mod.LoRAConfig()
             weights = lora_mod.train_or_load_lora(self.sd, img, prompt, lcfg, mode=cfg.mode, cache=self.cache,
-                                                  model_fingerprint=self._base_fingerprint, progress=progress)
+                                                  model_fingerprint=self._base_fingerprint, progress=progress,
+                                                  cuda_graph=cfg.cuda_graph)
         times["lora"] = time.perf_counter() - t0
         self._set_lora(weights)
         icfg = inv.InversionConfig(num_inference_steps=cfg.num_inference_steps, strength=cfg.inversion_strength,

@@ -198,10 +198,14 @@ def _linear_layers(unet: nn.Module) -> dict[str, nn.Module]:
     return {_clean(n): m for n, m in unet.named_modules()}
 
 
-def _has_peft_layers(unet: nn.Module) -> bool:
+def _peft_layers(unet: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return any(isinstance(m, BaseTunerLayer) for m in unet.modules())
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _has_peft_layers(unet: nn.Module) -> bool:
+    return bool(_peft_layers(unet))
 
 
 def _inject(unet: nn.Module, config: LoRAConfig, device: torch.device) -> list[tuple[str, nn.Module]]:
@@ -393,6 +397,7 @@ def train_image_lora(
     progress: bool = True,
     callback: Callable[[int, Tensor], None] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    cuda_graph: bool = True,
 ) -> dict[str, Tensor]:
     """Fine-tune a LoRA on one image (DragDiffusion's "Train LoRA"); the UNet is left exactly as it was.
 
@@ -409,6 +414,8 @@ def train_image_lora(
             reading it synchronises, which is the caller's choice).
         autocast_dtype: fast mode on CUDA: the autocast dtype (default: the UNet's dtype when fp16/bf16, else
             bf16 where supported). fp16 uses a GradScaler; fp32 disables autocast. Ignored elsewhere.
+        cuda_graph: fast mode on CUDA with a square image: run the first step eagerly, then replay the others
+            from one captured CUDA graph (3.4x faster per step on an H200; the same maths and random draws).
 
     Returns:
         The LoRA weights, float32 on the UNet's device, in diffusers' peft-style keys:
@@ -446,7 +453,8 @@ def train_image_lora(
                 if mode == "reference":
                     _train_reference(components, pixels, emb, params, config, progress, callback)
                 else:
-                    _train_fast(components, pixels, emb, params, config, progress, callback, autocast_dtype)
+                    _train_fast(components, pixels, emb, params, config, progress, callback, autocast_dtype,
+                                cuda_graph)
                 weights = _weights_of(layers)
             finally:
                 _strip(unet)
@@ -513,7 +521,7 @@ def _train_reference(components: SDComponents, pixels: np.ndarray, emb: Tensor, 
 
 def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, params: list[Tensor],
                 config: LoRAConfig, progress: bool, callback: Callable | None,
-                autocast_dtype: torch.dtype | None) -> None:
+                autocast_dtype: torch.dtype | None, cuda_graph: bool) -> None:
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -576,14 +584,23 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         use_autocast = autocast_dtype != torch.float32
         scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
         # fused AdamW reads the scaler's found_inf / scale on the device: no host sync per step.
+        # (capturable: the step count stays on the device, so the step can be captured in a CUDA graph).
+        captured = cuda_graph
         opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas,
-                                weight_decay=config.weight_decay, eps=config.eps, fused=True)
+                                weight_decay=config.weight_decay, eps=config.eps, fused=True, capturable=captured)
+        if use_autocast:
+            # peft casts a layer's input to its adapter's dtype (float32 here) and autocast casts it straight
+            # back to the autocast dtype for the LoRA matmul: two activation-sized copies per layer and pass,
+            # for a round trip that changes no value (fp16/bf16 -> fp32 is exact). Skip it.
+            for layer in _peft_layers(unet):
+                if hasattr(layer, "cast_input_dtype_enabled"):
+                    layer.cast_input_dtype_enabled = False
     else:
-        use_autocast, scaler = False, None
+        use_autocast, scaler, captured = False, None, False
         opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas,
                                 weight_decay=config.weight_decay, eps=config.eps)
 
-    for step in tqdm(range(config.steps), desc="training LoRA (fast)", disable=not progress):
+    def body() -> Tensor:
         # Same draws, same order as the reference: [crop offsets], posterior sample, noise, timesteps.
         if square:
             sample = torch.randn(mean.shape, device=device, dtype=vae_dtype)
@@ -605,8 +622,42 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
             pred = unet(noisy, timesteps, emb, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target.float(), reduction="mean")
         _optimizer_step(loss, opt, scaler)
+        return loss.detach()
+
+    # A square image (no crops drawn on the host) on CUDA: the first step runs eagerly (on a side stream, as
+    # CUDA-graph capture wants: it also creates the optimiser and scaler states), then one whole step --
+    # draws, forward, backward, GradScaler, AdamW -- is captured and replayed for the rest. The eager step is
+    # CPU-bound (~5300 kernel launches, 175 ms against 52 ms of GPU work on an H200 at 512 px, batch 4).
+    # Replays draw their random numbers from the same generator stream, so they train the same LoRA.
+    graphed = captured and square and config.steps > 1
+    bar = tqdm(total=config.steps, desc="training LoRA (fast)", disable=not progress)
+    try:
+        if not graphed:
+            for step in range(config.steps):
+                loss = body()
+                bar.update()
+                if callback is not None:
+                    callback(step, loss)
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            loss = body()
+        torch.cuda.current_stream(device).wait_stream(side)
+        bar.update()
         if callback is not None:
-            callback(step, loss.detach())
+            callback(0, loss.clone())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = body()  # captured, not run: the replays below are steps 1 .. steps - 1
+        for step in range(1, config.steps):
+            graph.replay()
+            bar.update()
+            if callback is not None:
+                callback(step, loss.clone())  # the graph's output is overwritten by the next replay
+        del graph
+    finally:
+        bar.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -838,6 +889,7 @@ def train_or_load_lora(
     model_fingerprint: str | None = None,
     progress: bool = True,
     callback: Callable[[int, Tensor], None] | None = None,
+    cuda_graph: bool = True,
 ) -> dict[str, Tensor]:
     """:func:`train_image_lora` through a content-hash cache (memory and/or disk).
 
@@ -856,7 +908,8 @@ def train_or_load_lora(
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     pixels = _training_pixels(image)
     if cache is None:
-        return train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback)
+        return train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback,
+                                cuda_graph=cuda_graph)
     from dragrt.runtime.inversion import components_fingerprint
 
     p = next(components.unet.parameters())
@@ -867,7 +920,8 @@ def train_or_load_lora(
     got = cache.get(key, device=p.device)
     if got is not None:
         return got
-    weights = train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback)
+    weights = train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback,
+                                cuda_graph=cuda_graph)
     cache.put(key, weights, metadata={"kind": "lora", "mode": mode,
                                       "config": metadata_json(dataclasses.asdict(config)), "prompt": prompt})
     return weights
