@@ -79,7 +79,8 @@ class DragDiffusionConfig:
         cuda_graph: replay the fast drag step, the inversion and denoise UNet calls and the LoRA training step
             from CUDA graphs (CUDA only).
         compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
-            picks the mode; ``auto`` = on CUDA only).
+            picks the mode; ``auto`` = on CUDA only). The per-image LoRA trains through them too: its first
+            training compiles their training variants once for the process.
     """
 
     mode: str = "fast"

@@ -365,7 +365,7 @@ def _ddpm(components: SDComponents) -> Any:
 
 @contextlib.contextmanager
 def _eager() -> Iterator[None]:
-    """Run ``torch.compile``d forwards eagerly while LoRA layers are in (no recompiles of an engine's blocks)."""
+    """Run ``torch.compile``d forwards eagerly (reference mode: the published code compiles nothing)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     if set_stance is None:
         yield
@@ -444,7 +444,10 @@ def train_image_lora(
     grad_flags = [(q, q.requires_grad) for q in unet.parameters()]
     unet.requires_grad_(False)
     try:
-        with torch.random.fork_rng(devices=devices), _eager():
+        # Fast mode runs a fast engine's compiled UNet blocks compiled: the first LoRA compiles their training
+        # variants (minutes on a GPU, once a process: later images' fresh LoRA layers reuse them), the step then
+        # takes 35 ms instead of 52 (H200, captured). Reference mode runs them eagerly.
+        with torch.random.fork_rng(devices=devices), (_eager() if mode == "reference" else contextlib.nullcontext()):
             torch.manual_seed(config.seed)  # accelerate's set_seed(0): CPU and every CUDA generator
             try:
                 layers = _inject(unet, config, device)
