@@ -50,6 +50,7 @@ import math
 import os
 import re
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -522,6 +523,10 @@ def _train_reference(components: SDComponents, pixels: np.ndarray, emb: Tensor, 
             callback(step, loss.detach())
 
 
+#: UNets whose compiled blocks have run a fast LoRA training in this process (their training variants exist).
+_TRAINED_COMPILED: weakref.WeakSet = weakref.WeakSet()
+
+
 def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, params: list[Tensor],
                 config: LoRAConfig, progress: bool, callback: Callable | None,
                 autocast_dtype: torch.dtype | None, cuda_graph: bool) -> None:
@@ -634,10 +639,15 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
     # Replays draw their random numbers from the same generator stream, so they train the same LoRA.
     graphed = captured and square and config.steps > 1
     bar = tqdm(total=config.steps, desc="training LoRA (fast)", disable=not progress)
+    if getattr(unet, "_dragrt_compiled", None) and unet not in _TRAINED_COMPILED:
+        # a fast engine compiled the blocks: this process's first LoRA compiles their training variants
+        bar.set_postfix_str("compiling the training step (once a process, minutes on a GPU)")
     try:
         if not graphed:
             for step in range(config.steps):
                 loss = body()
+                if step == 0:
+                    bar.set_postfix_str("")
                 bar.update()
                 if callback is not None:
                     callback(step, loss)
@@ -647,6 +657,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         with torch.cuda.stream(side):
             loss = body()
         torch.cuda.current_stream(device).wait_stream(side)
+        bar.set_postfix_str("")
         bar.update()
         if callback is not None:
             callback(0, loss.clone())
@@ -661,6 +672,8 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         del graph
     finally:
         bar.close()
+        if getattr(unet, "_dragrt_compiled", None):
+            _TRAINED_COMPILED.add(unet)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -317,7 +317,9 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
     def graphs() -> int:
         return counters["stats"]["unique_graphs"]
 
+    assert c.unet not in lora._TRAINED_COMPILED  # the progress bar says the first training compiles
     first = lora.train_image_lora(c, pixels, PROMPT, cfg, progress=False)
+    assert c.unet in lora._TRAINED_COMPILED
     compiled = graphs()
     assert compiled >= 9  # 4 down, mid, 4 up blocks
     lora.train_image_lora(c, 255 - pixels, PROMPT, cfg, progress=False)
