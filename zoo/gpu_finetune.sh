@@ -9,7 +9,8 @@
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile; not measured yet on a GPU).
-# OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights), logs.tgz
+# OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights, then run
+# `python -m dragrt.zoo.registry`, which stores zoo:faces-vae once, as faces-sd's vae/, when identical), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
 # Measured on one H200 (2026-12-04): two calls took faces-vae from 25.0 to 26.1 dB and faces-sd from 0.49 to
 # 0.56 of sampled attributes (decoder 17 steps/s at batch 32, UNet 4.7 steps/s at batch 256).

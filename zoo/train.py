@@ -77,8 +77,14 @@ def main(argv: list[str] | None = None) -> int:
                                smoke=args.smoke, **extra)
         print(json.dumps(metrics, indent=2, sort_keys=True))
     if args.export is not None:
+        from dragrt.zoo import registry
+
         dest = WEIGHTS_DIR / args.name if args.export is True else args.export
+        registry.unshare(dest)  # the model's own files go here now
         print(module.export(args.run_dir, dest))
+        if args.export is True:
+            for name in registry.share_identical(WEIGHTS_DIR):
+                print(f"zoo:{name} is identical to zoo:{registry.SHARED[name]}: stored once, as an alias")
     return 0
 
 

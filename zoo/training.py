@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dragrt.zoo.registry import CARD
+
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-CARD = "MODEL_CARD.md"
 
 
 class Budget:
@@ -151,7 +152,10 @@ def describe_start(path: str | os.PathLike) -> str:
     """What a run started from, for its model card: ``path`` (a folder or ``zoo:`` name) with the steps,
     commit and own start its card records (e.g. ``"zoo:faces-vae (2600 steps at commit 5fe377e, from random
     initialisation)"``), so the cards of a chain of fine-tunes tell the whole training history."""
-    card = resolve_zoo_path(path, "init") / CARD
+    from dragrt.zoo.registry import card_path
+
+    resolve_zoo_path(path, "init")  # the weights must exist
+    card = card_path(path)
     facts = {}
     if card.is_file():
         for line in card.read_text().splitlines():

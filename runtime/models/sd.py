@@ -348,6 +348,12 @@ def save_sd_folder(components: SDComponents, path: str | os.PathLike) -> Path:
         # carry the BPE files. The tokenizers BPE model writes them byte-identical to CLIP's originals.
         backend.model.save(str(root / "tokenizer"))
     components.scheduler.save_pretrained(root / "scheduler")
+    for part in ("unet", "vae", "text_encoder"):
+        # a model loaded with from_pretrained records its source folder: a local path is not part of the model
+        cfg_file = root / part / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.pop("_name_or_path", None) is not None:
+            cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     index = {**_MODEL_INDEX, "_diffusers_version": diffusers.__version__}
     index["scheduler"] = ["diffusers", type(components.scheduler).__name__]
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -52,3 +52,49 @@ def test_malformed_zoo_paths(weights):
 def test_default_weights_dir_is_in_the_package():
     assert registry.WEIGHTS_DIR.name == "weights" and registry.WEIGHTS_DIR.parent.name == "zoo"
     assert set(registry.available()) <= set(registry.KNOWN) | {p.name for p in registry.WEIGHTS_DIR.glob("*")}
+
+
+def _folder(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_a_model_identical_to_a_part_of_another_is_stored_once(weights):
+    vae = {"config.json": '{"a": 1, "_name_or_path": "runs/x"}', "w.safetensors": "weights"}
+    _folder(weights / "faces-vae", {**vae, "MODEL_CARD.md": "vae card"})
+    _folder(weights / "faces-sd" / "vae", {**vae, "config.json": '{"a": 1}'})
+    _folder(weights / "faces-sd", {"model_index.json": "{}"})
+    assert registry.share_identical(weights) == ["faces-vae"]
+    assert sorted(p.name for p in (weights / "faces-vae").iterdir()) == ["MODEL_CARD.md", registry.ALIAS_FILE]
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-sd" / "vae"
+    assert registry.available()["faces-vae"] == weights / "faces-sd" / "vae"
+    card = registry.card_path("zoo:faces-vae").read_text()  # the alias keeps its own card, which says so
+    assert card.startswith("vae card\n") and "`faces-sd/vae/`" in card
+    assert registry.share_identical(weights) == []  # already an alias
+    registry.unshare(weights / "faces-vae")  # an export of faces-vae itself
+    assert "faces-vae" not in registry.available()  # card only until the export writes its files
+
+
+def test_different_files_are_not_shared(weights):
+    _folder(weights / "faces-vae", {"config.json": '{"a": 1}', "w.safetensors": "new decoder"})
+    _folder(weights / "faces-sd" / "vae", {"config.json": '{"a": 1}', "w.safetensors": "old decoder"})
+    assert registry.share_identical(weights) == []
+    _folder(weights / "faces-sd" / "vae", {"config.json": '{"a": 2}', "w.safetensors": "new decoder"})
+    assert registry.share_identical(weights) == []  # a config that says something else
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-vae"
+
+
+def test_an_alias_must_stay_inside_the_zoo(weights):
+    _folder(weights / "faces-vae", {registry.ALIAS_FILE: '{"target": "../../etc"}'})
+    with pytest.raises(ValueError, match="inside the zoo"):
+        registry.resolve("zoo:faces-vae")
+
+
+def test_shipped_zoo_fits_its_budget():
+    """All zoo weights together at most 32 MB (the zoo issue's budget); an alias resolves to real files."""
+    files = [f for f in registry.WEIGHTS_DIR.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 32_000_000
+    for name, folder in registry.available().items():
+        assert any(f.suffix == ".safetensors" for f in folder.rglob("*")), name

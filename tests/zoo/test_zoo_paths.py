@@ -32,5 +32,5 @@ def test_load_generator_reads_a_zoo_style_folder(tmp_path):
 def test_shipped_evaluators_and_clip_are_registered():
     have = registry.available()
     assert {"faces-landmarks", "faces-attributes", "faces-clip"} <= set(have)
-    for folder in have.values():
-        assert (folder / "MODEL_CARD.md").is_file()
+    for name in have:
+        assert registry.card_path(f"zoo:{name}").is_file()
