@@ -35,8 +35,10 @@ every step, a ``DDPMScheduler``, plain ``AdamW``, ``GradScaler`` when the UNet i
 encoded ONCE; the posterior mean and std are kept and every step draws ``mean + std * randn`` (the same
 distribution, and the same draw as ``latent_dist.sample()``, which is literally ``mean + std * randn``); no host
 syncs in the loop (device-side timesteps and noise tables, fused AdamW, a sync-free GradScaler with it); the
-UNet under autocast (fp16 or bf16) with float32 LoRA master weights. For non-square images (where RandomCrop
-really crops) fast mode encodes each distinct crop once, on first use. With the same seed both modes draw the
+UNet under autocast (fp16 or bf16) with float32 LoRA master weights; on CUDA, after an eager first step, the
+whole step is replayed from one CUDA graph (the eager step is CPU-bound), through the UNet's compiled blocks when
+a fast engine compiled them. For non-square images (where RandomCrop really crops) fast mode encodes each
+distinct crop once, on first use, and runs eagerly (the crops are drawn on the host). With the same seed both modes draw the
 same random numbers in the same order, so on the CPU in float32 they train the same LoRA up to rounding.
 """
 
@@ -593,9 +595,8 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
         # fused AdamW reads the scaler's found_inf / scale on the device: no host sync per step.
         # (capturable: the step count stays on the device, so the step can be captured in a CUDA graph).
-        captured = cuda_graph
         opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas,
-                                weight_decay=config.weight_decay, eps=config.eps, fused=True, capturable=captured)
+                                weight_decay=config.weight_decay, eps=config.eps, fused=True, capturable=cuda_graph)
         if use_autocast:
             # peft casts a layer's input to its adapter's dtype (float32 here) and autocast casts it straight
             # back to the autocast dtype for the LoRA matmul: two activation-sized copies per layer and pass,
@@ -604,7 +605,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
                 if hasattr(layer, "cast_input_dtype_enabled"):
                     layer.cast_input_dtype_enabled = False
     else:
-        use_autocast, scaler, captured = False, None, False
+        use_autocast, scaler = False, None
         opt = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas,
                                 weight_decay=config.weight_decay, eps=config.eps)
 
@@ -637,7 +638,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
     # draws, forward, backward, GradScaler, AdamW -- is captured and replayed for the rest. The eager step is
     # CPU-bound (~5300 kernel launches, 175 ms against 52 ms of GPU work on an H200 at 512 px, batch 4).
     # Replays draw their random numbers from the same generator stream, so they train the same LoRA.
-    graphed = captured and square and config.steps > 1
+    graphed = device.type == "cuda" and cuda_graph and square and config.steps > 1
     bar = tqdm(total=config.steps, desc="training LoRA (fast)", disable=not progress)
     if getattr(unet, "_dragrt_compiled", None) and unet not in _TRAINED_COMPILED:
         # a fast engine compiled the blocks: this process's first LoRA compiles their training variants
