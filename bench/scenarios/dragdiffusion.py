@@ -11,6 +11,8 @@ published path, reload-free), measured in the same run on the same components, i
 - ``dragdiffusion.512.edit-lora``: the whole edit with LoRA training (ours, its LoRA not cached) against the
   reference's LoRA + edit.
 - ``dragdiffusion.512.attention``: the fast drag step with SDPA against xformers (when installed).
+- ``dragdiffusion.512.step-channels-last`` / ``.edit-channels-last`` (scenario ``dragdiffusion-layout``): the fast
+  engine on a channels-last UNet against the same engine on the NCHW one (both ours: the layout decision).
 
 Targets are placed far from the handles; with random weights tracking is erratic and an edit may still stop
 early, so each record says how many iterations each mode ran (``extra.ours_steps`` / ``reference_steps``).
@@ -222,3 +224,48 @@ def dragdiffusion_lora(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
         stages={"ours": _stage_timings(res_l.timings), "reference": _stage_timings(ref_lr.timings)},
         extra={"ours_steps": res_l.steps, "reference_steps": ref_lr.steps}))
     return records
+
+
+@register("dragdiffusion-layout", needs_cuda=True,
+          description="DragDiffusion 512 px fast mode with the UNet in channels-last against NCHW (step and edit)")
+def dragdiffusion_layout(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
+    """The decision data for shipping channels-last: both fast, same weights; 'reference' is the NCHW fast engine
+    here, not the published path. The user-side switch is diffusers' ``pipe.unet.to(memory_format=...)``."""
+    from dragrt.runtime.cache.store import TensorCache
+    from dragrt.runtime.models.sd import build_random_sd15
+
+    sh = _shared()
+    nchw, image = sh["fast"], sh["image"]
+    nchw.close()  # no fused LoRA of another scenario on the shared UNet
+    sd_cl = build_random_sd15(torch.float16, "cuda", seed=0)
+    sd_cl.unet.to(memory_format=torch.channels_last)
+    cl = DragDiffusionEngine(sd_cl, DragDiffusionConfig(mode="fast"), sh["runtime"], cache=TensorCache("bench-cl"))
+    cold_prepare = harness.measure_compile(lambda: cl.prepare(image, PROMPT))
+    cold_step, _ = _first_step_peak_mb(cl, None)
+    steps = {}
+    for name, engine in (("channels_last", cl), ("nchw", nchw)):
+        engine.prepare(image, PROMPT)
+        engine.start(HANDLES, TARGETS)
+        engine.step()
+        steps[name] = harness.time_cuda(engine.step, budget_ms=budget_ms)
+    edits = {}
+    for name, engine in (("channels_last", cl), ("nchw", nchw)):
+        engine.cache.clear()
+        engine.edit(image, PROMPT, HANDLES, TARGETS)  # warm: this engine's whole-UNet graphs
+        engine.cache.clear()
+        edits[name], res = _wall(lambda e=engine: (e.cache.clear(), e.edit(image, PROMPT, HANDLES, TARGETS))[1],
+                                 1 if quick else 3)
+        edits[name + "_stages"] = _stage_timings(res.timings)
+    cl.close()
+    note = "both fast mode; 'ours' = UNet in channels-last, 'reference' = the same engine on the NCHW UNet"
+    return [
+        harness.make_record(f"dragdiffusion.{SIZE}.step-channels-last", {**BASE_CONFIG, "layout": "channels_last"},
+                            steps["channels_last"], steps["nchw"],
+                            compile_s={"ours_first_prepare": cold_prepare, "ours_first_step": cold_step},
+                            extra={"note": note}),
+        harness.make_record(f"dragdiffusion.{SIZE}.edit-channels-last",
+                            {**BASE_CONFIG, "layout": "channels_last", "lora": False, "inversion": "computed"},
+                            edits["channels_last"], edits["nchw"],
+                            stages={"ours": edits["channels_last_stages"], "reference": edits["nchw_stages"]},
+                            extra={"note": note}),
+    ]

@@ -809,11 +809,12 @@ def _image_tensor(image: Any) -> Tensor:
 
 
 def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy without any per-instance compiled ``forward`` a fast engine may have set."""
+    """A deep copy without any per-instance compiled ``forward`` a fast engine may have set, in NCHW (the
+    published code's layout, whatever layout the shared pipeline was given)."""
     out = copy.deepcopy(module)
     for m in out.modules():
         m.__dict__.pop("forward", None)
-    return out
+    return out.to(memory_format=torch.contiguous_format)
 
 
 def _compile_blocks(unet: torch.nn.Module, mode: str) -> None:

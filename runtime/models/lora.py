@@ -38,8 +38,9 @@ syncs in the loop (device-side timesteps and noise tables, fused AdamW, a sync-f
 UNet under autocast (fp16 or bf16) with float32 LoRA master weights; on CUDA, after an eager first step, the
 whole step is replayed from one CUDA graph (the eager step is CPU-bound), through the UNet's compiled blocks when
 a fast engine compiled them. For non-square images (where RandomCrop really crops) fast mode encodes each
-distinct crop once, on first use, and runs eagerly (the crops are drawn on the host). With the same seed both modes draw the
-same random numbers in the same order, so on the CPU in float32 they train the same LoRA up to rounding.
+distinct crop once, on first use, and runs eagerly (the crops are drawn on the host). With the same seed both
+modes draw the same random numbers in the same order, so on the CPU in float32 they train the same LoRA up to
+rounding.
 """
 
 from __future__ import annotations

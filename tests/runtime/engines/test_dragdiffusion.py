@@ -70,6 +70,30 @@ def test_fast_mode_tracks_the_same_points_and_latent_as_the_reference(sd, with_m
     torch.testing.assert_close(eng["fast"].prepared.z_t, eng["reference"].prepared.z_t, rtol=1e-3, atol=1e-4)
 
 
+def test_a_channels_last_unet_edits_the_same_and_the_reference_keeps_nchw():
+    """diffusers' ``pipe.unet.to(memory_format=torch.channels_last)``: the fast mode runs it as it is (the kernels
+    read any strides) and tracks the same points; the reference mode's copies are NCHW, as the published code."""
+    results = {}
+    for layout in ("nchw", "channels_last"):
+        pipe = build_random_sd15(tiny=True, seed=0)
+        if layout == "channels_last":
+            pipe.unet.to(memory_format=torch.channels_last)
+        eng = _engines(pipe)
+        assert all(p.is_contiguous() for p in eng["reference"].unet.parameters())
+        assert all(p.is_contiguous() for p in eng["reference"].unet_fp32.parameters())
+        e = eng["fast"]
+        e.prepare(_image(), PROMPT)
+        e.start(HANDLES, TARGETS)
+        results[layout] = ([r.handles for r in e.run()], e.latent(), e.prepared.z_t)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the engine left it so
+    (h_n, z_n, z0_n), (h_c, z_c, z0_c) = results["nchw"], results["channels_last"]
+    assert h_c == h_n
+    # oneDNN sums channels-last convolutions in another order: float rounding (the inversion), then Adam's
+    # normalised steps on the near-zero gradient entries: within 1% of the drag's move
+    torch.testing.assert_close(z0_c, z0_n, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(z_c, z_n, rtol=0, atol=float((z_n - z0_n).abs().max()) * 1e-2)
+
+
 def test_denoise_matches_the_reference_and_reconstructs_branch_zero(sd):
     eng = _engines(sd)
     z = None
