@@ -575,7 +575,7 @@ class DragDiffusionEngine:
         """Iterations until every handle is within ``stop_distance`` or ``max_steps`` (default
         ``config.max_steps``); yields one :class:`StepResult` per iteration (handles and distances in image
         pixels). Fast mode reads iteration ``k`` while the device runs ``k + 1`` (no update once done)."""
-        limit = self.config.max_steps if max_steps is None else max_steps
+        limit = stepping.run_limit(max_steps, self.config.max_steps)
         return stepping.pipelined_run(self.step, self._snapshot, self._result, limit)
 
     def _snapshot(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple:

@@ -264,7 +264,7 @@ class DragGANEngine:
         In fast mode the host reads step ``k`` while the device already runs step ``k + 1`` (the extra step
         makes no update once done), so the GPU never waits for the host.
         """
-        limit = max_steps or self.config.max_steps
+        limit = stepping.run_limit(max_steps, self.config.max_steps)
         return stepping.pipelined_run(self.step, self._snapshot, self._result, limit)
 
     def _snapshot(self, handles: Tensor, done: Tensor, loss: Tensor) -> tuple:

@@ -79,6 +79,16 @@ def step_result(k: int, snapshot: tuple, t_last: float, to_image: Callable[[list
                       ms=(time.perf_counter() - t_last) * 1e3)
 
 
+def run_limit(max_steps: Any, default: int) -> int:
+    """``run(max_steps=...)``: ``None`` -> the config's ``default``; else an integer >= 1 (``ValueError`` naming it)."""
+    if max_steps is None:
+        return default
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"max_steps={max_steps!r} is not allowed; use an integer >= 1 (or None for the config's "
+                         f"max_steps={default})")
+    return max_steps
+
+
 def pipelined_run(step: Callable[[], tuple[Tensor, Tensor, Tensor]], snapshot: Callable[..., tuple],
                   result: Callable[[int, tuple, float], StepResult], limit: int) -> Iterator[StepResult]:
     """Steps until a result says ``done`` or ``limit`` steps; yields one result per step, reading step ``k`` after

@@ -182,6 +182,9 @@ def test_bad_input_names_the_field(sd):
         engine.start(HANDLES, TARGETS, torch.ones(64, 64))
     with pytest.raises(ValueError, match="latent must be a float"):
         engine.start(HANDLES, TARGETS, latent=torch.zeros(1, 4, 8, 8))
+    engine.start(HANDLES, TARGETS)
+    with pytest.raises(ValueError, match="max_steps=0 is not allowed"):
+        engine.run(max_steps=0)
     for bad in ({"lr": 0}, {"inversion_strength": 1.5}, {"max_steps": 0}, {"mode": "turbo"}, {"attention": "x"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DragDiffusionConfig(**bad)

@@ -141,6 +141,11 @@ def test_config_rejects_bad_values() -> None:
         DragGANConfig(lr=0)
     with pytest.raises(ValueError, match="truncation_psi"):
         DragGANConfig(truncation_psi=2.0)
+    e = DragGANEngine(small_generator(), DragGANConfig(**BASE), RuntimeConfig(device="cpu", compile_mode="none"))
+    e.start(e.latent_from_seed(0), [[10, 10]], [[20, 20]])
+    for bad in (0, -3, 2.5, "5", True):
+        with pytest.raises(ValueError, match="max_steps=.* is not allowed; use an integer >= 1"):
+            e.run(max_steps=bad)
 
 
 @pytest.mark.cuda
