@@ -308,6 +308,31 @@ class PeakMemory:
         self.mb = (torch.cuda.max_memory_allocated() - self._base) / _MIB
 
 
+def kernel_profile(fn: Callable[[], Any], reps: int,
+                   table_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """torch.profiler over ``reps`` calls of ``fn`` (CPU + CUDA activity; kernels replayed from CUDA graphs count
+    too): ``prof_wall_ms`` per call, ``kernels_per_call``, ``gpu_busy_ms`` per call (the sum of kernel times);
+    the top CUDA and CPU tables go to ``table_path`` when given. For tools, not for records: profiling slows
+    the calls it watches."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    synchronize()
+    t0 = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            fn()
+        synchronize()
+    wall = (time.perf_counter() - t0) / reps
+    ka = prof.key_averages()
+    kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
+    if table_path is not None:
+        Path(table_path).write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
+                                    + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+    return {"prof_wall_ms": round(1000 * wall, 3), "kernels_per_call": sum(e.count for e in kernels) / reps,
+            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / reps, 3)}
+
+
 def measure_compile(fn: Callable[[], Any]) -> float:
     """Seconds taken by one synchronised call of ``fn``: use it for the first (compiling/capturing) call."""
     return timed_call(fn)[1]

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dragrt.bench import harness
+
 WARMUP, STEPS = 5, 15
 
 
@@ -143,25 +145,6 @@ def time_steps(step) -> float:
     return a.elapsed_time(b) / STEPS
 
 
-def profile(step, out: Path) -> dict:
-    from torch.profiler import DeviceType, ProfilerActivity
-    from torch.profiler import profile as prof
-
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / 3
-    ka = p.key_averages()
-    kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
-    (out / "lora_prof.txt").write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
-                                       + ka.table(sort_by="self_cpu_time_total", row_limit=25))
-    return {"prof_wall_ms": round(1000 * wall, 2), "kernels_per_step": sum(e.count for e in kernels) / 3,
-            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / 3, 2)}
-
-
 def main(out: Path, variants: list[str]) -> None:
     from dragrt.runtime.models.sd import build_random_sd15
 
@@ -176,7 +159,7 @@ def main(out: Path, variants: list[str]) -> None:
             r = {"variant": v, "setup_s": round(time.perf_counter() - t, 1), "ms_per_step": round(time_steps(step), 2),
                  "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
             if v == "base":
-                r.update(profile(step, out))
+                r.update(harness.kernel_profile(step, 3, out / "lora_prof.txt"))
         except Exception as e:  # noqa: BLE001 - a failed variant is a result too
             r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(r), flush=True)

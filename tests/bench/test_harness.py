@@ -321,3 +321,13 @@ def test_peak_memory_counts_what_the_block_allocates() -> None:
         del tmp
     assert 16.0 <= mem.mb < 20.0
     del keep
+
+
+def test_kernel_profile_counts_calls_and_writes_its_tables(tmp_path):
+    x = torch.randn(64, 64)
+    out = harness.kernel_profile(lambda: (x @ x).sum(), 3, tmp_path / "prof.txt")
+    assert out["prof_wall_ms"] > 0 and set(out) == {"prof_wall_ms", "kernels_per_call", "gpu_busy_ms"}
+    if not harness.cuda_available():
+        assert out["kernels_per_call"] == 0 and out["gpu_busy_ms"] == 0
+    table = (tmp_path / "prof.txt").read_text()
+    assert "aten::mm" in table and "Self CPU time total" in table
