@@ -1,13 +1,14 @@
 """``dragrt demo``: a point-drag edit end to end, written as before/after images and an animated GIF.
 
-What it runs today, plainly: the model zoo (issue #7) and the DragGAN engine (issue #5) have not landed,
-so there is no trained generator to drag yet. The demo therefore drags a *differentiable procedural
-renderer* -- a few dozen soft coloured discs composited over a gradient, whose disc centres play the role
-of StyleGAN's ``w`` -- with DragGAN's own algorithm: motion supervision on a feature map sampled at image
-resolution (``bilinear_sample``), nearest-neighbour point tracking (``patch_track``), Adam on the latent,
-stop when every handle is within 2 px. The kernels are dragrt's real ops through its dispatch (Triton on a
-GPU, the PyTorch reference on a CPU). Once the engine and the zoo land, this command drags the zoo's
-StyleGAN2 instead.
+``--method draggan`` (the default) drags, with DragGAN's engine, the zoo's StyleGAN2 of the toy-faces world
+(``zoo:faces-stylegan2``) when it is installed: the zoo's landmark regressor finds the mouth corners, they are
+dragged into a wider smile, and the same regressor measures where they landed. Without it, the default is a
+*differentiable procedural renderer* -- a few dozen soft coloured discs composited over a gradient, whose disc
+centres play the role of StyleGAN's ``w`` -- dragged with DragGAN's own algorithm and dragrt's kernels (motion
+supervision via ``bilinear_sample``, tracking via ``patch_track``, Adam on the latent, stop within 2 px); it
+needs no weights and shows a visible drag on a CPU in about a minute. ``--model stylegan2-random`` runs the
+engine on a full-size random-weight StyleGAN2 (real timings, meaningless pictures). ``--method dragdiffusion``
+runs DragDiffusion on ``zoo:faces-sd`` or an SD1.x pipeline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +30,9 @@ from dragrt.runtime import drag
 from dragrt.runtime.config import RuntimeConfig
 
 WHAT_IT_IS = (
-    "no generative model has landed yet (DragGAN engine: issue #5, model zoo: issue #7), so this demo drags a "
-    "differentiable procedural renderer (soft coloured discs; their centres are the latent) with DragGAN's "
-    "algorithm and dragrt's kernels: motion supervision via bilinear_sample, point tracking via patch_track."
+    "no trained StyleGAN2 is installed (zoo:faces-stylegan2), so this demo drags a differentiable procedural "
+    "renderer (soft coloured discs; their centres are the latent) with DragGAN's algorithm and dragrt's kernels: "
+    "motion supervision via bilinear_sample, point tracking via patch_track."
 )
 
 
@@ -188,36 +190,20 @@ STYLEGAN2_RANDOM_WHAT = (
 )
 
 
-def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256, max_steps: int = 40,
-                         device: str = "auto", progress: bool = True) -> dict:
-    """Drag two points with :class:`~dragrt.runtime.session.EditSession` on a random-weight config-f
-    generator; write before.png, after.png, drag.gif (a frame every 2 steps) and the edit record."""
+def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> dict:
+    """Run ``session``'s drag (its points already set): before.png, after.png, drag.gif (a preview frame every 2
+    steps) and the session export ``edit.*``; returns steps, done, start / final / target points and ms per step."""
     from tqdm import tqdm
 
-    from dragrt.runtime.models.stylegan2 import PRESET_RESOLUTIONS, Generator, stylegan2_config
-    from dragrt.runtime.session import EditSession
-
-    if resolution not in PRESET_RESOLUTIONS:
-        raise ValueError(f"resolution={resolution} is not allowed; choose one of {PRESET_RESOLUTIONS}")
-    if not 1 <= max_steps <= 10000:
-        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runtime = RuntimeConfig(device=device)
-    torch.manual_seed(seed)
-    G = Generator.from_config(stylegan2_config(resolution))
-    session = EditSession.from_seed(G, seed, runtime=runtime, model_id=f"stylegan2-config-f-{resolution}-random")
-    r = resolution
-    session.add_point([round(0.35 * r), round(0.45 * r)], [round(0.5 * r), round(0.4 * r)])
-    session.add_point([round(0.65 * r), round(0.6 * r)], [round(0.6 * r), round(0.75 * r)])
     targets = [p["target"] for p in session.points]
     start = [p["handle"] for p in session.points]
     before = session.image()
-    _draw(before, [p["handle"] for p in session.points], targets).save(out_dir / "before.png")
-    frames = [_draw(before, [p["handle"] for p in session.points], targets)]
+    _draw(before, start, targets).save(out_dir / "before.png")
+    frames = [_draw(before, start, targets)]
     step_ms: list[float] = []
     last = None
     bar = tqdm(total=max_steps, desc="dragging", unit="step", disable=not progress, mininterval=0.5)
-    for ev in session.run(max_steps=max_steps, preview_every=2, preview_size=r):
+    for ev in session.run(max_steps=max_steps, preview_every=2, preview_size=before.width):
         step_ms.append(ev.ms)
         last = ev
         if ev.preview is not None:
@@ -232,13 +218,105 @@ def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256,
     frames[0].save(out_dir / "drag.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 8,
                    duration=120, loop=0)
     session.export(out_dir / "edit")
-    return {"what": STYLEGAN2_RANDOM_WHAT, "steps": 0 if last is None else last.step + 1,
-            "reached_targets": bool(last and last.done), "device": str(runtime.torch_device()),
+    return {"steps": 0 if last is None else last.step + 1, "reached_targets": bool(last and last.done),
             "handle_points": start, "final_points": final, "target_points": targets,
-            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}
+            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None, "before": before, "after": after}
 
 
-DRAGGAN_MODELS = ("discs", "stylegan2-random")
+def _check_steps(max_steps: int) -> None:
+    if not 1 <= max_steps <= 10000:
+        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
+
+
+def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256, max_steps: int = 40,
+                         device: str = "auto", progress: bool = True) -> dict:
+    """Drag two points with :class:`~dragrt.runtime.session.EditSession` on a random-weight config-f
+    generator; write before.png, after.png, drag.gif (a frame every 2 steps) and the edit record."""
+    from dragrt.runtime.models.stylegan2 import PRESET_RESOLUTIONS, Generator, stylegan2_config
+    from dragrt.runtime.session import EditSession
+
+    if resolution not in PRESET_RESOLUTIONS:
+        raise ValueError(f"resolution={resolution} is not allowed; choose one of {PRESET_RESOLUTIONS}")
+    _check_steps(max_steps)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = RuntimeConfig(device=device)
+    torch.manual_seed(seed)
+    G = Generator.from_config(stylegan2_config(resolution))
+    session = EditSession.from_seed(G, seed, runtime=runtime, model_id=f"stylegan2-config-f-{resolution}-random")
+    r = resolution
+    session.add_point([round(0.35 * r), round(0.45 * r)], [round(0.5 * r), round(0.4 * r)])
+    session.add_point([round(0.65 * r), round(0.6 * r)], [round(0.6 * r), round(0.75 * r)])
+    rec = _drag_session(session, out_dir, max_steps, progress)
+    for k in ("before", "after"):
+        rec.pop(k)
+    return {"what": STYLEGAN2_RANDOM_WHAT, "device": str(runtime.torch_device()), **rec}
+
+
+#: The DragGAN demo's default model once it is installed (else the procedural discs).
+DRAGGAN_ZOO_MODEL = "zoo:faces-stylegan2"
+#: The zoo demo's edit: each mouth corner moves out by this fraction of the image and up by ZOO_LIFT (a wider
+#: smile), so the landmark regressor can tell whether the corners landed where they were dragged.
+ZOO_WIDEN, ZOO_LIFT = 0.05, 0.03
+
+
+def _mouth_corners(landmarks: Any, image: Image.Image) -> tuple[list[list[float]], list[float]]:
+    """Mouth corners ``[[x, y], [x, y]]`` (left, right) of a PIL image, by the landmark regressor, and their
+    confidences."""
+    from dragrt.zoo import world
+
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    with torch.no_grad():
+        out = landmarks(x)
+    idx = [world.LANDMARK_INDEX["mouth_left"], world.LANDMARK_INDEX["mouth_right"]]
+    return out.landmarks[0, idx].tolist(), out.confidence[0, idx].tolist()
+
+
+def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id: str | None = None, seed: int = 0,
+                      max_steps: int = 60, device: str = "auto", progress: bool = True) -> dict:
+    """DragGAN on a trained StyleGAN2 of the faces world (``model``: ``zoo:faces-stylegan2`` by default, any path
+    :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads, or a loaded generator): the zoo's
+    landmark regressor finds the mouth corners of sample ``seed``, they are dragged outwards and up (a wider
+    smile), and the same regressor measures where they ended up. Writes before.png, after.png, drag.gif, the
+    session export ``edit.*`` and the measurements ``demo.json``. ``model_id`` names the model in the records
+    (default: ``model`` when it is a path)."""
+    from dragrt.runtime.models.stylegan2_convert import load_generator
+    from dragrt.runtime.session import EditSession
+    from dragrt.zoo.evaluators import load_landmark_model
+
+    _check_steps(max_steps)
+    G = model if isinstance(model, torch.nn.Module) else load_generator(model)
+    model_id = model_id or (str(model) if not isinstance(model, torch.nn.Module) else "stylegan2 generator")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = RuntimeConfig(device=device)
+    landmarks = load_landmark_model()
+    session = EditSession.from_seed(G, seed, runtime=runtime, model_id=model_id)
+    image = session.image()
+    r = image.width
+    corners, confidence = _mouth_corners(landmarks, image)
+    for (x, y), side in zip(corners, (-1, 1)):  # mouth_left is on the image's left
+        handle = [min(max(round(x), 0), r - 1), min(max(round(y), 0), r - 1)]
+        target = [min(max(round(x + side * ZOO_WIDEN * r), 0), r - 1), min(max(round(y - ZOO_LIFT * r), 0), r - 1)]
+        session.add_point(handle, target)
+    rec = _drag_session(session, out_dir, max_steps, progress)
+    measured, confidence_after = _mouth_corners(landmarks, rec.pop("after"))
+    rec.pop("before")
+    errors = [math.dist(m, t) for m, t in zip(measured, rec["target_points"])]
+    rec = {"model": model_id, "device": str(runtime.torch_device()), **rec,
+           "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
+           "landmark_confidence_before": confidence, "landmark_confidence_after": confidence_after,
+           "measured_error_to_targets_px": errors}
+    (out_dir / "demo.json").write_text(json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+DRAGGAN_MODELS = ("discs", "stylegan2-random")  # besides a StyleGAN2 generator: zoo:<name>, a folder, a .json
+
+
+def default_draggan_model() -> str:
+    """``zoo:faces-stylegan2`` when it is installed, else the procedural ``discs``."""
+    from dragrt.zoo import registry
+
+    return DRAGGAN_ZOO_MODEL if DRAGGAN_ZOO_MODEL[len(registry.PREFIX):] in registry.available() else "discs"
 DRAGDIFFUSION_DEFAULT_MODEL = "zoo:faces-sd"
 
 
@@ -307,15 +385,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("draggan", "dragdiffusion"), default="draggan",
                    help="draggan (default) or dragdiffusion (needs an SD1.x pipeline: --model)")
     p.add_argument("--model", default=None,
-                   help="draggan: discs (the procedural stand-in, default; a visible drag on a CPU in about a "
-                        "minute) or stylegan2-random (the DragGAN engine on a full-size random-weight StyleGAN2); "
+                   help=f"draggan: a StyleGAN2 generator (zoo:<name>, a converted .json or its folder; default "
+                        f"{DRAGGAN_ZOO_MODEL} when installed), discs (the procedural stand-in, the default "
+                        "otherwise; a visible drag on a CPU in about a minute) or stylegan2-random (the engine on "
+                        "a full-size random-weight StyleGAN2); "
                         f"dragdiffusion: an SD1.x diffusers folder, a .safetensors checkpoint or zoo:<name> "
                         f"(default {DRAGDIFFUSION_DEFAULT_MODEL})")
     p.add_argument("--out", type=Path, default=Path("dragrt-demo"), help="output folder (default: ./dragrt-demo)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="image size in pixels, 64-1024 (default 256)")
     p.add_argument("--steps", type=int, default=None,
-                   help="maximum optimisation steps, 1-10000 (default 400 for discs, 40 for stylegan2-random)")
+                   help="maximum optimisation steps, 1-10000 (default 400 for discs, 40 for stylegan2-random, "
+                        "60 for a trained StyleGAN2)")
     p.add_argument("--resolution", type=int, default=256, help="stylegan2-random: 256, 512 or 1024 (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
@@ -332,10 +413,27 @@ def main(args: argparse.Namespace) -> int:
         for name in ("before.png", "after.png", "drag.gif", "edit.json", "edit.png"):
             print(f"  wrote {args.out / name}")
         return 0
-    args.model = args.model or "discs"
+    args.model = args.model or default_draggan_model()
     if args.model not in DRAGGAN_MODELS:
-        raise ValueError(f"--model {args.model!r} is not allowed with --method draggan; choose one of "
-                         f"{', '.join(DRAGGAN_MODELS)}")
+        from dragrt.runtime.models.stylegan2_convert import load_generator
+
+        try:
+            G = load_generator(args.model)
+        except FileNotFoundError as exc:
+            raise ValueError(f"--model {args.model!r} is not allowed with --method draggan: it is not one of "
+                             f"{', '.join(DRAGGAN_MODELS)} and not a StyleGAN2 generator ({exc})") from None
+        print(f"dragrt demo: DragGAN on {args.model}, widening the smile of sample {args.seed}: the zoo's landmark "
+              "regressor finds the mouth corners, then measures where they were dragged to")
+        rec = run_stylegan2_zoo(args.out, model=G, model_id=args.model, seed=args.seed, max_steps=args.steps or 60,
+                                device=args.device)
+        err = ", ".join(f"{e:.1f}" for e in rec["measured_error_to_targets_px"])
+        print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the targets in {rec['steps']} steps on "
+              f"{rec['device']} ({rec['ms_per_step_p50']:.1f} ms per step); the regressor puts the corners {err} px "
+              "from their targets")
+        for name in ("before.png", "after.png", "drag.gif", "demo.json", "edit.json", "edit.png",
+                     "edit_w.safetensors"):
+            print(f"  wrote {args.out / name}")
+        return 0
     if args.model == "stylegan2-random":
         print(f"dragrt demo: {STYLEGAN2_RANDOM_WHAT}")
         rec = run_stylegan2_random(args.out, seed=args.seed, resolution=args.resolution,

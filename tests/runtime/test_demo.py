@@ -57,3 +57,44 @@ def test_stylegan2_random_demo_runs_the_engine(tmp_path, monkeypatch) -> None:
         assert (tmp_path / name).stat().st_size > 0
     assert rec["steps"] == 3 and len(rec["final_points"]) == 2
     assert "RANDOM weights" in rec["what"]
+
+
+def test_draggan_demo_defaults_to_the_zoo_stylegan2_once_installed(tmp_path, monkeypatch, capsys) -> None:
+    """With zoo:faces-stylegan2 installed, `dragrt demo` drags it: the landmark regressor's mouth corners are the
+    handles, targets a wider smile, and the regressor measures the result (demo.json). Without it: the discs. A
+    small random generator written in the zoo's format stands in for the trained one (the code path is the same)."""
+    import shutil
+
+    from dragrt import cli
+    from dragrt.runtime.models import stylegan2
+    from dragrt.runtime.models.stylegan2_convert import write_generator
+    from dragrt.zoo import registry
+
+    shipped_landmarks = registry.resolve("zoo:faces-landmarks")
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", weights)
+    shutil.copytree(shipped_landmarks, weights / "faces-landmarks")
+    assert demo.default_draggan_model() == "discs"
+    cfg = stylegan2.GeneratorConfig(img_resolution=128, z_dim=32, w_dim=32,
+                                    mapping=stylegan2.MappingConfig(num_layers=2),
+                                    synthesis=stylegan2.SynthesisConfig(channel_base=512, channel_max=16))
+    torch.manual_seed(0)
+    G = stylegan2.Generator.from_config(cfg)
+    write_generator(G.state_dict(), cfg, weights / "faces-stylegan2" / "generator", source={"format": "dragrt-zoo"})
+    assert demo.default_draggan_model() == "zoo:faces-stylegan2"
+
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--steps", "3", "--device", "cpu", "--out", str(out)]) == 0
+    assert "DragGAN on zoo:faces-stylegan2" in capsys.readouterr().out
+    rec = json.loads((out / "demo.json").read_text())
+    for name in ("before.png", "after.png", "drag.gif", "edit.json", "edit_w.safetensors"):
+        assert (out / name).stat().st_size > 0
+    assert rec["steps"] == 3 and len(rec["handle_points"]) == 2 and rec["model"] == "zoo:faces-stylegan2"
+    for (hx, hy), (x, y) in zip(rec["handle_points"], rec["mouth_corners_measured_before"]):
+        assert (hx, hy) == (min(max(round(x), 0), 127), min(max(round(y), 0), 127))  # handles = detected corners
+    (t0x, t0y), (t1x, t1y) = rec["target_points"]
+    assert t0x <= rec["handle_points"][0][0] and t1x >= rec["handle_points"][1][0]  # outwards
+    assert t0y <= rec["handle_points"][0][1] and t1y <= rec["handle_points"][1][1]  # and up
+    measured = torch.tensor(rec["mouth_corners_measured_after"])
+    expected = (measured - torch.tensor(rec["target_points"], dtype=torch.float32)).norm(dim=1)
+    torch.testing.assert_close(torch.tensor(rec["measured_error_to_targets_px"]), expected, rtol=1e-5, atol=1e-4)
