@@ -190,9 +190,10 @@ STYLEGAN2_RANDOM_WHAT = (
 )
 
 
-def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> dict:
+def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> tuple[dict, Image.Image]:
     """Run ``session``'s drag (its points already set): before.png, after.png, drag.gif (a preview frame every 2
-    steps) and the session export ``edit.*``; returns steps, done, start / final / target points and ms per step."""
+    steps) and the session export ``edit.*``; returns (steps, done, start / final / target points and ms per step;
+    the final image)."""
     from tqdm import tqdm
 
     targets = [p["target"] for p in session.points]
@@ -220,7 +221,7 @@ def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> dic
     session.export(out_dir / "edit")
     return {"steps": 0 if last is None else last.step + 1, "reached_targets": bool(last and last.done),
             "handle_points": start, "final_points": final, "target_points": targets,
-            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None, "before": before, "after": after}
+            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}, after
 
 
 def _check_steps(max_steps: int) -> None:
@@ -246,9 +247,7 @@ def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256,
     r = resolution
     session.add_point([round(0.35 * r), round(0.45 * r)], [round(0.5 * r), round(0.4 * r)])
     session.add_point([round(0.65 * r), round(0.6 * r)], [round(0.6 * r), round(0.75 * r)])
-    rec = _drag_session(session, out_dir, max_steps, progress)
-    for k in ("before", "after"):
-        rec.pop(k)
+    rec, _ = _drag_session(session, out_dir, max_steps, progress)
     return {"what": STYLEGAN2_RANDOM_WHAT, "device": str(runtime.torch_device()), **rec}
 
 
@@ -297,9 +296,8 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
         handle = [min(max(round(x), 0), r - 1), min(max(round(y), 0), r - 1)]
         target = [min(max(round(x + side * ZOO_WIDEN * r), 0), r - 1), min(max(round(y - ZOO_LIFT * r), 0), r - 1)]
         session.add_point(handle, target)
-    rec = _drag_session(session, out_dir, max_steps, progress)
-    measured, confidence_after = _mouth_corners(landmarks, rec.pop("after"))
-    rec.pop("before")
+    rec, after = _drag_session(session, out_dir, max_steps, progress)
+    measured, confidence_after = _mouth_corners(landmarks, after)
     errors = [math.dist(m, t) for m, t in zip(measured, rec["target_points"])]
     rec = {"model": model_id, "device": str(runtime.torch_device()), **rec,
            "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
