@@ -163,6 +163,50 @@ class MutualSelfAttnProcessor(AttnProcessor):
         return self._out(attn, out, hidden_states)
 
 
+class BranchZeroKVProcessor(MutualSelfAttnProcessor):
+    """Mutual self-attention whose branch-0 keys and values can be kept and reused.
+
+    In DragDiffusion's final denoise the original branch (batch element 0) attends only to itself, so its
+    trajectory, hence its keys and values at every step, depend on the prepared image alone, not on the edit.
+    ``mode = "record"``: as :class:`MutualSelfAttnProcessor` (batch ``[original, edited...]``), and branch 0's
+    keys and values are copied into ``self.k`` / ``self.v`` (buffers allocated on the first call and then
+    written in place, so a CUDA graph captured later writes the same memory). ``mode = "replay"``: the batch
+    holds the edited branches only; their queries attend to ``self.k`` / ``self.v``, which the caller fills
+    with a recorded step's values before each call. Same maths as the mutual pass, without recomputing branch 0.
+    """
+
+    def __init__(self, backend: str = "sdpa") -> None:
+        super().__init__(backend)
+        self.mode = "record"
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("BranchZeroKVProcessor is for self-attention (attn1) modules only")
+        if attention_mask is not None:
+            raise ValueError("attention masks are not supported by dragrt's attention processors")
+        q, k, v = self._qkv(attn, hidden_states, None)  # [B, heads, N, d]
+        b = q.shape[0]
+        if self.mode == "replay":
+            if self.k is None or self.k.shape[1:] != k.shape[1:]:
+                raise RuntimeError("BranchZeroKVProcessor: replay before a record of the same shapes")
+            k0, v0 = self.k, self.v
+        elif self.mode == "record":
+            k0, v0 = k[:1], v[:1]
+            if self.k is None or self.k.shape != k0.shape or self.k.dtype != k0.dtype:
+                self.k = k0.clone(memory_format=torch.contiguous_format)
+                self.v = v0.clone(memory_format=torch.contiguous_format)
+            else:
+                self.k.copy_(k0)
+                self.v.copy_(v0)
+        else:
+            raise ValueError(f"mode must be 'record' or 'replay', got {self.mode!r}")
+        out = _attention(q, k0.expand(b, -1, -1, -1), v0.expand(b, -1, -1, -1), attn.scale, self.backend)
+        return self._out(attn, out, hidden_states)
+
+
 def transformer_self_attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, attn1 module)`` of every transformer block in forward order (down blocks, mid block, up blocks),
     the numbering of DragDiffusion's attention controller (``cur_att_layer // 2``)."""
@@ -187,21 +231,25 @@ def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
 
 @contextlib.contextmanager
 def mutual_self_attention(unet: nn.Module, start_layer: int = 10, *, backend: str = "sdpa",
-                          literal: bool = False) -> Iterator[list[str]]:
+                          literal: bool = False, processors: list[nn.Module] | None = None) -> Iterator[list[str]]:
     """Within the block, self-attention of transformer blocks ``start_layer`` and later is mutual (every branch
     attends to branch 0); other processors are kept. Yields the names of the modules changed. The previous
-    processors come back on exit."""
+    processors come back on exit. ``processors``: one per changed module, used instead of a shared
+    :class:`MutualSelfAttnProcessor` (e.g. :class:`BranchZeroKVProcessor`, which keeps per-layer state)."""
     blocks = transformer_self_attentions(unet)
     if not 0 <= start_layer <= len(blocks):
         raise ValueError(f"start_layer={start_layer} is out of range; this UNet has {len(blocks)} transformer "
                          f"blocks (0 to {len(blocks)})")
+    changed = blocks[start_layer:]
+    if processors is None:
+        processors = [MutualSelfAttnProcessor(backend, literal=literal)] * len(changed)
+    elif len(processors) != len(changed):
+        raise ValueError(f"{len(processors)} processors for {len(changed)} mutual self-attention modules")
     saved = {name: module.processor for name, module in blocks}
-    changed = [name for name, _ in blocks[start_layer:]]
-    mutual = MutualSelfAttnProcessor(backend, literal=literal)
     try:
-        for _, module in blocks[start_layer:]:
-            module.set_processor(mutual)
-        yield changed
+        for (_, module), proc in zip(changed, processors):
+            module.set_processor(proc)
+        yield [name for name, _ in changed]
     finally:
         for name, module in blocks:
             module.set_processor(saved[name])

@@ -94,6 +94,38 @@ def test_a_channels_last_unet_edits_the_same_and_the_reference_keeps_nchw():
     torch.testing.assert_close(z_c, z_n, rtol=0, atol=float((z_n - z0_n).abs().max()) * 1e-2)
 
 
+def test_later_renders_reuse_the_original_branch(sd):
+    """reuse_original_branch (default): the first render of a prepared image keeps branch 0's self-attention keys
+    and values; later renders (a session's next drags) denoise the edited branch alone against them -- batch 1
+    instead of 2, the same image as the two-branch pass. A new prepare records again."""
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
+    eng = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", **BASE), rt)
+    plain = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", reuse_original_branch=False, **BASE), rt)
+    for e in (eng, plain):
+        e.prepare(_image(), PROMPT)
+    g = torch.Generator().manual_seed(0)
+    z0 = eng.prepared.z_t
+    z1, z2 = (z0 + 0.05 * torch.randn(z0.shape, generator=g) for _ in range(2))
+    batches = []
+    hook = sd.unet.register_forward_pre_hook(lambda m, args: batches.append(args[0].shape[0]))
+    try:
+        first = eng.denoise(z1)
+        assert set(batches) == {2} and eng._kv_store[0] is eng.prepared
+        torch.testing.assert_close(first, plain.denoise(z1), rtol=0, atol=1e-6)
+        batches.clear()
+        second = eng.denoise(z2)
+        assert batches == [1] * len(eng.prepared.denoise_timesteps)
+        torch.testing.assert_close(second, plain.denoise(z2), rtol=1e-4, atol=1e-5)
+        eng.prepare(_image(2.0), PROMPT)
+        batches.clear()  # (the inversion runs batch 1)
+        eng.denoise(eng.prepared.z_t)
+        assert set(batches) == {2} and eng._kv_store[0] is eng.prepared  # recorded for the new image
+    finally:
+        hook.remove()
+    eng.close()
+    assert eng._kv_store is None
+
+
 def test_denoise_matches_the_reference_and_reconstructs_branch_zero(sd):
     eng = _engines(sd)
     z = None
@@ -185,7 +217,8 @@ def test_bad_input_names_the_field(sd):
     engine.start(HANDLES, TARGETS)
     with pytest.raises(ValueError, match="max_steps=0 is not allowed"):
         engine.run(max_steps=0)
-    for bad in ({"lr": 0}, {"inversion_strength": 1.5}, {"max_steps": 0}, {"mode": "turbo"}, {"attention": "x"}):
+    for bad in ({"lr": 0}, {"inversion_strength": 1.5}, {"max_steps": 0}, {"mode": "turbo"}, {"attention": "x"},
+                {"reuse_original_branch": "yes"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DragDiffusionConfig(**bad)
     with pytest.raises(ValueError, match="feature_block=7 is out of range"):
@@ -210,6 +243,13 @@ def test_fast_mode_on_cuda_graphs_and_compiled_blocks_match_the_reference():
     assert max(abs(a - b) for r, f in zip(ref, fast) for p, q in zip(r, f) for a, b in zip(p, q)) <= 4.0
     images = {mode: e.denoise(eng["fast"].latent()) for mode, e in eng.items()}
     assert (images["fast"] - images["reference"]).abs().mean() < 2e-2
+    # a later render of the same prepared image: the edited branch alone (batch 1, its own graph) against the kept
+    # keys/values of the original branch
+    z2 = eng["fast"].latent() + 0.05 * torch.randn(eng["fast"].latent().shape, device="cuda",
+                                                   generator=torch.Generator("cuda").manual_seed(0))
+    again = {mode: e.denoise(z2) for mode, e in eng.items()}
+    assert any(k[0] == "mutual-replay" for k in eng["fast"]._unet_graphs)
+    assert (again["fast"] - again["reference"]).abs().mean() < 2e-2
     # The inversion replays a captured UNet graph in fast mode: the same z_t as fast mode's eager call of the same
     # compiled blocks. (Against the reference's eager "math"-attention fp16 UNet, 35 fp16 inversion steps on random
     # weights drift by a few percent of the latent on an H200, so that comparison measures rounding, not the graph.)
