@@ -20,7 +20,7 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
 }
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
 
@@ -52,7 +52,9 @@ class RuntimeConfig:
             eager on the CPU), ``"none"`` (eager), or a ``torch.compile`` mode. Compiling costs tens of
             seconds once per model and shape (the benchmarks report it apart from steady state) and buys
             lower per-step latency (DragGAN at 512 on an H200: 4.3 -> 2.6 ms per step). The engines
-            capture CUDA graphs themselves, so ``"default"`` is the mode to use with them.
+            capture CUDA graphs themselves, so ``"default"`` or ``"max-autotune-no-cudagraphs"`` (autotuned
+            kernels, a much longer compile) are the modes to use with them; ``"reduce-overhead"`` and
+            ``"max-autotune"`` add Inductor's own CUDA graphs inside those captures.
         cache_dir: where inversions, LoRAs and reference features are cached by content hash. Deleting
             it only costs recomputation.
     """

@@ -15,6 +15,9 @@ def test_defaults_resolve_on_this_machine() -> None:
     assert cfg.torch_dtype() == (torch.float16 if dev.type == "cuda" else torch.float32)
     assert cfg.kernels == "auto" and cfg.compile_mode == "auto"
     assert cfg.resolved_compile_mode() == ("default" if dev.type == "cuda" else None)
+    # the autotuning mode that composes with the engines' own CUDA graphs passes through as it is
+    tuned = RuntimeConfig(device="cpu", compile_mode="max-autotune-no-cudagraphs")
+    assert tuned.resolved_compile_mode() == "max-autotune-no-cudagraphs"
 
 
 def test_aliases_and_paths() -> None:
