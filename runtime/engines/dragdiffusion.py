@@ -276,6 +276,7 @@ class DragDiffusionEngine:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         self._set_lora(None)  # the previous image's LoRA must not be part of this one's training or key
+        self._kv_store = None  # the previous image's original-branch keys/values (memory for this one's work)
         if self._base_fingerprint is None:
             self._base_fingerprint = inv.components_fingerprint(self.sd)  # once, on the base weights (~1 s)
         weights = None
@@ -367,7 +368,7 @@ class DragDiffusionEngine:
         self._fast_states = {}
         self._unet_graphs = {}
         self._graph_key = self._text_emb = None
-        self._kv_store = None
+        self._kv_store = self._kv_procs = None  # (the graphs that read the processors' buffers are gone)
 
     # --- phase 2: start --------------------------------------------------------------------------------------
 
