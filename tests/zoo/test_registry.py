@@ -98,3 +98,29 @@ def test_shipped_zoo_fits_its_budget():
     assert sum(f.stat().st_size for f in files) <= 32_000_000
     for name, folder in registry.available().items():
         assert any(f.suffix == ".safetensors" for f in folder.rglob("*")), name
+
+
+def test_exports_into_the_package_keep_shared_parts_stored_once(weights, monkeypatch):
+    """`python -m dragrt.zoo.train NAME --export`: the model's own files replace an alias in its folder, and a
+    model identical to a part of another becomes an alias afterwards (here faces-sd's export)."""
+    from dragrt.zoo import train
+
+    monkeypatch.setattr(train, "WEIGHTS_DIR", weights)
+    vae = {"config.json": '{"a": 1}', "w.safetensors": "decoder v2"}
+
+    class FakeTrainer:
+        @staticmethod
+        def export(run_dir, dest):
+            files = vae if dest.name == "faces-vae" else {"model_index.json": "{}"}
+            _folder(dest, {**files, "MODEL_CARD.md": f"{dest.name} card"})
+            if dest.name == "faces-sd":
+                _folder(dest / "vae", vae)
+            return dest
+
+    monkeypatch.setattr(train, "trainer", lambda name: FakeTrainer)
+    _folder(weights / "faces-vae", {registry.ALIAS_FILE: '{"target": "faces-sd/vae"}', "MODEL_CARD.md": "old"})
+    assert train.main(["faces-vae", "--run-dir", "r", "--no-train", "--export"]) == 0
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-vae"  # its own files, the stale alias gone
+    assert train.main(["faces-sd", "--run-dir", "r", "--no-train", "--export"]) == 0
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-sd" / "vae"  # identical now: stored once
+    assert not (weights / "faces-vae" / "w.safetensors").exists()
