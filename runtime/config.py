@@ -7,8 +7,10 @@ accepts, so a typo never reaches torch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,3 +136,15 @@ def _check_device(value: object) -> str:
     if not ok:
         raise ValueError(f"device={value!r} is not allowed; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return value
+
+
+@contextlib.contextmanager
+def force_eager() -> Iterator[None]:
+    """Run ``torch.compile``d callables eagerly inside the block (``torch.compiler.set_stance``; without it,
+    before torch 2.6, the block runs as it would anyway)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

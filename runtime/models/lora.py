@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dragrt.runtime.cache.store import TensorCache, content_hash, metadata_json
+from dragrt.runtime.config import force_eager
 
 if TYPE_CHECKING:
     from dragrt.runtime.models.sd import SDComponents
@@ -367,17 +368,6 @@ def _ddpm(components: SDComponents) -> Any:
     return DDPMScheduler.from_config(config)
 
 
-@contextlib.contextmanager
-def _eager() -> Iterator[None]:
-    """Run ``torch.compile``d forwards eagerly (reference mode: the published code compiles nothing)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
-
-
 def _optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, scaler: Any) -> None:
     """Backward, step and zero the gradients (``set_to_none``, torch's default), through ``scaler`` (a GradScaler,
     as accelerate's fp16 mixed precision does) when one is given."""
@@ -451,7 +441,8 @@ def train_image_lora(
         # Fast mode runs a fast engine's compiled UNet blocks compiled: the first LoRA compiles their training
         # variants (minutes on a GPU, once a process: later images' fresh LoRA layers reuse them), the step then
         # takes 35 ms instead of 52 (H200, captured). Reference mode runs them eagerly.
-        with torch.random.fork_rng(devices=devices), (_eager() if mode == "reference" else contextlib.nullcontext()):
+        stance = force_eager() if mode == "reference" else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices), stance:
             torch.manual_seed(config.seed)  # accelerate's set_seed(0): CPU and every CUDA generator
             try:
                 layers = _inject(unet, config, device)

@@ -126,6 +126,29 @@ def test_later_renders_reuse_the_original_branch(sd):
     assert eng._kv_store is None
 
 
+def test_compiled_blocks_record_and_replay_without_recompiling(aot_eager_compile):
+    """With compiled blocks (the aot_eager backend here): the first render (record) and the second (replay) compile
+    their variants, later renders compile nothing new, and all give the uncompiled engine's images."""
+    from torch._dynamo.utils import counters
+
+    pipe = build_random_sd15(tiny=True, seed=0)
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="default")
+    eng = DragDiffusionEngine(pipe, DragDiffusionConfig(mode="fast", **BASE), rt)
+    eng.prepare(_image(), PROMPT)
+    z0 = eng.prepared.z_t
+    g = torch.Generator().manual_seed(0)
+    zs = [z0 + 0.05 * torch.randn(z0.shape, generator=g) for _ in range(3)]
+    images = [eng.denoise(zs[0]), eng.denoise(zs[1])]  # record, then replay: each kind compiled once
+    graphs = counters["stats"]["unique_graphs"]
+    images.append(eng.denoise(zs[2]))
+    assert counters["stats"]["unique_graphs"] == graphs
+    plain = DragDiffusionEngine(build_random_sd15(tiny=True, seed=0), DragDiffusionConfig(mode="fast", **BASE),
+                                RuntimeConfig(device="cpu", dtype="float32", compile_mode="none"))
+    plain.prepare(_image(), PROMPT)
+    for img, z in zip(images, zs):
+        torch.testing.assert_close(img, plain.denoise(z), rtol=1e-4, atol=1e-5)
+
+
 def test_denoise_matches_the_reference_and_reconstructs_branch_zero(sd):
     eng = _engines(sd)
     z = None
