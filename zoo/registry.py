@@ -23,6 +23,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CARD = "MODEL_CARD.md"
 #: In a model folder: ``{"target": "<model>/<subfolder>", "sha256": {file: digest}}``, the shipped files' place.
 ALIAS_FILE = "zoo_alias.json"
+#: All zoo weights together (the zoo issue's budget).
+BUDGET_BYTES = 32_000_000
 #: Models that may be stored as a part of another model's folder: name -> that part.
 SHARED: dict[str, str] = {"faces-vae": "faces-sd/vae"}
 # config keys that say where a file came from or which library wrote it, not what the model is
@@ -166,5 +168,6 @@ if __name__ == "__main__":
     shared = share_identical()
     sizes = {d.name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
              for d in sorted(WEIGHTS_DIR.iterdir()) if d.is_dir()}
-    print(json.dumps({"aliased": shared, "bytes": sizes, "total_bytes": sum(sizes.values())}, indent=2))
+    print(json.dumps({"aliased": shared, "bytes": sizes, "total_bytes": sum(sizes.values()),
+                      "budget_bytes": BUDGET_BYTES}, indent=2))
     sys.exit(0)
