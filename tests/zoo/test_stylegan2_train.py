@@ -278,3 +278,15 @@ def test_compiled_main_steps_compute_the_same_networks(aot_eager_compile: list, 
     assert modes.count("default") == 4  # two in the check above, G's synthesis and D in the run
     with pytest.raises(ValueError, match="compile_mode='fast' is not allowed"):
         st.train(tmp_path / "bad", minutes=1, device="cpu", smoke=True, max_steps=1, compile_mode="fast")
+
+
+def test_cli_passes_a_new_runs_batch(tmp_path, monkeypatch) -> None:
+    """`python -m dragrt.zoo.stylegan2_train --batch N`: the batch of a new run (a config override, which a resumed
+    run must match); without it, the preset's."""
+    calls = []
+    monkeypatch.setattr(st, "train", lambda run_dir, **kw: calls.append(kw) or {})
+    assert st.main(["--run-dir", str(tmp_path), "--device", "cpu", "--batch", "128"]) == 0
+    assert st.main(["--run-dir", str(tmp_path), "--device", "cpu"]) == 0
+    assert calls[0]["config_overrides"] == {"batch_size": 128} and calls[1]["config_overrides"] is None
+    with pytest.raises(ValueError, match="batch_size=6 is not allowed; use a multiple of mbstd_group=4"):
+        st.TrainConfig.preset(256, batch_size=6)
