@@ -9,6 +9,7 @@
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile; not measured yet on a GPU).
+# DRAGRT_VAE_MSE=W gives the decoder fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights, then run
 # `python -m dragrt.zoo.registry`, which stores zoo:faces-vae once, as faces-sd's vae/, when identical), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
@@ -32,12 +33,14 @@ export DRAGRT_SKIP_INSTALL=1 PYTHONPATH="/tmp/dragrt-site${PYTHONPATH:+:$PYTHONP
 [ -d "$root/.assets" ] && export DRAGRT_ASSETS=${DRAGRT_ASSETS:-$root/.assets}
 compile=()
 [ -n "${DRAGRT_ZOO_COMPILE:-}" ] && compile=(--compile "$DRAGRT_ZOO_COMPILE")
+mse=()
+[ -n "${DRAGRT_VAE_MSE:-}" ] && mse=(--mse-weight "$DRAGRT_VAE_MSE")
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 
 echo "faces-vae (decoder) from $(el) s"
 DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae --decoder-only "${compile[@]}" --export >"$logs/faces-vae.log" 2>&1
+  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae --decoder-only "${compile[@]}" "${mse[@]}" --export >"$logs/faces-vae.log" 2>&1
 echo "faces-vae exit $? at $(el) s"
 (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
 

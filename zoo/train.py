@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"for {', '.join(INIT_TRAINERS)}")
     parser.add_argument("--decoder-only", action="store_true",
                         help="faces-vae with --init: fine-tune the decoder only (the latent space stays the same)")
+    parser.add_argument("--mse-weight", type=float, default=None, metavar="W",
+                        help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help=f"torch.compile mode for this chunk's training steps ({', '.join(COMPILE_TRAINERS)}; "
                              "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.name != "faces-vae" or args.init is None:
             parser.error("--decoder-only is for faces-vae with --init")
         extra["decoder_only"] = True
+    if args.mse_weight is not None:
+        if args.name != "faces-vae":
+            parser.error("--mse-weight is for faces-vae")
+        extra["mse_weight"] = args.mse_weight
     if args.compile is not None:
         if args.name not in COMPILE_TRAINERS:
             parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")

@@ -192,11 +192,11 @@ def card_start(hparams: Mapping[str, Any], how: str = "") -> str:
 
 
 def card_command(name: str, hparams: Mapping[str, Any], flags: str = "") -> str:
-    """The model card's command line of a run: with ``--init`` (and the trainer's extra start ``flags``) when it
-    started from exported weights."""
+    """The model card's command line of a run: with ``--init`` when it started from exported weights, and the
+    trainer's extra start ``flags``."""
     init = hparams.get("init", "")
-    start = f" --init {init}{flags}" if init else ""
-    resume = "(then again, without the start options, to resume)" if init else "(again to resume)"
+    start = (f" --init {init}" if init else "") + flags
+    resume = "(then again, without the start options, to resume)" if start else "(again to resume)"
     return f"python -m dragrt.zoo.train {name} --run-dir RUN --minutes M{start} --export {resume}"
 
 

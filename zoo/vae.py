@@ -24,6 +24,7 @@ with :mod:`dragrt.zoo.unet`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -96,6 +97,9 @@ class VAEHParams:
         reserve_s: seconds of the chunk kept for evaluation and saving.
         eval_images: held-out renders in the evaluation.
         num_workers: loader processes (-1: all CPUs but two, at most 14).
+        mse_weight: weight of a mean-squared-error term (PSNR's own loss; L1 favours the median pixel and lets
+            edges blur): e.g. for a decoder fine-tune aimed at PSNR, as Stable Diffusion's ft-MSE decoder was. 0
+            in the recipe so far.
         decoder_only: train the decoder (and ``post_quant_conv``) only, the encoder frozen: the latent space
             stays exactly that of the starting weights, so a diffusion model trained on it stays valid
             (Stable Diffusion's ft-MSE autoencoder was made this way). Needs ``init``.
@@ -121,6 +125,7 @@ class VAEHParams:
     reserve_s: float = 30.0
     eval_images: int = 256
     num_workers: int = -1
+    mse_weight: float = 0.0
     decoder_only: bool = False
     init: str = ""
     init_history: str = ""
@@ -173,8 +178,9 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, hp: VAEHParams,
     """Training loss of one batch ``images`` ``[B, 3, H, W]`` in [-1, 1]; returns ``(loss, parts)`` (parts
     as detached 0-d tensors: reading them synchronises, so the loop reads them only when it logs).
 
-    ``L1(x, x') + grad_weight * L1(dx, dx') + kl_weight * KL / (3 H W)``: the KL is summed per image and
-    divided by the pixel count, i.e. SD's weighting of a per-pixel sum against a per-image KL sum.
+    ``L1(x, x') + grad_weight * L1(dx, dx') + mse_weight * MSE(x, x') + kl_weight * KL / (3 H W)``: the KL is
+    summed per image and divided by the pixel count, i.e. SD's weighting of a per-pixel sum against a per-image
+    KL sum.
     """
     params = vae.encode(images).latent_dist.parameters.float()
     mean, logvar = params.chunk(2, dim=1)
@@ -188,8 +194,9 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, hp: VAEHParams,
             + (recon.diff(dim=-2) - target.diff(dim=-2)).abs().mean())
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3)).mean()
     pixels = target[0].numel()
-    loss = l1 + hp.grad_weight * grad + hp.kl_weight * kl / pixels
-    return loss, {"l1": l1.detach(), "grad": grad.detach(), "kl": kl.detach()}
+    mse = (recon - target).square().mean()
+    loss = l1 + hp.grad_weight * grad + hp.mse_weight * mse + hp.kl_weight * kl / pixels
+    return loss, {"l1": l1.detach(), "grad": grad.detach(), "mse": mse.detach(), "kl": kl.detach()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,14 +297,15 @@ def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) ->
 
 def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cuda", seed: int = 0,
           smoke: bool = False, init: str | os.PathLike | None = None, decoder_only: bool = False,
-          compile_mode: str | None = None) -> dict[str, Any]:
+          mse_weight: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     """Train (or resume) faces-vae in ``run_dir`` for at most ``minutes`` of wall time; returns the metrics.
 
     The chunk stops at ``minutes`` minus the evaluation reserve, or when the planned schedule is done,
     then saves ``checkpoint.pt``, evaluates the EMA weights on held-out renders and writes ``metrics.json``.
     ``init`` (an exported folder or ``zoo:faces-vae``) starts a new run from those weights (with
-    :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder (see :class:`VAEHParams`). A resumed
-    run keeps what its checkpoint says; passing either for it is an error. ``compile_mode``
+    :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder and ``mse_weight`` sets the new run's MSE
+    term (see :class:`VAEHParams`). A resumed run keeps what its checkpoint says; passing any of them for it is an
+    error. ``compile_mode``
     (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards for this chunk.
     """
     budget = training.Budget(minutes)
@@ -309,10 +317,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     state = training.load_checkpoint(run_dir)
     if decoder_only and init is None:
         raise ValueError("decoder_only needs init: the frozen encoder must come from trained weights")
+    if mse_weight is not None and not (isinstance(mse_weight, (int, float)) and 0 <= mse_weight < 1e3):
+        raise ValueError(f"mse_weight={mse_weight!r} is not allowed; use a number in [0, 1000)")
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        training.refuse_init_on_resume(run_dir, init is not None or decoder_only, "init and decoder_only")
+        training.refuse_init_on_resume(run_dir, init is not None or decoder_only or mse_weight is not None,
+                                       "init, decoder_only and mse_weight")
         hp = VAEHParams(**state["hparams"])
         config = dict(state["config"])
         seed = int(state["seed"])
@@ -321,6 +332,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         config = dict(SMOKE_CONFIG if smoke else MODEL_CONFIG)
         if init is not None:
             hp = training.start_from(hp, init, {} if smoke else FINETUNE_CHANGES, decoder_only=bool(decoder_only))
+        if mse_weight is not None:
+            hp = dataclasses.replace(hp, mse_weight=float(mse_weight))
 
     torch.manual_seed(seed)
     if state is None and init is not None:
@@ -473,8 +486,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "started from": training.card_start(state["hparams"], "; " + (
                 "encoder frozen: the decoder fine-tuned, the latent space unchanged"
                 if state["hparams"].get("decoder_only") else "all weights fine-tuned")),
-            "command": training.card_command(NAME, state["hparams"],
-                                             " --decoder-only" if state["hparams"].get("decoder_only") else ""),
+            "command": training.card_command(
+                NAME, state["hparams"], (" --decoder-only" if state["hparams"].get("decoder_only") else "")
+                + (f" --mse-weight {state['hparams']['mse_weight']:g}" if state["hparams"].get("mse_weight") else "")),
         },
         metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
                  if k in metrics},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -202,10 +203,11 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
 
     start = zvae.export(smoke_run[0], tmp_path / "start")
     run = tmp_path / "ft"
-    m = zvae.train(run, minutes=5, device="cpu", seed=1, smoke=True, init=start, decoder_only=True)
+    m = zvae.train(run, minutes=5, device="cpu", seed=1, smoke=True, init=start, decoder_only=True, mse_weight=2.0)
     assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps
     state = training.load_checkpoint(run)
     assert state["hparams"]["decoder_only"] is True and state["hparams"]["init"] == str(start)
+    assert state["hparams"]["mse_weight"] == 2.0
     assert m["scaling_factor"] == pytest.approx(json.loads((start / "config.json").read_text())["scaling_factor"],
                                                 rel=1e-3)  # same encoder, same latent statistics (fp16 weights)
     done = zvae.export(run, tmp_path / "done")
@@ -216,7 +218,7 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in frozen)
     assert sum(not torch.equal(a[k], b[k]) for k in tuned) > len(tuned) // 2
     card = (done / training.CARD).read_text()
-    assert "encoder frozen" in card and f"--init {start} --decoder-only" in card
+    assert "encoder frozen" in card and f"--init {start} --decoder-only --mse-weight 2 " in card
     steps = zvae.SMOKE_HPARAMS.fixed_steps  # the start's own card, carried into this one: the chain's history
     assert f"- started from: {start} ({steps} steps at commit " in card and "from random initialisation)" in card
 
@@ -224,12 +226,28 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
         zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, decoder_only=True)
     with pytest.raises(ValueError, match="new run only"):
         zvae.train(run, minutes=1, device="cpu", smoke=True, init=start)
+    with pytest.raises(ValueError, match="new run only"):
+        zvae.train(run, minutes=1, device="cpu", smoke=True, mse_weight=1.0)
+    with pytest.raises(ValueError, match=r"mse_weight=-1 is not allowed; use a number in \[0, 1000\)"):
+        zvae.train(tmp_path / "y", minutes=1, device="cpu", smoke=True, mse_weight=-1)
+
+
+def test_mse_term_adds_its_weight_times_the_squared_error():
+    torch.manual_seed(0)
+    vae = zvae.build_vae(zvae.SMOKE_CONFIG)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    base, parts = zvae.vae_loss(vae, x, zvae.SMOKE_HPARAMS, torch.Generator().manual_seed(1))
+    with_mse, parts2 = zvae.vae_loss(vae, x, dataclasses.replace(zvae.SMOKE_HPARAMS, mse_weight=3.0),
+                                     torch.Generator().manual_seed(1))
+    assert parts["mse"] > 0 and torch.equal(parts["mse"], parts2["mse"])
+    torch.testing.assert_close(with_mse - base, 3.0 * parts["mse"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["faces-vae", "--decoder-only"], "--decoder-only is for faces-vae with --init"),
     (["faces-clip", "--init", "zoo:faces-clip"], "--init is not supported for faces-clip"),
     (["faces-clip", "--compile", "default"], "--compile is for faces-vae, faces-sd, faces-stylegan2"),
+    (["faces-sd", "--mse-weight", "1"], "--mse-weight is for faces-vae"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
     from dragrt.zoo import train as zoo_train
