@@ -53,6 +53,7 @@ def collect_info() -> dict:
     import dragrt
     from dragrt.kernels import dispatch
     from dragrt.runtime.config import RuntimeConfig, cuda_usable
+    from dragrt.zoo import registry as zoo_registry
 
     devices = [{"type": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}]
     if cuda_usable():
@@ -83,6 +84,7 @@ def collect_info() -> dict:
         "triton_interpret": dispatch.triton_interpret(),
         "kernels_choice": {op: "{} (from {})".format(*dispatch.current_choice(op)) for op in dispatch.ops()},
         "kernels": dispatch.describe(device_types),
+        "zoo": zoo_registry.describe(),
         "default_config": {
             "device": str(config.torch_device()),
             "dtype": str(config.torch_dtype()).removeprefix("torch."),
@@ -116,6 +118,17 @@ def _print_info(info: dict) -> None:
             for dev, status in per_dev.items():
                 mark = "yes" if status == "usable" else "no "
                 print(f"    {impl:<10} {dev:<5} {mark} {'' if status == 'usable' else status}")
+    print("\nzoo models (zoo:<name>, wherever a model path is accepted):")
+    for name, z in info["zoo"].items():
+        if not z["installed"]:
+            print(f"  {name:<18} not installed; train it with: {z['train']}")
+            continue
+        notes = [f"{z['bytes'] / 1e6:.1f} MB"]
+        if z["stored_in"]:
+            notes.append(f"the files of {z['stored_in']}/ (stored once)")
+        if z["below_target"]:
+            notes.append("provisional: below its target (see its MODEL_CARD.md)")
+        print(f"  {name:<18} {'; '.join(notes)}")
     cfg = info["default_config"]
     print("\ndefault runtime config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
 

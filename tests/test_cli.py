@@ -89,3 +89,26 @@ def test_forwarding_commands_take_their_own_options(argv, expect, capsys) -> Non
 def test_convert_without_a_kind_names_the_choices(capsys) -> None:
     assert cli.main(["convert"]) == 2
     assert "choose what to convert: stylegan2" in capsys.readouterr().err
+
+
+def test_info_lists_the_zoo_with_aliases_and_provisional_models(capsys, monkeypatch, tmp_path) -> None:
+    from dragrt.zoo import registry
+
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    (tmp_path / "faces-sd" / "vae").mkdir(parents=True)
+    (tmp_path / "faces-sd" / "vae" / "w.safetensors").write_bytes(b"x" * 1000)
+    (tmp_path / "faces-sd" / "MODEL_CARD.md").write_text("# faces-sd\n\n**Below target:** 0.5 against 0.8\n")
+    (tmp_path / "faces-sd" / "model_index.json").write_text("{}")
+    (tmp_path / "faces-vae").mkdir()
+    (tmp_path / "faces-vae" / registry.ALIAS_FILE).write_text('{"target": "faces-sd/vae"}')
+    assert cli.main(["info", "--json"]) == 0
+    zoo = json.loads(capsys.readouterr().out)["zoo"]
+    assert zoo["faces-vae"] == {"installed": True, "path": str(tmp_path / "faces-sd" / "vae"), "bytes": 1000,
+                                "stored_in": "faces-sd/vae", "below_target": False}
+    assert zoo["faces-sd"]["below_target"] and zoo["faces-sd"]["bytes"] == 1002
+    sg2 = zoo["faces-stylegan2"]
+    assert not sg2["installed"] and "dragrt.zoo.train faces-stylegan2" in sg2["train"]
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "faces-vae          0.0 MB; the files of faces-sd/vae/ (stored once)" in text
+    assert "provisional: below its target" in text and "faces-stylegan2    not installed; train it with" in text

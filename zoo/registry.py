@@ -109,6 +109,27 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"zoo model {name!r} is not installed in {WEIGHTS_DIR} (available: {listing}); {hint}")
 
 
+def describe() -> dict[str, dict]:
+    """Every known zoo model: ``installed``, ``path`` (the folder with its files), ``bytes`` (of those files),
+    ``stored_in`` (another model's part it is stored as, for an alias), ``below_target`` (its card says it misses
+    its target: a provisional model), and the training command when it is missing."""
+    have = available()
+    out: dict[str, dict] = {}
+    for name in KNOWN:
+        folder = have.get(name)
+        card = WEIGHTS_DIR / name / CARD
+        info: dict = {"installed": folder is not None, "path": str(folder) if folder else None}
+        if folder is not None:
+            info["bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != CARD)
+            own = WEIGHTS_DIR / name
+            info["stored_in"] = str(folder.relative_to(WEIGHTS_DIR)) if folder != own else None
+            info["below_target"] = card.is_file() and "**Below target:**" in card.read_text()
+        else:
+            info["train"] = train_command(name)
+        out[name] = info
+    return out
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
