@@ -148,7 +148,7 @@ class MutualSelfAttnProcessor(AttnProcessor):
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         if encoder_hidden_states is not None:
-            raise ValueError("MutualSelfAttnProcessor is for self-attention (attn1) modules only")
+            raise ValueError(f"{type(self).__name__} is for self-attention (attn1) modules only")
         if attention_mask is not None:
             raise ValueError("attention masks are not supported by dragrt's attention processors")
         q, k, v = self._qkv(attn, hidden_states, None)  # [B, heads, N, d]
@@ -159,8 +159,13 @@ class MutualSelfAttnProcessor(AttnProcessor):
             out = _attention(q_cat, k[:1], v[:1], attn.scale, self.backend)  # [1, heads, B * N, d]
             out = out.reshape(heads, b, n, d).permute(1, 0, 2, 3)
         else:
-            out = _attention(q, k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1), attn.scale, self.backend)
+            k0, v0 = self._branch_zero(k, v)
+            out = _attention(q, k0.expand(b, -1, -1, -1), v0.expand(b, -1, -1, -1), attn.scale, self.backend)
         return self._out(attn, out, hidden_states)
+
+    def _branch_zero(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values every branch attends to (``[1, heads, N, d]`` each): branch 0's."""
+        return k[:1], v[:1]
 
 
 class BranchZeroKVProcessor(MutualSelfAttnProcessor):
@@ -181,30 +186,21 @@ class BranchZeroKVProcessor(MutualSelfAttnProcessor):
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
-    def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
-        if encoder_hidden_states is not None:
-            raise ValueError("BranchZeroKVProcessor is for self-attention (attn1) modules only")
-        if attention_mask is not None:
-            raise ValueError("attention masks are not supported by dragrt's attention processors")
-        q, k, v = self._qkv(attn, hidden_states, None)  # [B, heads, N, d]
-        b = q.shape[0]
+    def _branch_zero(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.mode == "replay":
             if self.k is None or self.k.shape[1:] != k.shape[1:]:
                 raise RuntimeError("BranchZeroKVProcessor: replay before a record of the same shapes")
-            k0, v0 = self.k, self.v
-        elif self.mode == "record":
-            k0, v0 = k[:1], v[:1]
-            if self.k is None or self.k.shape != k0.shape or self.k.dtype != k0.dtype:
-                self.k = k0.clone(memory_format=torch.contiguous_format)
-                self.v = v0.clone(memory_format=torch.contiguous_format)
-            else:
-                self.k.copy_(k0)
-                self.v.copy_(v0)
-        else:
+            return self.k, self.v
+        if self.mode != "record":
             raise ValueError(f"mode must be 'record' or 'replay', got {self.mode!r}")
-        out = _attention(q, k0.expand(b, -1, -1, -1), v0.expand(b, -1, -1, -1), attn.scale, self.backend)
-        return self._out(attn, out, hidden_states)
+        k0, v0 = k[:1], v[:1]
+        if self.k is None or self.k.shape != k0.shape or self.k.dtype != k0.dtype:
+            self.k = k0.clone(memory_format=torch.contiguous_format)
+            self.v = v0.clone(memory_format=torch.contiguous_format)
+        else:
+            self.k.copy_(k0)
+            self.v.copy_(v0)
+        return k0, v0
 
 
 def transformer_self_attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
