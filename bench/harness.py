@@ -311,10 +311,9 @@ class PeakMemory:
 def kernel_profile(fn: Callable[[], Any], reps: int,
                    table_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """torch.profiler over ``reps`` calls of ``fn`` (CPU + CUDA activity; kernels replayed from CUDA graphs count
-    too): ``prof_wall_ms`` per call, ``kernels_per_call``, ``gpu_busy_ms`` per call (the sum of kernel times);
-    the top CUDA and CPU tables go to ``table_path`` when given. For tools, not for records: profiling slows
-    the calls it watches."""
-    from torch.profiler import DeviceType, ProfilerActivity, profile
+    too), summarised by :func:`profile_summary`. For tools, not for records: profiling slows the calls it
+    watches."""
+    from torch.profiler import ProfilerActivity, profile
 
     synchronize()
     t0 = time.perf_counter()
@@ -323,14 +322,23 @@ def kernel_profile(fn: Callable[[], Any], reps: int,
         for _ in range(reps):
             fn()
         synchronize()
-    wall = (time.perf_counter() - t0) / reps
+    return profile_summary(prof, reps, time.perf_counter() - t0, table_path)
+
+
+def profile_summary(prof: Any, calls: int, seconds: float,
+                    table_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """A finished torch.profiler over ``calls`` calls that took ``seconds``: ``prof_wall_ms`` per call,
+    ``kernels_per_call``, ``gpu_busy_ms`` per call (the sum of kernel times); the top CUDA and CPU tables go to
+    ``table_path`` when given."""
+    from torch.profiler import DeviceType
+
     ka = prof.key_averages()
     kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
     if table_path is not None:
         Path(table_path).write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
                                     + ka.table(sort_by="self_cpu_time_total", row_limit=25))
-    return {"prof_wall_ms": round(1000 * wall, 3), "kernels_per_call": sum(e.count for e in kernels) / reps,
-            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / reps, 3)}
+    return {"prof_wall_ms": round(1000 * seconds / calls, 3), "kernels_per_call": sum(e.count for e in kernels) / calls,
+            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / calls, 3)}
 
 
 def measure_compile(fn: Callable[[], Any]) -> float:

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dragrt.bench import harness
+
 T0, T1, P0, P1 = 60, 160, 165, 175  # step window timed, then the profiled window
 
 
@@ -37,7 +39,7 @@ class StepHook:
         self.out, self.what, self.result, self.n = out, what, result, 0
 
     def __call__(self) -> None:
-        from torch.profiler import DeviceType, ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile
 
         self.n += 1
         if self.n in (T0, T1, P0, P1):
@@ -53,16 +55,10 @@ class StepHook:
             self.tp = now
         elif self.n == P1:
             self.prof.__exit__(None, None, None)
-            ka = self.prof.key_averages()
-            kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
-            steps = P1 - P0
-            self.result.update(
-                prof_wall_ms_per_step=round(1000 * (now - self.tp) / steps, 2),
-                kernels_per_step=sum(e.count for e in kernels) / steps,
-                gpu_busy_ms_per_step=round(sum(e.self_device_time_total for e in kernels) / 1000 / steps, 2))
-            (self.out / f"{self.what}_prof.txt").write_text(
-                ka.table(sort_by="self_cuda_time_total", row_limit=30) + "\n\n"
-                + ka.table(sort_by="self_cpu_time_total", row_limit=20))
+            summary = harness.profile_summary(self.prof, P1 - P0, now - self.tp, self.out / f"{self.what}_prof.txt")
+            self.result.update(prof_wall_ms_per_step=summary["prof_wall_ms"],
+                               kernels_per_step=summary["kernels_per_call"],
+                               gpu_busy_ms_per_step=summary["gpu_busy_ms"])
             raise _Stop()
 
 
