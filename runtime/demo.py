@@ -97,6 +97,11 @@ def _draw(img: torch.Tensor | Image.Image, handles, targets, scale: int = 1) -> 
     return pil
 
 
+def _check_steps(max_steps: int) -> None:
+    if not 1 <= max_steps <= 10000:
+        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
+
+
 def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 400, lr: float = 1.0,
              device: str = "auto", progress: bool = True) -> dict:
     """Drag two handles of a procedural image; write before.png, after.png, drag.gif and edit.json.
@@ -109,8 +114,7 @@ def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 
 
     if size < 64 or size > 1024 or size % 2:
         raise ValueError(f"size={size} is not allowed; use an even number of pixels from 64 to 1024")
-    if not 1 <= max_steps <= 10000:
-        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
+    _check_steps(max_steps)
     dev = RuntimeConfig(device=device).torch_device()
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = DiscRenderer(size=size, seed=seed).to(dev)
@@ -222,11 +226,6 @@ def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> tup
     return {"steps": 0 if last is None else last.step + 1, "reached_targets": bool(last and last.done),
             "handle_points": start, "final_points": final, "target_points": targets,
             "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}, after
-
-
-def _check_steps(max_steps: int) -> None:
-    if not 1 <= max_steps <= 10000:
-        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
 
 
 def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256, max_steps: int = 40,

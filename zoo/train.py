@@ -28,8 +28,6 @@ INIT_TRAINERS = ("faces-vae", "faces-sd")
 #: Trainers whose steps can be compiled (``--compile MODE``).
 COMPILE_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
 
 def trainer(name: str):
     """The trainer module of zoo model ``name`` (``ValueError`` listing the names otherwise)."""
@@ -85,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         from dragrt.zoo import registry
 
-        dest = WEIGHTS_DIR / args.name if args.export is True else args.export
+        dest = registry.WEIGHTS_DIR / args.name if args.export is True else args.export
         registry.unshare(dest)  # the model's own files go here now
         print(module.export(args.run_dir, dest))
         if args.export is True:
-            for name in registry.share_identical(WEIGHTS_DIR):
+            for name in registry.share_identical():
                 print(f"zoo:{name} is identical to zoo:{registry.SHARED[name]}: stored once, as an alias")
     return 0
 

@@ -104,8 +104,6 @@ def test_exports_into_the_package_keep_shared_parts_stored_once(weights, monkeyp
     """`python -m dragrt.zoo.train NAME --export`: the model's own files replace an alias in its folder, and a
     model identical to a part of another becomes an alias afterwards (here faces-sd's export)."""
     from dragrt.zoo import train
-
-    monkeypatch.setattr(train, "WEIGHTS_DIR", weights)
     vae = {"config.json": '{"a": 1}', "w.safetensors": "decoder v2"}
 
     class FakeTrainer:
