@@ -87,6 +87,10 @@ class DragDiffusionConfig:
         original_branch_at_prepare: fast mode with ``reuse_original_branch``: compute the original branch's keys and
             values in ``prepare()`` -- on CUDA queued on a second stream, so that the GPU runs it beside the drag
             -- and give even the first render the edited branch alone. Off by default until measured on a GPU.
+        channels_last: fast mode on CUDA: run the UNet in channels-last memory format, converting the given
+            pipeline's UNet in place (diffusers' ``pipe.unet.to(memory_format=torch.channels_last)``). Measured on
+            an H200 at 512 px: drag step 9.45 against 12.83 ms in NCHW, edit 0.96 against 1.21 s
+            (``dragdiffusion-layout``). The reference mode always runs NCHW copies (the published layout).
         compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
             picks the mode; ``auto`` = on CUDA only). The per-image LoRA trains through them too: its first
             training compiles their training variants once for the process.
@@ -111,6 +115,7 @@ class DragDiffusionConfig:
     cuda_graph: bool = True
     reuse_original_branch: bool = True
     original_branch_at_prepare: bool = False
+    channels_last: bool = True
     compile: bool = True
 
     def __post_init__(self) -> None:
@@ -136,7 +141,8 @@ class DragDiffusionConfig:
         lam = self.lambda_mask
         if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"lambda_mask={self.lambda_mask!r} is not allowed; use a finite number >= 0")
-        for name in ("lora", "cuda_graph", "reuse_original_branch", "original_branch_at_prepare", "compile"):
+        for name in ("lora", "cuda_graph", "reuse_original_branch", "original_branch_at_prepare", "channels_last",
+                     "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use True or False")
         if self.attention not in ("auto", "sdpa", "xformers"):
@@ -224,6 +230,8 @@ class DragDiffusionEngine:
         if cfg.mode == "fast":
             self.attention = resolve_attention_backend(cfg.attention, self.device)
             self.unet = components.unet
+            if cfg.channels_last and self.device.type == "cuda":
+                self.unet.to(memory_format=torch.channels_last)  # before any compile or capture sees a layout
             set_attention_backend(self.unet, self.attention)
             mode = self.runtime.resolved_compile_mode() if cfg.compile else None
             if mode:
