@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from dragrt.runtime.cache.store import TensorCache, content_hash, metadata_json
 from dragrt.runtime.config import force_eager
+from dragrt.runtime.models.layout import nchw_weights
 
 if TYPE_CHECKING:
     from dragrt.runtime.models.sd import SDComponents
@@ -441,7 +442,11 @@ def train_image_lora(
         # Fast mode runs a fast engine's compiled UNet blocks compiled: the first LoRA compiles their training
         # variants (minutes on a GPU, once a process: later images' fresh LoRA layers reuse them), the step then
         # takes 35 ms instead of 52 (H200, captured). Reference mode runs them eagerly.
-        stance = force_eager() if mode == "reference" else contextlib.nullcontext()
+        # The reference trains in the published layout (NCHW) even when a fast engine made the UNet channels-last.
+        stance = contextlib.ExitStack()
+        if mode == "reference":
+            stance.enter_context(force_eager())
+            stance.enter_context(nchw_weights(unet))
         with torch.random.fork_rng(devices=devices), stance:
             torch.manual_seed(config.seed)  # accelerate's set_seed(0): CPU and every CUDA generator
             try:

@@ -13,6 +13,7 @@ import torch
 from dragrt.runtime import inversion as inv
 from dragrt.runtime.cache import TensorCache
 from dragrt.runtime.models import lora, sd
+from dragrt.runtime.models.layout import non_nchw_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -160,6 +161,26 @@ def test_unet_is_left_as_it_was(tiny: sd.SDComponents, trained) -> None:
     assert not any(isinstance(m, BaseTunerLayer) for m in tiny.unet.modules())
     assert not any(p.requires_grad for p in tiny.unet.parameters())
     assert not hasattr(tiny.unet, "peft_config") and not tiny.unet.training
+
+
+def test_reference_trains_in_nchw_on_a_channels_last_unet(pixels: np.ndarray, trained) -> None:
+    """A fast engine makes the shared UNet channels-last on CUDA: the reference mode still trains the published
+    layout (NCHW weights while it trains: the same LoRA bit for bit) and gives the UNet back its own tensors."""
+    cl = sd.build_random_sd15(tiny=True, seed=0)
+    cl.unet.to(memory_format=torch.channels_last)
+    convs = [q for q in cl.unet.parameters() if q.dim() == 4]
+    ptrs = [q.data_ptr() for q in convs]
+    seen = []
+
+    def check(step: int, loss: torch.Tensor) -> None:
+        seen.append(non_nchw_weights(cl.unet) == [])
+
+    weights = lora.train_image_lora(cl, pixels, PROMPT, CFG, mode="reference", progress=False, callback=check)
+    assert seen == [True] * CFG.steps
+    assert [q.data_ptr() for q in convs] == ptrs
+    assert len(non_nchw_weights(cl.unet)) == len(convs)
+    for k, v in trained["reference"]["weights"].items():
+        assert torch.equal(weights[k], v), k
 
 
 def test_non_square_image_crops_like_the_reference(tiny: sd.SDComponents) -> None:
