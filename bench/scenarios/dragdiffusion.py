@@ -20,7 +20,6 @@ early, so each record says how many iterations each mode ran (``extra.ours_steps
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -181,14 +180,6 @@ def dragdiffusion_edit(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
     # branch's kept keys/values (reuse_original_branch); the first render of an image is the edit's denoise stage
     fast.denoise()
     rerender, _ = _wall(fast.denoise, 1 if quick else 3)
-    # original_branch_at_prepare (off by default until measured): the original branch recorded on a side stream
-    # beside the drag, every render the edited branch alone
-    fast.config = dataclasses.replace(fast.config, original_branch_at_prepare=True)
-    try:
-        edit_fast(True)  # warm: its graph
-        early, res_early = _wall(lambda: edit_fast(True), 1 if quick else 3)
-    finally:
-        fast.config = dataclasses.replace(fast.config, original_branch_at_prepare=False)
     return [harness.make_record(
         f"dragdiffusion.{SIZE}.edit", {**BASE_CONFIG, "lora": False, "inversion": "computed"},
         edit_uncached, ref_edit,
@@ -198,8 +189,6 @@ def dragdiffusion_edit(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
                "ours_inversion_cached_p50_ms": edit_cached.p50_ms,
                "ours_time_to_first_preview_ms": to_preview.p50_ms,
                "ours_rerender_ms": rerender.p50_ms,
-               "ours_original_branch_at_prepare_ms": early.p50_ms,
-               "ours_original_branch_at_prepare_stages": _stage_timings(res_early.timings),
                "ours_cached_stages": _stage_timings(res_cached.timings)})]
 
 

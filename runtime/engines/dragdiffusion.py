@@ -84,13 +84,11 @@ class DragDiffusionConfig:
             denoise (they depend on the prepared image only) and, for later renders of the same prepared image
             (a session's next drags), denoise the edited branch alone against them: batch 1 instead of 2, the
             same numbers. Costs their memory (SD1.5 at 512 px, start_layer 10: ~0.8 GB in fp16).
-        original_branch_at_prepare: fast mode with ``reuse_original_branch``: compute the original branch's keys and
-            values in ``prepare()`` -- on CUDA queued on a second stream, so that the GPU runs it beside the drag
-            -- and give even the first render the edited branch alone. Off by default until measured on a GPU.
         channels_last: fast mode on CUDA: run the UNet in channels-last memory format, converting the given
             pipeline's UNet in place (diffusers' ``pipe.unet.to(memory_format=torch.channels_last)``). Measured on
             an H200 at 512 px: drag step 9.45 against 12.83 ms in NCHW, edit 0.96 against 1.21 s
-            (``dragdiffusion-layout``). The reference mode always runs NCHW copies (the published layout).
+            (``dragdiffusion-layout``). The reference mode always runs NCHW (the published layout): NCHW copies,
+            and its LoRA trains with NCHW weights swapped in (:func:`~dragrt.runtime.models.layout.nchw_weights`).
         compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
             picks the mode; ``auto`` = on CUDA only). The per-image LoRA trains through them too: its first
             training compiles their training variants once for the process.
@@ -114,7 +112,6 @@ class DragDiffusionConfig:
     max_handles: int = 16
     cuda_graph: bool = True
     reuse_original_branch: bool = True
-    original_branch_at_prepare: bool = False
     channels_last: bool = True
     compile: bool = True
 
@@ -141,8 +138,7 @@ class DragDiffusionConfig:
         lam = self.lambda_mask
         if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"lambda_mask={self.lambda_mask!r} is not allowed; use a finite number >= 0")
-        for name in ("lora", "cuda_graph", "reuse_original_branch", "original_branch_at_prepare", "channels_last",
-                     "compile"):
+        for name in ("lora", "cuda_graph", "reuse_original_branch", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use True or False")
         if self.attention not in ("auto", "sdpa", "xformers"):
@@ -260,8 +256,6 @@ class DragDiffusionEngine:
         # belong to (reuse_original_branch), and the per-layer processors that record / replay them.
         self._kv_store: tuple[_Prepared, list[list[tuple[Tensor, Tensor]]]] | None = None
         self._kv_procs: list[BranchZeroKVProcessor] | None = None
-        self._kv_event: torch.cuda.Event | None = None  # end of a recording queued on the side stream
-        self._side_stream: torch.cuda.Stream | None = None
         self._graph_key: tuple | None = None
         self._text_emb: Tensor | None = None
 
@@ -289,7 +283,6 @@ class DragDiffusionEngine:
         img = _image_tensor(image).to(self.device)
         times: dict[str, float] = {}
         t0 = time.perf_counter()
-        self._wait_for_recording()  # (it reads the UNet weights a LoRA change is about to rewrite)
         self._set_lora(None)  # the previous image's LoRA must not be part of this one's training or key
         self._kv_store = None  # the previous image's original-branch keys/values (memory for this one's work)
         if self._base_fingerprint is None:
@@ -336,32 +329,7 @@ class DragDiffusionEngine:
                                   t=int(res.t), denoise_timesteps=[int(x) for x in res.denoise_timesteps],
                                   denoise_coefficients=denoise_coefficients, lora=weights, a=a, b=b)
         self.prepared_timings = times
-        if cfg.mode == "fast" and cfg.reuse_original_branch and cfg.original_branch_at_prepare:
-            self._record_at_prepare()
         return self.prepared
-
-    def _record_at_prepare(self) -> None:
-        """The original branch's keys/values for the prepared image: on CUDA queued on a side stream that nothing
-        joins (the drag runs beside it; the first render waits for its event), else computed now."""
-        if self._stream is None:
-            with torch.no_grad():
-                self._record_original_branch(None)
-            return
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.device)
-        side = self._side_stream
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        side.wait_stream(self._stream)
-        with torch.no_grad(), torch.cuda.stream(side):
-            self._record_original_branch(None, stream=side)
-        self._kv_event = torch.cuda.Event()
-        self._kv_event.record(side)
-
-    def _wait_for_recording(self) -> None:
-        """Order the caller's stream after a recording queued on the side stream (before weights change)."""
-        if self._kv_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._kv_event)
-            self._kv_event = None
 
     @contextlib.contextmanager
     def _unet_for_inversion(self) -> Iterator[Callable | None]:
@@ -399,7 +367,6 @@ class DragDiffusionEngine:
 
     def close(self) -> None:
         """Undo a fused LoRA (the shared UNet gets its exact weights back) and drop captured graphs."""
-        self._wait_for_recording()
         self._set_lora(None)
         self._drop_graphs()
 
@@ -711,13 +678,6 @@ class DragDiffusionEngine:
         stored = self._kv_store[1] if self._kv_store is not None and self._kv_store[0] is p else None
         if stored is None:  # first render of this prepared image: both branches, branch 0's k/v kept
             return self._decode(self._record_original_branch(z_edit))
-        if self._kv_event is not None:  # recorded on the side stream (original_branch_at_prepare)
-            self._wait_for_recording()
-            here = torch.cuda.current_stream(self.device)
-            made_there = [t for step in stored for kv in step for t in kv]
-            made_there += [b for q in self._branch_zero_processors() for b in (q.k, q.v)]
-            for t in made_there:
-                t.record_stream(here)  # made on the side stream, read here: freed only after these reads
         procs = self._branch_zero_processors()
         with mutual_self_attention(self.unet, cfg.start_layer, processors=procs):
             for proc in procs:  # a later render: the edited branch alone against the kept keys/values
@@ -732,37 +692,31 @@ class DragDiffusionEngine:
             edited = self._denoise_latents(z_edit, call, edited_only=True)
         return self._decode(edited)
 
-    def _denoise_unet(self, kind: str, x: Tensor, t: int, stream: torch.cuda.Stream | None = None) -> Tensor:
+    def _denoise_unet(self, kind: str, x: Tensor, t: int) -> Tensor:
         """eps of the final denoise's UNet call ``kind`` on ``x`` (a graph replay on CUDA)."""
         emb = self.prepared.text_emb.expand(x.shape[0], -1, -1)
         if self._use_graphs():
-            return self._unet_graph_call(kind, x, t, emb, stream=stream)
+            return self._unet_graph_call(kind, x, t, emb)
         return self.unet(x, torch.tensor([t], device=self.device), encoder_hidden_states=emb).sample
 
-    def _record_original_branch(self, z_edit: Tensor | None, stream: torch.cuda.Stream | None = None
-                                ) -> Tensor | None:
-        """Run the final denoise's original branch -- with ``z_edit``, both branches, as the first render does; without,
-        the original alone -- with the processors keeping branch 0's self-attention keys/values of every step for
-        later renders (``self._kv_store``). Returns the edited branch's final latents (``None`` without one)."""
-        p, procs = self.prepared, self._branch_zero_processors()
+    def _record_original_branch(self, z_edit: Tensor) -> Tensor:
+        """The first render of a prepared image: the final denoise of both branches, with the processors keeping
+        branch 0's self-attention keys/values of every step for later renders (``self._kv_store``). Returns the
+        edited branch's final latents."""
+        procs = self._branch_zero_processors()
         self._kv_store = None  # the previous image's keys/values go before this image's are made
         record: list[list[tuple[Tensor, Tensor]]] = []
-        kind = "mutual-record" if z_edit is not None else "mutual-record-alone"
 
         def call(x: Tensor, t: int, i: int) -> Tensor:
-            eps = self._denoise_unet(kind, x, t, stream)
+            eps = self._denoise_unet("mutual-record", x, t)
             record.append([(proc.k.clone(), proc.v.clone()) for proc in procs])
             return eps
 
         with mutual_self_attention(self.unet, self.config.start_layer, processors=procs):
             for proc in procs:
                 proc.mode = "record"
-            if z_edit is None:
-                self._denoise_latents(p.z_t, call, edited_only=True)  # the original z_t in the edited slot
-                edited = None
-            else:
-                edited = self._denoise_latents(z_edit, call)[1:]
-        self._kv_store = (p, record)
+            edited = self._denoise_latents(z_edit, call)[1:]
+        self._kv_store = (self.prepared, record)
         return edited
 
     def _branch_zero_processors(self) -> list[BranchZeroKVProcessor]:
@@ -776,13 +730,11 @@ class DragDiffusionEngine:
     def _use_graphs(self) -> bool:
         return self.config.mode == "fast" and self.config.cuda_graph and self.device.type == "cuda"
 
-    def _unet_graph_call(self, kind: str, x: Tensor, t: Any, emb: Tensor,
-                         stream: torch.cuda.Stream | None = None) -> Tensor:
+    def _unet_graph_call(self, kind: str, x: Tensor, t: Any, emb: Tensor) -> Tensor:
         """``unet(x, t, emb).sample`` replayed from a CUDA graph captured on first use, one per ``kind`` (the
         attention processors active at capture: ``"plain"`` or ``"mutual"``) and input shapes. The returned tensor is
         the graph's output buffer: the next replay overwrites it. Inputs are copied into the graph's buffers, so
-        the inversion (under ``inference_mode``) and the denoise share the mechanism. Graphs are captured on the
-        engine's stream; ``stream`` replays one on another (the caller orders it)."""
+        the inversion (under ``inference_mode``) and the denoise share the mechanism."""
         key = (kind, tuple(x.shape), tuple(emb.shape))
         with torch.inference_mode(False), torch.no_grad():
             g = self._unet_graphs.get(key)
@@ -801,8 +753,7 @@ class DragDiffusionEngine:
                     with torch.cuda.graph(graph, stream=self._stream):
                         out = self.unet(bufs["x"], bufs["t"], encoder_hidden_states=bufs["emb"]).sample
                 g = self._unet_graphs[key] = {"graph": graph, "out": out, **bufs}
-            # ``stream``: replay there, unjoined (the original branch recorded beside the drag); else on the engine's
-            with self._on_engine_stream() if stream is None else torch.cuda.stream(stream):
+            with self._on_engine_stream():
                 g["x"].copy_(x)
                 if isinstance(t, Tensor):
                     g["t"].copy_(t.reshape(1))  # a device timestep: no host sync
@@ -932,10 +883,12 @@ def _image_tensor(image: Any) -> Tensor:
 def _plain_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A deep copy without any per-instance compiled ``forward`` a fast engine may have set, in NCHW (the
     published code's layout, whatever layout the shared pipeline was given)."""
+    from dragrt.runtime.models.layout import to_nchw_
+
     out = copy.deepcopy(module)
     for m in out.modules():
         m.__dict__.pop("forward", None)
-    return out.to(memory_format=torch.contiguous_format)
+    return to_nchw_(out)
 
 
 def _compile_blocks(unet: torch.nn.Module, mode: str) -> None:
