@@ -356,14 +356,19 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_captured_training_step_trains_the_same_lora_as_the_eager_one(pixels: np.ndarray, dtype) -> None:
+@pytest.mark.parametrize("dtype, channels_last", [(torch.float16, False), (torch.bfloat16, False),
+                                                   (torch.float16, True)])
+def test_captured_training_step_trains_the_same_lora_as_the_eager_one(pixels: np.ndarray, dtype,
+                                                                       channels_last: bool) -> None:
     """Fast mode on CUDA: step 1 eager, then one captured CUDA graph (forward, backward, GradScaler for fp16,
     fused AdamW) replayed. Same draws from the same generator stream: the same losses and weights as eager fast
-    steps, up to GPU rounding; and the UNet comes back untouched."""
+    steps, up to GPU rounding; and the UNet comes back untouched. Also on a channels-last UNet (what a fast
+    DragDiffusion engine makes of the shared pipeline on CUDA)."""
     if sd.assets_dir() is None:
         pytest.skip("real assets folder is absent: the tiny build uses the real tokenizer")
     c = sd.build_random_sd15(dtype, "cuda", tiny=True, seed=0)
+    if channels_last:
+        c.unet.to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in c.unet.state_dict().items()}
     cfg = lora.LoRAConfig(rank=4, steps=6, batch_size=2, resolution=64, learning_rate=3e-2)
     out = {}
@@ -383,3 +388,4 @@ def test_captured_training_step_trains_the_same_lora_as_the_eager_one(pixels: np
     assert den > 0 and num / den < 2e-2
     after = c.unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert bool(non_nchw_weights(c.unet)) == channels_last  # the layout it came in
