@@ -320,10 +320,13 @@ def test_train_or_load_lora_cache(tiny: sd.SDComponents, pixels: np.ndarray, tmp
 # ---------------------------------------------------------------------------------------------- compiled blocks
 
 
-def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray, aot_eager_compile) -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray, aot_eager_compile,
+                                                             channels_last: bool) -> None:
     """A fast engine compiles the UNet's blocks; fast LoRA training runs through them (compiling their training
     variants once: a second image's fresh LoRA layers reuse them), reference training runs them eagerly; the
-    compiled blocks train the same LoRA as plain ones."""
+    compiled blocks train the same LoRA as plain ones. Also on a channels-last UNet (a fast engine's layout on
+    CUDA), where reference training swaps NCHW weights in and back without costing a recompile."""
     from torch._dynamo.utils import counters
 
     from dragrt.runtime.engines.dragdiffusion import _compile_blocks
@@ -331,8 +334,14 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
     if sd.assets_dir() is None:
         pytest.skip("real assets folder is absent: the tiny build uses the real tokenizer")
     cfg = lora.LoRAConfig(rank=4, steps=2, batch_size=2, resolution=64, learning_rate=3e-2)
-    plain = lora.train_image_lora(sd.build_random_sd15(tiny=True, seed=0), pixels, PROMPT, cfg, progress=False)
-    c = sd.build_random_sd15(tiny=True, seed=0)
+
+    def build() -> sd.SDComponents:
+        c = sd.build_random_sd15(tiny=True, seed=0)
+        c.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        return c
+
+    plain = lora.train_image_lora(build(), pixels, PROMPT, cfg, progress=False)  # the same layout, uncompiled
+    c = build()
     _compile_blocks(c.unet, "default")
 
     def graphs() -> int:
@@ -345,6 +354,7 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
     assert compiled >= 9  # 4 down, mid, 4 up blocks
     lora.train_image_lora(c, 255 - pixels, PROMPT, cfg, progress=False)
     lora.train_image_lora(c, pixels, PROMPT, cfg, mode="reference", progress=False)
+    lora.train_image_lora(c, 255 - pixels, PROMPT, cfg, progress=False)  # after the reference's weight swap
     assert graphs() == compiled
     # AOTAutograd reorders float32 sums; Adam's normalised first steps let that show in single entries
     ups = [k for k in plain if "lora_B" in k]
