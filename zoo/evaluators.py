@@ -13,10 +13,16 @@ size comes in) and return dataclasses:
   logit vector per ``CATEGORICAL`` attribute, their argmax, and a ``features`` vector (the penultimate
   layer, for a Frechet distance between image sets; :func:`frechet_distance`).
 
+* :class:`DetailNet`: the continuous attributes that a few pixels carry (:data:`DETAIL_ATTRIBUTES`: smile,
+  brows, gaze, nose size, ...) from the landmarks and a patch around the nose tip; :class:`AttributeReader`
+  puts it behind the attribute model's interface, fed by the landmark regressor.
+
 :func:`load_landmark_model` / :func:`load_attribute_model` read the shipped weights (``zoo:faces-landmarks``,
-``zoo:faces-attributes``); :func:`evaluate_landmarks` / :func:`evaluate_attributes` measure a model on
-held-out renders. Training lives in :mod:`dragrt.zoo.evaluators_landmarks` and
-:mod:`dragrt.zoo.evaluators_attributes`; the shared loop, augmentation and export are here.
+``zoo:faces-attributes``, and ``zoo:faces-attribute-details`` when installed: then the attribute model comes back
+as an :class:`AttributeReader`); :func:`evaluate_landmarks` / :func:`evaluate_attributes` /
+:func:`evaluate_details` measure a model on held-out renders. Training lives in
+:mod:`dragrt.zoo.evaluators_landmarks`, :mod:`dragrt.zoo.evaluators_attributes` and
+:mod:`dragrt.zoo.evaluators_details`; the shared loop, augmentation and export are here.
 """
 
 from __future__ import annotations
@@ -242,10 +248,99 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+#: The continuous attributes :class:`DetailNet` reads: all but ``face_width`` (the landmarks do not move with it).
+DETAIL_ATTRIBUTES = ("smile", "mouth_open", "mouth_width", "eye_open", "eye_size", "eye_spacing", "eye_height",
+                     "gaze", "brow_raise", "brow_tilt", "nose_size", "head_yaw", "head_roll")
+
+
+def crop_patches(images: Tensor, centres: Tensor, size: int) -> Tensor:
+    """``[N, 3, size, size]`` patches of 256 x 256 ``images`` centred on ``centres [N, 2]`` (pixels, centres at
+    integers), 1:1 pixel scale, bilinear, zeros outside."""
+    lin = torch.arange(size, device=images.device, dtype=torch.float32) - (size - 1) / 2
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    c = centres.float()
+    px, py = c[:, 0, None, None] + gx, c[:, 1, None, None] + gy
+    h, w = images.shape[-2:]
+    grid = torch.stack([(px + 0.5) / w * 2 - 1, (py + 0.5) / h * 2 - 1], -1)
+    return F.grid_sample(images, grid.to(images.dtype), align_corners=False)
+
+
+class DetailNet(nn.Module):
+    """The attributes a global model reads poorly, from landmarks: an MLP on the landmark layout (smile lifts the
+    mouth corners by up to 7 px, brow_tilt turns the brows' inner ends) and a small CNN on a patch around the
+    nose tip (nose_size shows in the nose's radius, which no landmark follows). ``forward(images, landmarks)``:
+    256 x 256 images in [-1, 1] and their landmarks ``[N, L, 2]`` (pixels) -> ``[N, len(attributes)]`` in [0, 1],
+    in the order of ``attributes``."""
+
+    def __init__(self, hidden: int = 256, layers: int = 3, patch: int = 32, patch_widths=(16, 32, 64),
+                 num_landmarks: int = len(world.LANDMARK_NAMES),
+                 attributes: tuple[str, ...] | list[str] = DETAIL_ATTRIBUTES) -> None:
+        super().__init__()
+        unknown = [a for a in attributes if a not in world.CONTINUOUS_INDEX]
+        if unknown:
+            raise ValueError(f"unknown continuous attributes {unknown}; choose from {', '.join(world.CONTINUOUS)}")
+        self.config = dict(hidden=hidden, layers=layers, patch=patch, patch_widths=list(patch_widths),
+                           num_landmarks=num_landmarks, attributes=list(attributes))
+        self.attributes = list(attributes)
+        self.patch = patch
+        mlp: list[nn.Module] = []
+        width = 2 * num_landmarks
+        for _ in range(layers):
+            mlp += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        self.geometry = nn.Sequential(*mlp)
+        convs: list[nn.Module] = []
+        cin = 3
+        for i, c in enumerate(patch_widths):
+            convs += [nn.Conv2d(cin, c, 3, 1 if i == 0 else 2, 1), nn.SiLU()]
+            cin = c
+        self.nose = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(hidden + cin, len(self.attributes))
+
+    def forward(self, images: Tensor, landmarks: Tensor) -> Tensor:
+        images = _check_images(images)
+        if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"DetailNet takes {INPUT_SIZE} x {INPUT_SIZE} images (and landmarks in their pixels); "
+                             f"got {tuple(images.shape[-2:])}")
+        return self.from_patches(self.nose_patches(images, landmarks), landmarks)
+
+    def nose_patches(self, images: Tensor, landmarks: Tensor) -> Tensor:
+        """The ``[N, 3, patch, patch]`` patches the CNN reads, around the nose tips of ``landmarks``."""
+        return crop_patches(images, landmarks[:, world.LANDMARK_INDEX["nose_tip"]], self.patch)
+
+    def from_patches(self, patches: Tensor, landmarks: Tensor) -> Tensor:
+        """:meth:`forward` from :meth:`nose_patches` (training degrades the patches, not whole images)."""
+        geo = self.geometry((landmarks.float() / (INPUT_SIZE / 2) - 1).flatten(1).to(patches.dtype))
+        return torch.sigmoid(self.head(torch.cat([geo, self.nose(patches)], 1)).float())
+
+
+class AttributeReader(nn.Module):
+    """An attribute model whose :data:`DETAIL_ATTRIBUTES` come from a :class:`DetailNet` on the landmark model's
+    estimates; categorical attributes and ``features`` stay the attribute model's. Same call and output as
+    :class:`AttributeNet` (what :func:`load_attribute_model` returns when the detail model is installed)."""
+
+    def __init__(self, attributes: AttributeNet, landmarks: LandmarkNet, details: DetailNet) -> None:
+        super().__init__()
+        self.attributes, self.landmarks, self.details = attributes, landmarks, details
+        self.register_buffer("columns", torch.tensor([world.CONTINUOUS_INDEX[a] for a in details.attributes]),
+                             persistent=False)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.attributes.features(images)
+
+    def forward(self, images: Tensor) -> AttributeOutput:
+        images = to_input_size(_check_images(images))
+        out = self.attributes(images)
+        detail = self.details(images, self.landmarks(images).landmarks)
+        cont = out.continuous.clone()
+        cont[:, self.columns] = detail.to(cont.dtype)
+        return AttributeOutput(continuous=cont, logits=out.logits, categorical=out.categorical, features=out.features)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Loading shipped weights
 
-_KINDS = {"landmarks": LandmarkNet, "attributes": AttributeNet}
+_KINDS = {"landmarks": LandmarkNet, "attributes": AttributeNet, "attribute-details": DetailNet}
 
 
 def model_config(kind: str, model: nn.Module) -> dict:
@@ -298,8 +393,26 @@ def load_landmark_model(path_or_zoo: str | os.PathLike = "zoo:faces-landmarks", 
 
 
 def load_attribute_model(path_or_zoo: str | os.PathLike = "zoo:faces-attributes",
-                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> AttributeNet:
-    return load_model(path_or_zoo, "attributes", device, dtype)
+                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
+                         details: str | os.PathLike | bool = "auto") -> AttributeNet | AttributeReader:
+    """The attribute model; with a detail model (``details``: ``"auto"`` = ``zoo:faces-attribute-details`` when
+    installed, a path, or ``False`` for none) an :class:`AttributeReader` that reads :data:`DETAIL_ATTRIBUTES`
+    from the landmarks of ``zoo:faces-landmarks`` and a nose patch (far better for ``smile``, ``nose_size``,
+    ``brow_tilt``: see the detail model's card)."""
+    from .registry import available
+
+    model = load_model(path_or_zoo, "attributes", device, dtype)
+    if details == "auto":
+        details = DETAILS_MODEL if DETAILS_MODEL.removeprefix("zoo:") in available() else False
+    if details is False or details is None:
+        return model
+    if details is True:
+        details = DETAILS_MODEL
+    return AttributeReader(model, load_landmark_model(device=device, dtype=dtype),
+                           load_model(details, "attribute-details", device, dtype)).eval()
+
+
+DETAILS_MODEL = "zoo:faces-attribute-details"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -370,6 +483,39 @@ def evaluate_attributes(model: AttributeNet, n: int = 1000, seed: int = 0, batch
         "mae": mae,
         "mean_mae": float(np.mean(list(mae.values()))),
     }
+
+
+@torch.no_grad()
+def evaluate_details(model: DetailNet, n: int = 1000, seed: int = 0, batch_size: int = 50,
+                     num_workers: int = 0) -> dict[str, Any]:
+    """MAE of every attribute of a :class:`DetailNet` on held-out faces, from ``zoo:faces-landmarks``' estimates
+    (how it is used) and from the true landmarks; beside them the attribute model's own MAE on the same faces
+    (``zoo:faces-attributes`` when installed)."""
+    from .registry import available
+
+    was_training = model.training
+    model.eval()
+    device, dtype = _model_device(model)
+    marks = load_landmark_model(device=device, dtype=dtype)
+    base = load_attribute_model(device=device, dtype=dtype, details=False) if "faces-attributes" in available() \
+        else None
+    cols = [world.CONTINUOUS_INDEX[a] for a in model.attributes]
+    err: dict[str, list[Tensor]] = {"estimated": [], "true": [], "base": []}
+    for batch in _held_out_loader(n, seed, batch_size, num_workers):
+        images = data.uint8_to_float(batch["image"].to(device)).to(dtype)
+        truth = batch["continuous"][:, cols]
+        err["estimated"].append((model(images, marks(images).landmarks).float().cpu() - truth).abs())
+        err["true"].append((model(images, batch["landmarks"].to(device)).float().cpu() - truth).abs())
+        if base is not None:
+            err["base"].append((base(images).continuous[:, cols].float().cpu() - truth).abs())
+    model.train(was_training)
+    out: dict[str, Any] = {"n": n}
+    for key, label in (("estimated", "mae"), ("true", "mae_true_landmarks"), ("base", "mae_attribute_model")):
+        if err[key]:
+            e = torch.cat(err[key]).mean(0)
+            out[label] = {a: float(v) for a, v in zip(model.attributes, e)}
+            out[f"mean_{label}"] = float(e.mean())
+    return out
 
 
 def _as_features(name: str, x: Any) -> np.ndarray:
@@ -634,8 +780,9 @@ def fit(run_dir: str | os.PathLike, *, kind: str, cfg: FitConfig, loss_fn: LossF
 
 
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, kind: str, name: str, summary: str,
-           headline: Callable[[Mapping], Mapping]) -> Path:
-    """Write ``dest/model.safetensors`` (fp16), ``dest/config.json`` and the model card from a run."""
+           headline: Callable[[Mapping], Mapping], train_args: str = "--minutes 9") -> Path:
+    """Write ``dest/model.safetensors`` (fp16), ``dest/config.json`` and the model card from a run
+    (``train_args``: the recipe's training options, for the card's command)."""
     from safetensors.torch import save_file
 
     run_dir, dest = Path(run_dir), Path(dest)
@@ -652,9 +799,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, kind: str, na
     os.chmod(dest / WEIGHTS, 0o644)  # package data: readable by everyone (safetensors writes 0600)
     (dest / CONFIG).write_text(json.dumps(model_config(kind, model), indent=2) + "\n")
     metrics = training.read_metrics(run_dir)
-    smoke = " --smoke --device cpu" if ckpt.get("smoke") else ""
+    args = "--smoke --device cpu" if ckpt.get("smoke") else train_args
     train_info = {
-        "command": f"python -m dragrt.zoo.train {name} --run-dir RUN --minutes 9{smoke} --export",
+        "command": f"python -m dragrt.zoo.train {name} --run-dir RUN {args} --export",
         "steps": ckpt["step"],
         "chunks": ckpt["chunk"] + 1,
         "device": ckpt.get("device_name", "unknown"),

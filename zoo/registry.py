@@ -31,8 +31,8 @@ SHARED: dict[str, str] = {"faces-vae": "faces-sd/vae"}
 _PROVENANCE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version")
 
 #: Every zoo model and the module that trains it (mirrors dragrt.zoo.train.TRAINERS, which imports torch).
-KNOWN: tuple[str, ...] = ("faces-landmarks", "faces-attributes", "faces-clip", "faces-vae", "faces-sd",
-                          "faces-stylegan2")
+KNOWN: tuple[str, ...] = ("faces-landmarks", "faces-attributes", "faces-attribute-details", "faces-clip",
+                          "faces-vae", "faces-sd", "faces-stylegan2")
 
 
 def is_zoo(path: str | os.PathLike) -> bool:

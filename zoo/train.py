@@ -17,6 +17,7 @@ from pathlib import Path
 TRAINERS: dict[str, str] = {
     "faces-landmarks": "dragrt.zoo.evaluators_landmarks",
     "faces-attributes": "dragrt.zoo.evaluators_attributes",
+    "faces-attribute-details": "dragrt.zoo.evaluators_details",
     "faces-clip": "dragrt.zoo.clip",
     "faces-vae": "dragrt.zoo.vae",
     "faces-sd": "dragrt.zoo.unet",

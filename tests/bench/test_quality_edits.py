@@ -27,9 +27,12 @@ def _gt_slope(scales, values) -> float:
 
 # Attributes the model reads well (model card MAE 0.02-0.06). Measured on these faces with step 0.2 (ground-truth
 # slope 0.200, no clipping): head_yaw h0 0.202 / h2 0.219, head_roll h0 0.228, eye_height h0 0.230 (at most +15%),
-# R^2 0.991-0.998, mean drift 0.026-0.042, max drift 0.06-0.10, no categorical flip. Tolerances: 30% on the
-# slope, R^2 >= 0.9, mean drift <= 0.08, max drift <= 0.2.
-@pytest.mark.parametrize("attribute, face", [("head_yaw", 0), ("head_yaw", 2), ("head_roll", 0), ("eye_height", 0)])
+# R^2 0.991-0.998, mean drift 0.026-0.042, max drift 0.06-0.10, no categorical flip. With zoo:faces-attribute-details
+# (2026-12-04) the few-pixel attributes too: smile h0 0.194 / h2 0.191, nose_size h2 0.175, brow_tilt h2 0.220, R^2
+# >= 0.98 (the attribute model alone: slopes 0.000-0.021). Tolerances: 30% on the slope, R^2 >= 0.9, mean drift
+# <= 0.08, max drift <= 0.2.
+@pytest.mark.parametrize("attribute, face", [("head_yaw", 0), ("head_yaw", 2), ("head_roll", 0), ("eye_height", 0),
+                                             ("smile", 0), ("smile", 2), ("nose_size", 2), ("brow_tilt", 2)])
 def test_oracle_slider_slope_matches_ground_truth(model, attribute, face) -> None:
     images, values = qe.oracle_slider(H[face], attribute, SCALES)
     assert images.shape == (5, 3, 256, 256) and images.dtype == torch.float32
@@ -61,7 +64,8 @@ def test_identity_slider_scores_zero(model) -> None:
     assert r["slope"] == pytest.approx(0.0, abs=1e-9)
     assert r["r2"] is None  # the predictions do not vary: R^2 is undefined
     assert r["reference_scale"] == 0.5  # the scale closest to 0
-    assert r["mean_drift"] == pytest.approx(0.0, abs=1e-9) and r["max_drift"] == pytest.approx(0.0, abs=1e-9)
+    # (the detail reader's batched layers round rows of one batch apart by ~1e-9)
+    assert r["mean_drift"] == pytest.approx(0.0, abs=1e-7) and r["max_drift"] == pytest.approx(0.0, abs=1e-7)
     assert r["categorical_kept"] == 1.0
     assert r["intercept"] == pytest.approx(r["values"][0], abs=1e-9)
 

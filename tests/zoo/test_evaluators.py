@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from dragrt.zoo import data, evaluators, evaluators_attributes, evaluators_landmarks, registry, training, world
+from dragrt.zoo import (
+    data,
+    evaluators,
+    evaluators_attributes,
+    evaluators_details,
+    evaluators_landmarks,
+    registry,
+    training,
+    world,
+)
 from dragrt.zoo import train as zoo_train
 
 
@@ -103,7 +112,8 @@ def batch():
     }
 
 
-@pytest.mark.parametrize("mod", [evaluators_landmarks, evaluators_attributes], ids=lambda m: m.KIND)
+@pytest.mark.parametrize("mod", [evaluators_landmarks, evaluators_attributes, evaluators_details],
+                         ids=lambda m: m.KIND)
 def test_training_steps_reduce_the_loss(mod, batch):
     torch.manual_seed(0)
     images, labels = batch
@@ -155,6 +165,83 @@ def test_smoke_train_export_load_round_trip(mod, tmp_path, monkeypatch, capsys):
     assert again["steps"] == metrics["steps"] and again["chunks"] == 2
 
 
+def test_crop_patches_reads_the_pixels_around_a_centre():
+    img = torch.arange(2 * 3 * 256 * 256, dtype=torch.float32).reshape(2, 3, 256, 256)
+    centres = torch.tensor([[100.0, 60.0], [1.0, 254.0]])  # x, y
+    p = evaluators.crop_patches(img, centres, 5)
+    torch.testing.assert_close(p[0], img[0, :, 58:63, 98:103])
+    assert (p[1, :, :, :1] == 0).all() and (p[1, :, -1:] == 0).all()  # outside the image: zeros
+    torch.testing.assert_close(p[1, :, :4, 1:], img[1, :, 252:256, 0:4])
+    half = evaluators.crop_patches(img, torch.tensor([[100.5, 60.0], [0.0, 0.0]]), 5)
+    torch.testing.assert_close(half[0], (img[0, :, 58:63, 98:103] + img[0, :, 58:63, 99:104]) / 2)
+
+
+def test_attribute_reader_takes_the_detail_attributes_from_the_detail_model():
+    torch.manual_seed(0)
+    at = evaluators.AttributeNet(**evaluators_attributes.SMOKE.arch).eval()
+    lm = evaluators.LandmarkNet(**evaluators_landmarks.SMOKE.arch).eval()
+    det = evaluators.DetailNet(**evaluators_details.SMOKE.arch).eval()
+    reader = evaluators.AttributeReader(at, lm, det).eval()
+    x = torch.rand(2, 3, 128, 128) * 2 - 1  # resized to 256 once, for all three
+    with torch.no_grad():
+        out, plain = reader(x), at(x)
+        x256 = evaluators.to_input_size(x)
+        detail = det(x256, lm(x256).landmarks)
+    cols = [world.CONTINUOUS_INDEX[a] for a in evaluators.DETAIL_ATTRIBUTES]
+    others = [i for i in range(len(world.CONTINUOUS)) if i not in cols]
+    torch.testing.assert_close(out.continuous[:, cols], detail)
+    torch.testing.assert_close(out.continuous[:, others], plain.continuous[:, others])
+    assert torch.equal(out.categorical, plain.categorical) and torch.equal(out.features, plain.features)
+    torch.testing.assert_close(reader.features(x), plain.features)
+    assert det.config["attributes"] == list(evaluators.DETAIL_ATTRIBUTES)
+    with pytest.raises(ValueError, match="256 x 256"):
+        det(x, torch.zeros(2, 22, 2))
+    with pytest.raises(ValueError, match="unknown continuous attributes"):
+        evaluators.DetailNet(attributes=("smiles",))
+
+
+def test_detail_model_smoke_train_export_and_load(tmp_path):
+    run, dest = tmp_path / "run", tmp_path / "details"
+    assert zoo_train.main([evaluators_details.NAME, "--run-dir", str(run), "--smoke", "--device", "cpu",
+                           "--export", str(dest)]) == 0
+    metrics = training.read_metrics(run)
+    assert metrics["n"] == evaluators_details.SMOKE.eval_n and set(metrics["mae"]) == set(evaluators.DETAIL_ATTRIBUTES)
+    assert "faces-attribute-details" in (dest / "MODEL_CARD.md").read_text()
+    shipped = evaluators.load_model(dest, "attribute-details")
+    ckpt = training.load_checkpoint(run)
+    ref = evaluators.DetailNet(**ckpt["arch"])
+    ref.load_state_dict({k: v.half().float() for k, v in ckpt["model"].items()})
+    faces = world.render_batch([2_000_000_123, 5])
+    x, marks = data.image_to_tensor(faces["images"]), torch.from_numpy(faces["landmarks"])
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x, marks), ref.eval()(x, marks), atol=0, rtol=0)
+    if "faces-attributes" not in registry.available() or "faces-landmarks" not in registry.available():
+        pytest.skip("zoo:faces-attributes / zoo:faces-landmarks are not installed")
+    reader = evaluators.load_attribute_model(details=dest)
+    assert isinstance(reader, evaluators.AttributeReader)
+    assert isinstance(evaluators.load_attribute_model(details=False), evaluators.AttributeNet)
+
+
+def test_the_shipped_reader_reads_what_the_attribute_model_alone_cannot():
+    """With zoo:faces-attribute-details installed, load_attribute_model() reads smile, nose_size and brow_tilt
+    (chance for the attribute model alone: MAE ~0.25) from the landmark regressor's estimates and a nose patch."""
+    needed = {"faces-attributes", "faces-landmarks", "faces-attribute-details"}
+    if not needed <= set(registry.available()):
+        pytest.skip(f"needs {', '.join(sorted(needed))} installed")
+    faces = world.render_batch(world.held_out_seeds(60, start=3000))
+    x, truth = data.image_to_tensor(faces["images"]), torch.from_numpy(faces["continuous"])
+    reader, plain = evaluators.load_attribute_model(), evaluators.load_attribute_model(details=False)
+    assert isinstance(reader, evaluators.AttributeReader)
+    with torch.no_grad():
+        ours, theirs = reader(x), plain(x)
+    for name in ("smile", "nose_size", "brow_tilt", "brow_raise", "gaze"):
+        i = world.CONTINUOUS_INDEX[name]
+        mae = (ours.continuous[:, i] - truth[:, i]).abs().mean()
+        base = (theirs.continuous[:, i] - truth[:, i]).abs().mean()
+        assert mae < 0.1 and mae < 0.6 * base, (name, float(mae), float(base))
+    assert torch.equal(ours.categorical, theirs.categorical)
+
+
 def test_loading_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="python -m dragrt.zoo.train faces-landmarks"):
@@ -171,7 +258,7 @@ def test_loading_errors(tmp_path, monkeypatch):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not 'landmarks'"):
         evaluators.load_landmark_model(folder)
-    assert isinstance(evaluators.load_attribute_model(folder), evaluators.AttributeNet)
+    assert isinstance(evaluators.load_attribute_model(folder), evaluators.AttributeNet)  # no detail model there
     (folder / "config.json").write_text(json.dumps({**cfg, "continuous": ["smile"]}))
     with pytest.raises(ValueError, match="another world"):
         evaluators.load_attribute_model(folder)
