@@ -119,16 +119,17 @@ def _print_info(info: dict) -> None:
                 mark = "yes" if status == "usable" else "no "
                 print(f"    {impl:<10} {dev:<5} {mark} {'' if status == 'usable' else status}")
     print("\nzoo models (zoo:<name>, wherever a model path is accepted):")
+    width = max((len(name) for name in info["zoo"]), default=0)
     for name, z in info["zoo"].items():
         if not z["installed"]:
-            print(f"  {name:<18} not installed; train it with: {z['train']}")
+            print(f"  {name:<{width}} not installed; train it with: {z['train']}")
             continue
         notes = [f"{z['bytes'] / 1e6:.1f} MB"]
         if z["stored_in"]:
             notes.append(f"the files of {z['stored_in']}/ (stored once)")
         if z["below_target"]:
             notes.append("provisional: below its target (see its MODEL_CARD.md)")
-        print(f"  {name:<18} {'; '.join(notes)}")
+        print(f"  {name:<{width}} {'; '.join(notes)}")
     cfg = info["default_config"]
     print("\ndefault runtime config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
 
