@@ -821,5 +821,10 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, kind: str, na
     return dest
 
 
+def round_metric(v: Any) -> float | None:
+    """A metric as a model card shows it: 4 decimals (``None`` stays ``None``)."""
+    return None if v is None else round(float(v), 4)
+
+
 def describe(cfg: FitConfig) -> dict:
     return asdict(cfg)

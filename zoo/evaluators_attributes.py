@@ -66,18 +66,14 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str, seed: int,
 def headline(metrics: Mapping) -> dict:
     out = {
         "held-out renders": metrics.get("n"),
-        "mean categorical accuracy": _r(metrics.get("mean_accuracy")),
-        "min categorical accuracy": _r(metrics.get("min_accuracy")),
-        "mean continuous MAE": _r(metrics.get("mean_mae")),
+        "mean categorical accuracy": ev.round_metric(metrics.get("mean_accuracy")),
+        "min categorical accuracy": ev.round_metric(metrics.get("min_accuracy")),
+        "mean continuous MAE": ev.round_metric(metrics.get("mean_mae")),
         "target": "accuracy >= 0.95 on every categorical attribute",
     }
-    out.update({f"accuracy {k}": _r(v) for k, v in metrics.get("accuracy", {}).items()})
-    out.update({f"MAE {k}": _r(v) for k, v in metrics.get("mae", {}).items()})
+    out.update({f"accuracy {k}": ev.round_metric(v) for k, v in metrics.get("accuracy", {}).items()})
+    out.update({f"MAE {k}": ev.round_metric(v) for k, v in metrics.get("mae", {}).items()})
     return out
-
-
-def _r(v):
-    return None if v is None else round(float(v), 4)
 
 
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:

@@ -54,18 +54,15 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str, seed: int,
 
 
 def headline(metrics: Mapping) -> dict:
+    r = ev.round_metric
     out: dict = {"held-out renders": metrics.get("n"),
-                 "mean MAE (estimated landmarks)": _r(metrics.get("mean_mae")),
-                 "mean MAE (true landmarks)": _r(metrics.get("mean_mae_true_landmarks")),
-                 "mean MAE of zoo:faces-attributes on the same attributes": _r(metrics.get("mean_mae_attribute_model"))}
+                 "mean MAE (estimated landmarks)": r(metrics.get("mean_mae")),
+                 "mean MAE (true landmarks)": r(metrics.get("mean_mae_true_landmarks")),
+                 "mean MAE of zoo:faces-attributes on the same attributes": r(metrics.get("mean_mae_attribute_model"))}
     base = metrics.get("mae_attribute_model", {})
     for k, v in metrics.get("mae", {}).items():
-        out[f"MAE {k}"] = _r(v) if k not in base else f"{_r(v)} (zoo:faces-attributes: {_r(base[k])})"
+        out[f"MAE {k}"] = r(v) if k not in base else f"{r(v)} (zoo:faces-attributes: {r(base[k])})"
     return out
-
-
-def _r(v):
-    return None if v is None else round(float(v), 4)
 
 
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
