@@ -257,14 +257,31 @@ DRAGGAN_ZOO_MODEL = "zoo:faces-stylegan2"
 ZOO_WIDEN, ZOO_LIFT = 0.05, 0.03
 
 
+def _model_input(images: list[Image.Image]) -> torch.Tensor:
+    """PIL images as the zoo's evaluators take them: float ``[N, 3, H, W]`` in [-1, 1]."""
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def _measured_smile(images: list[Image.Image]) -> list[float] | None:
+    """The smile (0 frown .. 1 wide smile) of each image as the zoo's attribute reader measures it, or ``None``
+    when the detail model that reads it is not installed (the attribute model alone reads it at chance)."""
+    from dragrt.zoo import evaluators, registry
+
+    needed = ("faces-attributes", "faces-landmarks", evaluators.DETAILS_MODEL.removeprefix(registry.PREFIX))
+    if not set(needed) <= set(registry.available()):
+        return None
+    with torch.no_grad():
+        return evaluators.load_attribute_model()(_model_input(images)).value("smile").tolist()
+
+
 def _mouth_corners(landmarks: Any, image: Image.Image) -> tuple[list[list[float]], list[float]]:
     """Mouth corners ``[[x, y], [x, y]]`` (left, right) of a PIL image, by the landmark regressor, and their
     confidences."""
     from dragrt.zoo import world
 
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
-        out = landmarks(x)
+        out = landmarks(_model_input([image]))
     idx = [world.LANDMARK_INDEX["mouth_left"], world.LANDMARK_INDEX["mouth_right"]]
     return out.landmarks[0, idx].tolist(), out.confidence[0, idx].tolist()
 
@@ -301,7 +318,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     rec = {"model": model_id, "device": str(runtime.torch_device()), **rec,
            "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
            "landmark_confidence_before": confidence, "landmark_confidence_after": confidence_after,
-           "measured_error_to_targets_px": errors}
+           "measured_error_to_targets_px": errors, "smile_measured_before_after": _measured_smile([image, after])}
     (out_dir / "demo.json").write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 
@@ -315,6 +332,13 @@ def default_draggan_model() -> str:
 
     return DRAGGAN_ZOO_MODEL if DRAGGAN_ZOO_MODEL[len(registry.PREFIX):] in registry.available() else "discs"
 DRAGDIFFUSION_DEFAULT_MODEL = "zoo:faces-sd"
+
+
+def _print_smile(rec: dict) -> None:
+    smile = rec.get("smile_measured_before_after")
+    if smile:
+        print(f"the zoo's attribute reader measures the smile (0 frown .. 1 wide smile) at {smile[0]:.2f} before, "
+              f"{smile[1]:.2f} after")
 
 
 def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL, seed: int = 0, max_steps: int = 80,
@@ -375,7 +399,9 @@ def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL
     return {"model": str(model), "prompt": face.caption, "steps": 0 if last is None else last.step + 1,
             "reached_targets": bool(last and last.done), "device": str(dev), "handle_points": [handle],
             "final_points": final, "target_points": [target],
-            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None}
+            "ms_per_step_p50": float(np.median(step_ms)) if step_ms else None,
+            "smile_rendered_before_target": [params.smile, min(1.0, params.smile + 0.45)],
+            "smile_measured_before_after": _measured_smile([before, after])}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -407,6 +433,7 @@ def main(args: argparse.Namespace) -> int:
                                 device=args.device)
         print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the target in {rec['steps']} steps on "
               f"{rec['device']} ({rec['ms_per_step_p50']:.1f} ms per step, including previews every 5 steps)")
+        _print_smile(rec)
         for name in ("before.png", "after.png", "drag.gif", "edit.json", "edit.png"):
             print(f"  wrote {args.out / name}")
         return 0
@@ -427,6 +454,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the targets in {rec['steps']} steps on "
               f"{rec['device']} ({rec['ms_per_step_p50']:.1f} ms per step); the regressor puts the corners {err} px "
               "from their targets")
+        _print_smile(rec)
         for name in ("before.png", "after.png", "drag.gif", "demo.json", "edit.json", "edit.png",
                      "edit_w.safetensors"):
             print(f"  wrote {args.out / name}")

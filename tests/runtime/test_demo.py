@@ -98,3 +98,21 @@ def test_draggan_demo_defaults_to_the_zoo_stylegan2_once_installed(tmp_path, mon
     measured = torch.tensor(rec["mouth_corners_measured_after"])
     expected = (measured - torch.tensor(rec["target_points"], dtype=torch.float32)).norm(dim=1)
     torch.testing.assert_close(torch.tensor(rec["measured_error_to_targets_px"]), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_demos_measure_the_smile_with_the_zoo_reader(monkeypatch, tmp_path) -> None:
+    """The zoo demos report the smile before and after the drag as the attribute reader measures it: on renders
+    of one face at smile 0.1 and 0.9 it reads about those values; without the detail model it reports nothing
+    (the attribute model alone reads smile at chance)."""
+    import pytest
+
+    from dragrt.zoo import registry, world
+
+    if not {"faces-attributes", "faces-landmarks", "faces-attribute-details"} <= set(registry.available()):
+        pytest.skip("the zoo's attribute reader is not installed")
+    params = world.sample_params(world.held_out_seeds(1, start=7)[0])
+    faces = [Image.fromarray(world.render(params.replace(smile=s)).image) for s in (0.1, 0.9)]
+    low, high = demo._measured_smile(faces)
+    assert abs(low - 0.1) < 0.1 and abs(high - 0.9) < 0.1
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    assert demo._measured_smile(faces) is None
