@@ -89,6 +89,8 @@ class DragDiffusionConfig:
             an H200 at 512 px: drag step 9.45 against 12.83 ms in NCHW, edit 0.96 against 1.21 s
             (``dragdiffusion-layout``). The reference mode always runs NCHW (the published layout): NCHW copies,
             and its LoRA trains with NCHW weights swapped in (:func:`~dragrt.runtime.models.layout.nchw_weights`).
+            Fast engines sharing one pipeline must agree on it: converting replaces the UNet's weight tensors,
+            which another engine's captured CUDA graphs still point to.
         compile: compile the UNet's blocks with ``torch.compile`` in fast mode (``RuntimeConfig.compile_mode``
             picks the mode; ``auto`` = on CUDA only). The per-image LoRA trains through them too: its first
             training compiles their training variants once for the process.
