@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -864,6 +864,29 @@ def _attr_value(attrs: Mapping, name: str):
     return float(v)
 
 
+#: How a caption describes each continuous attribute it mentions: ``name -> ((bin, test), ...)``, the first bin
+#: whose test holds; none: the caption says nothing of it (bin ``""``). The thresholds of :func:`caption`.
+CAPTION_BINS: dict[str, tuple[tuple[str, Callable[[float], bool]], ...]] = {
+    "eye_size": (("small", lambda v: v < 0.33), ("big", lambda v: v > 0.67)),
+    "eye_open": (("sleepy", lambda v: v < 0.3),),
+    "gaze": (("looking left", lambda v: v < 0.2), ("looking right", lambda v: v > 0.8)),
+    "brow_raise": (("raised eyebrows", lambda v: v > 0.75), ("lowered eyebrows", lambda v: v < 0.25)),
+    "brow_tilt": (("an angry look", lambda v: v > 0.8), ("a worried look", lambda v: v < 0.2)),
+    "smile": tuple((phrase, lambda v, lo=lo: v > lo) for lo, phrase in _MOUTH),
+    "mouth_open": (("open", lambda v: v > 0.55),),
+    "nose_size": (("a big nose", lambda v: v > 0.8), ("a small nose", lambda v: v < 0.2)),
+    "head_yaw": (("head turned to the left", lambda v: v < 0.2), ("head turned to the right", lambda v: v > 0.8)),
+    "head_roll": (("a tilted head", lambda v: v < 0.15 or v > 0.85),),
+}
+
+
+def caption_bins(values: Mapping[str, float]) -> dict[str, str]:
+    """The bin of each continuous attribute a caption describes (:data:`CAPTION_BINS`; ``""``: not mentioned), from
+    a mapping of those attributes to their values in [0, 1] -- true values, or an attribute model's readings."""
+    return {name: next((b for b, test in bins if test(float(values[name]))), "")
+            for name, bins in CAPTION_BINS.items()}
+
+
 def caption(params_or_attributes: FaceParams | Mapping) -> str:
     """The caption of a face: from a :class:`FaceParams` or a mapping of every attribute name to its value
     (continuous floats; categorical class names or indices)."""
@@ -874,46 +897,22 @@ def caption(params_or_attributes: FaceParams | Mapping) -> str:
     else:
         raise ValueError(f"caption takes FaceParams or a mapping of attributes; got {type(params_or_attributes)}")
     v = {n: _attr_value(attrs, n) for n in (*CONTINUOUS, *CATEGORICAL)}
+    b = caption_bins(v)
     parts = [f"{_SHAPE_WORDS[v['head_shape']]} cartoon face with {v['skin_tone']} skin"]
     parts.append(_HAIR_STYLE_PHRASE[v["hair_style"]].format(c=v["hair_colour"]))
-    eyes = []
-    if v["eye_size"] > 0.67:
-        eyes.append("big")
-    elif v["eye_size"] < 0.33:
-        eyes.append("small")
-    if v["eye_open"] < 0.3:
-        eyes.append("sleepy")
-    eyes += [v["iris_colour"], "eyes"]
-    if v["gaze"] < 0.2:
-        eyes.append("looking left")
-    elif v["gaze"] > 0.8:
-        eyes.append("looking right")
+    eyes = [w for w in (b["eye_size"], b["eye_open"]) if w] + [v["iris_colour"], "eyes"]
+    eyes += [b["gaze"]] if b["gaze"] else []
     parts.append(" ".join(eyes))
-    if v["brow_raise"] > 0.75:
-        parts.append("raised eyebrows")
-    elif v["brow_raise"] < 0.25:
-        parts.append("lowered eyebrows")
-    if v["brow_tilt"] > 0.8:
-        parts.append("an angry look")
-    elif v["brow_tilt"] < 0.2:
-        parts.append("a worried look")
-    mouth = next(phrase for lo, phrase in _MOUTH if v["smile"] > lo)
-    if v["mouth_open"] > 0.55:
+    parts += [w for w in (b["brow_raise"], b["brow_tilt"]) if w]
+    mouth = b["smile"]
+    if b["mouth_open"]:
         mouth = "an open mouth" if mouth == "a neutral mouth" else mouth + " with an open mouth"
     parts.append(mouth)
-    if v["nose_size"] > 0.8:
-        parts.append("a big nose")
-    elif v["nose_size"] < 0.2:
-        parts.append("a small nose")
+    parts += [b["nose_size"]] if b["nose_size"] else []
     for key in ("glasses", "hat", "beard"):
         if v[key] != "none":
             parts.append(_EXTRA_PHRASE[(key, v[key])])
-    if v["head_yaw"] < 0.2:
-        parts.append("head turned to the left")
-    elif v["head_yaw"] > 0.8:
-        parts.append("head turned to the right")
-    if v["head_roll"] < 0.15 or v["head_roll"] > 0.85:
-        parts.append("a tilted head")
+    parts += [w for w in (b["head_yaw"], b["head_roll"]) if w]
     parts.append(f"on a {v['background_colour']} background")
     return ", ".join(parts)
 

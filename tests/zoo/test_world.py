@@ -175,6 +175,26 @@ def test_captions_use_the_vocabulary():
         world.caption({**p.attributes(), "hat": "crown"})
 
 
+def test_caption_bins_are_what_the_caption_says():
+    """caption_bins gives, per continuous attribute a caption describes, the phrase it uses ("" = not mentioned):
+    the scorer of samples against their captions reads the same thresholds."""
+    for s in range(400):
+        p = world.sample_params(s)
+        cap, bins = world.caption(p), world.caption_bins(p.attributes())
+        assert set(bins) == set(world.CAPTION_BINS)
+        for name in ("gaze", "brow_raise", "brow_tilt", "nose_size", "head_yaw", "head_roll"):
+            phrases = [b for b, _ in world.CAPTION_BINS[name]]
+            assert [b for b in phrases if b in cap] == ([bins[name]] if bins[name] else []), (s, name, cap)
+        eyes = next(part for part in cap.split(", ") if part.endswith("eyes") or " eyes " in part).split()
+        assert (eyes[0] in ("big", "small")) == bool(bins["eye_size"]) and ("sleepy" in eyes) == bool(bins["eye_open"])
+        assert ("open mouth" in cap) == (bins["mouth_open"] == "open")
+        assert bins["smile"] in cap or (bins["smile"] == "a neutral mouth" and "an open mouth" in cap)
+    edge = world.sample_params(0).replace(smile=0.8, eye_size=0.33, head_roll=0.1)
+    assert world.caption_bins(edge.attributes())["smile"] == "a smile"  # thresholds are strict, as in the text
+    assert world.caption_bins(edge.attributes())["eye_size"] == ""
+    assert world.caption_bins(edge.attributes())["head_roll"] == "a tilted head"
+
+
 def test_seed_conventions():
     held = world.held_out_seeds(100)
     assert held[0] == world.HELD_OUT_OFFSET and len(held) == 100
