@@ -26,7 +26,10 @@ Evaluation (the EMA weights, through ``StableDiffusionPipeline``): ``eval_sample
 DDIM 50 steps, classifier-free guidance at each scale of ``guidance_scales`` (5 is the headline), decoded
 by the VAE and scored by the attribute model (zoo:faces-attributes) against the caption's categorical
 attributes: accuracy per attribute and mean (target 0.8). The classifier's own accuracy on the renders of
-the same captions, and on their VAE round trips, is reported beside it (the ceiling).
+the same captions, and on their VAE round trips, is reported beside it (the ceiling). With the attribute reader
+(zoo:faces-attribute-details installed), also ``caption_agreement``: how often the continuous attributes the
+captions describe (a wide smile, looking left, a big nose, ...; :data:`dragrt.zoo.world.CAPTION_BINS`) land in the
+bin the caption says, with its ceilings on renders and round trips.
 
 :func:`export` writes a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors):
 ``StableDiffusionPipeline.from_pretrained(folder)`` and :func:`dragrt.runtime.models.sd.load_sd` load it.
@@ -670,7 +673,22 @@ def heldout_captions(n: int) -> tuple[list[str], torch.Tensor]:
     return [world.caption(p) for p in params], cats
 
 
+def heldout_caption_bins(n: int) -> list[dict[str, str]]:
+    """What the captions of held-out seeds ``0..n-1`` say of each continuous attribute they describe
+    (:func:`dragrt.zoo.world.caption_bins`; ``""``: nothing)."""
+    from dragrt.zoo import world
+
+    return [world.caption_bins(world.sample_params(s).attributes()) for s in world.held_out_seeds(n)]
+
+
 @torch.no_grad()
+def _read(model: nn.Module, images: torch.Tensor, field: str, batch: int) -> torch.Tensor:
+    """``model(images).<field>`` over batches, on the CPU."""
+    p = next(model.parameters())
+    return torch.cat([getattr(model(images[i:i + batch].to(p.device, p.dtype)), field).float().cpu()
+                      for i in range(0, len(images), batch)])
+
+
 def attribute_accuracy(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
                        batch: int = 64) -> dict[str, Any]:
     """Categorical accuracy of ``model`` (an attribute model: images [-1, 1] -> ``.categorical`` ``[N, M]``)
@@ -679,14 +697,26 @@ def attribute_accuracy(model: nn.Module, images: torch.Tensor, target: torch.Ten
 
     if images.shape[0] != target.shape[0]:
         raise ValueError(f"attribute_accuracy: {images.shape[0]} images but {target.shape[0]} targets")
-    p = next(model.parameters())
-    preds = []
-    for i in range(0, len(images), batch):
-        out = model(images[i:i + batch].to(p.device, p.dtype))
-        preds.append(out.categorical.cpu())
-    hits = (torch.cat(preds) == target).float()
+    hits = (_read(model, images, "categorical", batch).long() == target).float()
     per = {name: round(hits[:, j].mean().item(), 4) for j, name in enumerate(world.CATEGORICAL)}
     return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0])}
+
+
+def caption_agreement(model: nn.Module, images: torch.Tensor, target: Sequence[Mapping[str, str]], *,
+                      batch: int = 64) -> dict[str, Any]:
+    """How often what an attribute reader measures on ``images`` (``.continuous``, binned by
+    :func:`dragrt.zoo.world.caption_bins`) is what their captions say (``target``, from
+    :func:`heldout_caption_bins`): per described continuous attribute and the mean. A caption that says nothing
+    of an attribute (``""``) asks for its middle range."""
+    from dragrt.zoo import world
+
+    if images.shape[0] != len(target):
+        raise ValueError(f"caption_agreement: {images.shape[0]} images but {len(target)} targets")
+    values = _read(model, images, "continuous", batch)
+    measured = [world.caption_bins(dict(zip(world.CONTINUOUS, row.tolist()))) for row in values]
+    per = {name: round(float(np.mean([m[name] == t[name] for m, t in zip(measured, target)])), 4)
+           for name in world.CAPTION_BINS}
+    return {"per_attribute": per, "mean": round(float(np.mean(list(per.values()))), 4), "n": len(target)}
 
 
 def _load_attribute_model(path: str | os.PathLike | None, device: torch.device) -> tuple[nn.Module | None, str]:
@@ -711,10 +741,15 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
     captions, target = heldout_captions(hp.eval_samples)
     size = hp.image_size
     model, note = _load_attribute_model(attributes_path, device)
+    # the continuous attributes captions describe (smile, gaze, ...) need the attribute reader (details model)
+    from dragrt.zoo.evaluators import AttributeReader
+
+    bins = heldout_caption_bins(hp.eval_samples) if isinstance(model, AttributeReader) else None
     pipe = make_pipeline(unet, frozen, dtype)
     out: dict[str, Any] = {"eval_samples": len(captions), "eval_ddim_steps": hp.eval_steps,
                            "guidance_scales": list(hp.guidance_scales), "main_guidance": hp.main_guidance}
     by_scale: dict[str, Any] = {}
+    agree_by_scale: dict[str, Any] = {}
     for g in hp.guidance_scales:
         images = generate(pipe, captions, steps=hp.eval_steps, guidance=g, seed=training.mix_seed(seed, 7),
                           batch=hp.eval_batch, size=size)
@@ -726,6 +761,8 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
             save_grid(images[:hp.grid_samples], grid_path, captions[:hp.grid_samples])
         if model is not None:
             by_scale[str(g)] = attribute_accuracy(model, images, target)
+        if bins is not None:
+            agree_by_scale[str(g)] = caption_agreement(model, images, bins)
     if model is None:
         out["attribute_accuracy"] = None
         out["attribute_note"] = f"attribute accuracy skipped: {note}"
@@ -742,7 +779,18 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
     for i in range(0, len(renders), 32):
         z = vae.encode(renders[i:i + 32].to(device)).latent_dist.mean
         recon.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
-    out["classifier_on_vae_round_trips"] = attribute_accuracy(model, torch.cat(recon), target)["mean"]
+    recon = torch.cat(recon)
+    out["classifier_on_vae_round_trips"] = attribute_accuracy(model, recon, target)["mean"]
+    if bins is None:
+        out["caption_agreement"] = None
+        out["caption_agreement_note"] = ("the continuous attributes captions describe need the attribute reader "
+                                         "(zoo:faces-attribute-details installed)")
+        return out
+    agree = agree_by_scale[str(hp.main_guidance)]
+    out.update(caption_agreement=agree["mean"], caption_agreement_per_attribute=agree["per_attribute"],
+               caption_agreement_by_guidance={k: v["mean"] for k, v in agree_by_scale.items()},
+               caption_agreement_on_renders=caption_agreement(model, renders, bins)["mean"],
+               caption_agreement_on_vae_round_trips=caption_agreement(model, recon, bins)["mean"])
     return out
 
 

@@ -225,6 +225,38 @@ def test_attribute_accuracy_counts_hits():
         zunet.attribute_accuracy(Fixed(preds), torch.zeros(3, 3, 8, 8), target)
 
 
+def test_caption_agreement_bins_the_readings_as_the_captions_do():
+    from dragrt.zoo import world
+
+    n = 6
+    params = [world.sample_params(s) for s in world.held_out_seeds(n)]
+    truth = torch.tensor([[p.attributes()[c] for c in world.CONTINUOUS] for p in params])
+    bins = zunet.heldout_caption_bins(n)
+    assert bins[2] == world.caption_bins(params[2].attributes())
+
+    class Fixed(nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.values, self.seen = values, 0
+
+        def forward(self, images):
+            out = self.values[self.seen:self.seen + len(images)]
+            self.seen += len(images)
+            return SimpleNamespace(continuous=out)
+
+    r = zunet.caption_agreement(Fixed(truth), torch.zeros(n, 3, 8, 8), bins, batch=4)
+    assert r["mean"] == 1.0 and set(r["per_attribute"]) == set(world.CAPTION_BINS) and r["n"] == n
+    wrong = truth.clone()
+    i = world.CONTINUOUS_INDEX["smile"]
+    wrong[0, i] = 0.9 if truth[0, i] <= 0.8 else 0.1  # another mouth phrase
+    r = zunet.caption_agreement(Fixed(wrong), torch.zeros(n, 3, 8, 8), bins, batch=4)
+    assert r["per_attribute"]["smile"] == round(1 - 1 / n, 4)
+    assert r["mean"] == pytest.approx(1 - 1 / (n * len(world.CAPTION_BINS)), abs=1e-4)
+    with pytest.raises(ValueError, match="targets"):
+        zunet.caption_agreement(Fixed(truth), torch.zeros(n - 1, 3, 8, 8), bins)
+
+
 def test_heldout_captions_match_the_renderer():
     from dragrt.zoo import world
 
