@@ -589,8 +589,8 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dragrt.zoo.unet evaluate [FOLDER] [--guidance 3 5 7.5] [--device cpu]``: the attribute accuracy of
-    an exported faces-sd pipeline (default the shipped one) at each CFG scale."""
+    """``python -m dragrt.zoo.unet evaluate [FOLDER] [--guidance 3 5 7.5] [--device cpu]``: the attribute accuracy
+    (and caption agreement) of an exported faces-sd pipeline (default the shipped one) at each CFG scale."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m dragrt.zoo.unet", description=main.__doc__)
@@ -608,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     keys = ("folder", "device", "eval_samples", "eval_ddim_steps", "attribute_accuracy_by_guidance",
-            "classifier_on_renders", "classifier_on_vae_round_trips", "attribute_note")
+            "attribute_accuracy_per_attribute", "classifier_on_renders", "classifier_on_vae_round_trips",
+            "attribute_note", "caption_agreement_by_guidance", "caption_agreement_per_attribute",
+            "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips", "caption_agreement_note")
     print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     return 0
 

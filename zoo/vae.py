@@ -290,6 +290,33 @@ def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) ->
     }
 
 
+@torch.no_grad()
+def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> dict[str, float]:
+    """What round trips keep of the attributes a diffusion model on this VAE is scored on (its ceiling): the
+    zoo's attribute reader's categorical accuracy and caption agreement (:func:`dragrt.zoo.unet.caption_agreement`)
+    on the round trips of held-out renders ``images_u8`` (seeds ``0..n-1``, as :func:`heldout_images` makes them),
+    beside the same on the renders. ``{}`` when the reader (zoo:faces-attribute-details) is not installed."""
+    from dragrt.zoo import evaluators, registry
+    from dragrt.zoo import unet as zunet
+
+    needed = {"faces-attributes", "faces-landmarks", evaluators.DETAILS_MODEL.removeprefix(registry.PREFIX)}
+    if not needed <= set(registry.available()):
+        return {}
+    device, dtype = _module_device_dtype(vae)
+    reader = evaluators.load_attribute_model(device=device)
+    latents = posterior_means(vae, images_u8, batch=batch)
+    recon = torch.cat([vae.decode(latents[i:i + batch].to(device).to(dtype)).sample.float().clamp(-1, 1).cpu()
+                       for i in range(0, len(latents), batch)])
+    renders = images_u8.float() / 127.5 - 1
+    _, cats = zunet.heldout_captions(len(images_u8))
+    bins = zunet.heldout_caption_bins(len(images_u8))
+    out = {}
+    for name, images in (("renders", renders), ("round_trips", recon)):
+        out[f"categorical_accuracy_{name}"] = zunet.attribute_accuracy(reader, images, cats)["mean"]
+        out[f"caption_agreement_{name}"] = zunet.caption_agreement(reader, images, bins)["mean"]
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +433,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     t0 = time.monotonic()
     held_out = heldout_images(hp.eval_images, hp.image_size)
     metrics: dict[str, Any] = evaluate(eval_vae, held_out)
+    metrics.update(attribute_ceilings(eval_vae, held_out))
     metrics.update(_loss_window_metrics(losses))
     metrics.update(
         name=NAME, step=progress.step, schedule_steps=progress.schedule_steps, images_seen=progress.images,
@@ -490,7 +518,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 NAME, state["hparams"], (" --decoder-only" if state["hparams"].get("decoder_only") else "")
                 + (f" --mse-weight {state['hparams']['mse_weight']:g}" if state["hparams"].get("mse_weight") else "")),
         },
-        metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images")
+        metrics={k: metrics[k] for k in ("psnr_db", "psnr_db_min", "ssim", "scaling_factor", "eval_images",
+                                         "categorical_accuracy_renders", "categorical_accuracy_round_trips",
+                                         "caption_agreement_renders", "caption_agreement_round_trips")
                  if k in metrics},
         files=["config.json", WEIGHTS_FILE],
         status=training.target_status(metrics, f"{metrics.get('psnr_db')} dB PSNR on held-out renders", "28 dB",
