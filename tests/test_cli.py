@@ -110,5 +110,7 @@ def test_info_lists_the_zoo_with_aliases_and_provisional_models(capsys, monkeypa
     assert not sg2["installed"] and "dragrt.zoo.train faces-stylegan2" in sg2["train"]
     assert cli.main(["info"]) == 0
     text = capsys.readouterr().out
-    assert "faces-vae          0.0 MB; the files of faces-sd/vae/ (stored once)" in text
-    assert "provisional: below its target" in text and "faces-stylegan2    not installed; train it with" in text
+    width = max(len(name) for name in zoo)  # names padded to the longest: one column of sizes
+    assert f"  {'faces-vae':<{width}} 0.0 MB; the files of faces-sd/vae/ (stored once)" in text
+    assert "provisional: below its target" in text
+    assert f"  {'faces-stylegan2':<{width}} not installed; train it with" in text
