@@ -202,27 +202,30 @@ def test_smoke_stand_ins():
     assert ids.shape == (2, 77)
 
 
+class _Fixed(nn.Module):
+    """An attribute model that answers ``field`` with the next rows of ``values``, batch after batch."""
+
+    def __init__(self, field: str, values: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.field, self.values, self.seen = field, values, 0
+
+    def forward(self, images):
+        out = self.values[self.seen:self.seen + len(images)]
+        self.seen += len(images)
+        return SimpleNamespace(**{self.field: out})
+
+
 def test_attribute_accuracy_counts_hits():
-    class Fixed(nn.Module):
-        def __init__(self, preds):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(1))
-            self.preds, self.seen = preds, 0
-
-        def forward(self, images):
-            out = self.preds[self.seen:self.seen + len(images)]
-            self.seen += len(images)
-            return SimpleNamespace(categorical=out)
-
     target = torch.zeros(4, 9, dtype=torch.long)
     preds = target.clone()
     preds[0, 0] = 1  # one miss in head_shape
     preds[:, 8] = 3  # every beard wrong
-    acc = zunet.attribute_accuracy(Fixed(preds), torch.zeros(4, 3, 8, 8), target, batch=3)
+    acc = zunet.attribute_accuracy(_Fixed("categorical", preds), torch.zeros(4, 3, 8, 8), target, batch=3)
     assert acc["per_attribute"]["head_shape"] == 0.75 and acc["per_attribute"]["beard"] == 0.0
     assert acc["mean"] == pytest.approx(1 - 5 / 36, abs=1e-4)
     with pytest.raises(ValueError, match="targets"):
-        zunet.attribute_accuracy(Fixed(preds), torch.zeros(3, 3, 8, 8), target)
+        zunet.attribute_accuracy(_Fixed("categorical", preds), torch.zeros(3, 3, 8, 8), target)
 
 
 def test_caption_agreement_bins_the_readings_as_the_captions_do():
@@ -234,27 +237,16 @@ def test_caption_agreement_bins_the_readings_as_the_captions_do():
     bins = zunet.heldout_caption_bins(n)
     assert bins[2] == world.caption_bins(params[2].attributes())
 
-    class Fixed(nn.Module):
-        def __init__(self, values):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(1))
-            self.values, self.seen = values, 0
-
-        def forward(self, images):
-            out = self.values[self.seen:self.seen + len(images)]
-            self.seen += len(images)
-            return SimpleNamespace(continuous=out)
-
-    r = zunet.caption_agreement(Fixed(truth), torch.zeros(n, 3, 8, 8), bins, batch=4)
+    r = zunet.caption_agreement(_Fixed("continuous", truth), torch.zeros(n, 3, 8, 8), bins, batch=4)
     assert r["mean"] == 1.0 and set(r["per_attribute"]) == set(world.CAPTION_BINS) and r["n"] == n
     wrong = truth.clone()
     i = world.CONTINUOUS_INDEX["smile"]
     wrong[0, i] = 0.9 if truth[0, i] <= 0.8 else 0.1  # another mouth phrase
-    r = zunet.caption_agreement(Fixed(wrong), torch.zeros(n, 3, 8, 8), bins, batch=4)
+    r = zunet.caption_agreement(_Fixed("continuous", wrong), torch.zeros(n, 3, 8, 8), bins, batch=4)
     assert r["per_attribute"]["smile"] == round(1 - 1 / n, 4)
     assert r["mean"] == pytest.approx(1 - 1 / (n * len(world.CAPTION_BINS)), abs=1e-4)
     with pytest.raises(ValueError, match="targets"):
-        zunet.caption_agreement(Fixed(truth), torch.zeros(n - 1, 3, 8, 8), bins)
+        zunet.caption_agreement(_Fixed("continuous", truth), torch.zeros(n - 1, 3, 8, 8), bins)
 
 
 def test_heldout_captions_match_the_renderer():
