@@ -277,6 +277,8 @@ class DetailNet(nn.Module):
                  attributes: tuple[str, ...] | list[str] = DETAIL_ATTRIBUTES) -> None:
         super().__init__()
         unknown = [a for a in attributes if a not in world.CONTINUOUS_INDEX]
+        if not attributes or len(set(attributes)) != len(attributes):
+            raise ValueError(f"attributes must name distinct continuous attributes, at least one; got {attributes}")
         if unknown:
             raise ValueError(f"unknown continuous attributes {unknown}; choose from {', '.join(world.CONTINUOUS)}")
         self.config = dict(hidden=hidden, layers=layers, patch=patch, patch_widths=list(patch_widths),

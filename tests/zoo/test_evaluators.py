@@ -198,6 +198,9 @@ def test_attribute_reader_takes_the_detail_attributes_from_the_detail_model():
         det(x, torch.zeros(2, 22, 2))
     with pytest.raises(ValueError, match="unknown continuous attributes"):
         evaluators.DetailNet(attributes=("smiles",))
+    for bad in ((), ("smile", "smile")):
+        with pytest.raises(ValueError, match="distinct continuous attributes"):
+            evaluators.DetailNet(attributes=bad)
 
 
 def test_detail_model_smoke_train_export_and_load(tmp_path):
