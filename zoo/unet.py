@@ -774,14 +774,10 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
                attribute_accuracy_by_guidance={k: v["mean"] for k, v in by_scale.items()},
                attribute_target=0.8, meets_target=main["mean"] >= 0.8)
     # The ceiling: the classifier on the renders of the same captions, and on their VAE round trips.
-    renders = zvae.heldout_images(hp.eval_samples, size).float() / 127.5 - 1
+    renders_u8 = zvae.heldout_images(hp.eval_samples, size)
+    renders = renders_u8.float() / 127.5 - 1
     out["classifier_on_renders"] = attribute_accuracy(model, renders, target)["mean"]
-    vae = frozen.vae
-    recon = []
-    for i in range(0, len(renders), 32):
-        z = vae.encode(renders[i:i + 32].to(device)).latent_dist.mean
-        recon.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
-    recon = torch.cat(recon)
+    recon = zvae.round_trips(frozen.vae, renders_u8)
     out["classifier_on_vae_round_trips"] = attribute_accuracy(model, recon, target)["mean"]
     if bins is None:
         out["caption_agreement"] = None

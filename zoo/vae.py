@@ -257,6 +257,15 @@ def posterior_means(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int =
     return torch.cat(out)
 
 
+@torch.no_grad()
+def round_trips(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> torch.Tensor:
+    """The decoded posterior means of uint8 images: float32 ``[N, 3, H, W]`` in [-1, 1] on the CPU."""
+    device, dtype = _module_device_dtype(vae)
+    latents = posterior_means(vae, images_u8, batch=batch)
+    return torch.cat([vae.decode(latents[i:i + batch].to(device).to(dtype)).sample.float().clamp(-1, 1).cpu()
+                      for i in range(0, len(latents), batch)])
+
+
 def latent_scaling_factor(latents: torch.Tensor) -> float:
     """SD's latent scale: 1 / std of all latent values (SD1 measured 0.18215 on its data the same way)."""
     std = latents.float().std().item()
@@ -302,11 +311,8 @@ def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: in
     needed = {"faces-attributes", "faces-landmarks", evaluators.DETAILS_MODEL.removeprefix(registry.PREFIX)}
     if not needed <= set(registry.available()):
         return {}
-    device, dtype = _module_device_dtype(vae)
-    reader = evaluators.load_attribute_model(device=device)
-    latents = posterior_means(vae, images_u8, batch=batch)
-    recon = torch.cat([vae.decode(latents[i:i + batch].to(device).to(dtype)).sample.float().clamp(-1, 1).cpu()
-                       for i in range(0, len(latents), batch)])
+    reader = evaluators.load_attribute_model(device=_module_device_dtype(vae)[0])
+    recon = round_trips(vae, images_u8, batch=batch)
     renders = images_u8.float() / 127.5 - 1
     _, cats = zunet.heldout_captions(len(images_u8))
     bins = zunet.heldout_caption_bins(len(images_u8))
