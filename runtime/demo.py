@@ -266,10 +266,9 @@ def _model_input(images: list[Image.Image]) -> torch.Tensor:
 def _measured_smile(images: list[Image.Image]) -> list[float] | None:
     """The smile (0 frown .. 1 wide smile) of each image as the zoo's attribute reader measures it, or ``None``
     when the detail model that reads it is not installed (the attribute model alone reads it at chance)."""
-    from dragrt.zoo import evaluators, registry
+    from dragrt.zoo import evaluators
 
-    needed = ("faces-attributes", "faces-landmarks", evaluators.DETAILS_MODEL.removeprefix(registry.PREFIX))
-    if not set(needed) <= set(registry.available()):
+    if not evaluators.reader_installed():
         return None
     with torch.no_grad():
         return evaluators.load_attribute_model()(_model_input(images)).value("smile").tolist()
@@ -330,7 +329,7 @@ def default_draggan_model() -> str:
     """``zoo:faces-stylegan2`` when it is installed, else the procedural ``discs``."""
     from dragrt.zoo import registry
 
-    return DRAGGAN_ZOO_MODEL if DRAGGAN_ZOO_MODEL[len(registry.PREFIX):] in registry.available() else "discs"
+    return DRAGGAN_ZOO_MODEL if registry.installed(DRAGGAN_ZOO_MODEL) else "discs"
 DRAGDIFFUSION_DEFAULT_MODEL = "zoo:faces-sd"
 
 

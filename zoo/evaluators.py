@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import data, training, world
-from .registry import resolve
+from .registry import installed, resolve
 
 INPUT_SIZE = world.IMAGE_SIZE
 CONFIG = "config.json"
@@ -401,11 +401,9 @@ def load_attribute_model(path_or_zoo: str | os.PathLike = "zoo:faces-attributes"
     installed, a path, or ``False`` for none) an :class:`AttributeReader` that reads :data:`DETAIL_ATTRIBUTES`
     from the landmarks of ``zoo:faces-landmarks`` and a nose patch (far better for ``smile``, ``nose_size``,
     ``brow_tilt``: see the detail model's card)."""
-    from .registry import available
-
     model = load_model(path_or_zoo, "attributes", device, dtype)
     if details == "auto":
-        details = DETAILS_MODEL if DETAILS_MODEL.removeprefix("zoo:") in available() else False
+        details = DETAILS_MODEL if installed(DETAILS_MODEL) else False
     if details is False or details is None:
         return model
     if details is True:
@@ -415,6 +413,12 @@ def load_attribute_model(path_or_zoo: str | os.PathLike = "zoo:faces-attributes"
 
 
 DETAILS_MODEL = "zoo:faces-attribute-details"
+
+
+def reader_installed() -> bool:
+    """Whether :func:`load_attribute_model` gives the :class:`AttributeReader` (the attribute, landmark and detail
+    models all shipped): the few-pixel attributes (smile, nose size, ...) are read well only then."""
+    return installed("faces-attributes", "faces-landmarks", DETAILS_MODEL)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -493,14 +497,11 @@ def evaluate_details(model: DetailNet, n: int = 1000, seed: int = 0, batch_size:
     """MAE of every attribute of a :class:`DetailNet` on held-out faces, from ``zoo:faces-landmarks``' estimates
     (how it is used) and from the true landmarks; beside them the attribute model's own MAE on the same faces
     (``zoo:faces-attributes`` when installed)."""
-    from .registry import available
-
     was_training = model.training
     model.eval()
     device, dtype = _model_device(model)
     marks = load_landmark_model(device=device, dtype=dtype)
-    base = load_attribute_model(device=device, dtype=dtype, details=False) if "faces-attributes" in available() \
-        else None
+    base = load_attribute_model(device=device, dtype=dtype, details=False) if installed("faces-attributes") else None
     cols = [world.CONTINUOUS_INDEX[a] for a in model.attributes]
     err: dict[str, list[Tensor]] = {"estimated": [], "true": [], "base": []}
     for batch in _held_out_loader(n, seed, batch_size, num_workers):

@@ -77,6 +77,12 @@ def available() -> dict[str, Path]:
     return out
 
 
+def installed(*names: str) -> bool:
+    """Whether every named zoo model (``"faces-sd"`` or ``"zoo:faces-sd"``) is shipped in this install."""
+    have = available()
+    return all((_zoo_name(n) if is_zoo(n) else n) in have for n in names)
+
+
 def card_path(path: str | os.PathLike) -> Path:
     """The model card of ``path``: for ``zoo:NAME`` the one in the model's own folder (an alias's folder keeps its
     card), else ``PATH/MODEL_CARD.md``."""

@@ -305,11 +305,10 @@ def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: in
     zoo's attribute reader's categorical accuracy and caption agreement (:func:`dragrt.zoo.unet.caption_agreement`)
     on the round trips of held-out renders ``images_u8`` (seeds ``0..n-1``, as :func:`heldout_images` makes them),
     beside the same on the renders. ``{}`` when the reader (zoo:faces-attribute-details) is not installed."""
-    from dragrt.zoo import evaluators, registry
+    from dragrt.zoo import evaluators
     from dragrt.zoo import unet as zunet
 
-    needed = {"faces-attributes", "faces-landmarks", evaluators.DETAILS_MODEL.removeprefix(registry.PREFIX)}
-    if not needed <= set(registry.available()):
+    if not evaluators.reader_installed():
         return {}
     reader = evaluators.load_attribute_model(device=_module_device_dtype(vae)[0])
     recon = round_trips(vae, images_u8, batch=batch)
