@@ -640,33 +640,31 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
     if getattr(unet, "_dragrt_compiled", None) and unet not in _TRAINED_COMPILED:
         # a fast engine compiled the blocks: this process's first LoRA compiles their training variants
         bar.set_postfix_str("compiling the training step (once a process, minutes on a GPU)")
+
+    def report(step: int, loss: Tensor) -> None:
+        if step == 0:
+            bar.set_postfix_str("")
+        bar.update()
+        if callback is not None:
+            callback(step, loss.clone() if graphed else loss)  # a graph's output is overwritten by the next replay
+
     try:
         if not graphed:
             for step in range(config.steps):
-                loss = body()
-                if step == 0:
-                    bar.set_postfix_str("")
-                bar.update()
-                if callback is not None:
-                    callback(step, loss)
+                report(step, body())
             return
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             loss = body()
         torch.cuda.current_stream(device).wait_stream(side)
-        bar.set_postfix_str("")
-        bar.update()
-        if callback is not None:
-            callback(0, loss.clone())
+        report(0, loss)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = body()  # captured, not run: the replays below are steps 1 .. steps - 1
         for step in range(1, config.steps):
             graph.replay()
-            bar.update()
-            if callback is not None:
-                callback(step, loss.clone())  # the graph's output is overwritten by the next replay
+            report(step, loss)
         del graph
     finally:
         bar.close()
@@ -921,9 +919,13 @@ def train_or_load_lora(
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     pixels = _training_pixels(image)
-    if cache is None:
+
+    def train() -> dict[str, Tensor]:
         return train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback,
                                 cuda_graph=cuda_graph)
+
+    if cache is None:
+        return train()
     from dragrt.runtime.inversion import components_fingerprint
 
     p = next(components.unet.parameters())
@@ -934,8 +936,7 @@ def train_or_load_lora(
     got = cache.get(key, device=p.device)
     if got is not None:
         return got
-    weights = train_image_lora(components, pixels, prompt, config, mode=mode, progress=progress, callback=callback,
-                                cuda_graph=cuda_graph)
+    weights = train()
     cache.put(key, weights, metadata={"kind": "lora", "mode": mode,
                                       "config": metadata_json(dataclasses.asdict(config)), "prompt": prompt})
     return weights
