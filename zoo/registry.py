@@ -144,7 +144,12 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _same_files(a: Path, b: Path) -> bool:
+def without_provenance(config: dict) -> dict:
+    """A JSON config without the keys that say where it was loaded from or which library version wrote it."""
+    return {k: v for k, v in config.items() if k not in _PROVENANCE_KEYS}
+
+
+def same_files(a: Path, b: Path) -> bool:
     """``a``'s shipped files (card aside) all exist in ``b`` with the same bytes; JSON configs may differ only in
     provenance keys (where they were loaded from, library versions)."""
     files = [f for f in a.iterdir() if f.is_file() and f.name not in (CARD, ALIAS_FILE)]
@@ -155,8 +160,7 @@ def _same_files(a: Path, b: Path) -> bool:
         if not g.is_file():
             return False
         if f.suffix == ".json":
-            strip = lambda d: {k: v for k, v in d.items() if k not in _PROVENANCE_KEYS}  # noqa: E731
-            if strip(json.loads(f.read_text())) != strip(json.loads(g.read_text())):
+            if without_provenance(json.loads(f.read_text())) != without_provenance(json.loads(g.read_text())):
                 return False
         elif f.stat().st_size != g.stat().st_size or _digest(f) != _digest(g):
             return False
@@ -170,7 +174,7 @@ def share_identical(weights_dir: Path | None = None) -> list[str]:
     done = []
     for name, part in SHARED.items():
         folder, target = root / name, root / part
-        if alias_target(folder) is not None or not _holds_weights(target) or not _same_files(folder, target):
+        if alias_target(folder) is not None or not _holds_weights(target) or not same_files(folder, target):
             continue
         files = sorted(f.name for f in target.iterdir() if f.is_file() and f.suffix != ".json")
         (folder / ALIAS_FILE).write_text(json.dumps(

@@ -53,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"for {', '.join(INIT_TRAINERS)}")
     parser.add_argument("--decoder-only", action="store_true",
                         help="faces-vae with --init: fine-tune the decoder only (the latent space stays the same)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="faces-vae with --init: fine-tune the encoder only (the decoder, which diffusion samples "
+                             "go through, stays the same; round trips of images improve)")
     parser.add_argument("--mse-weight", type=float, default=None, metavar="W",
                         help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
+                        help="faces-vae, new runs: images per step (default 32; e.g. 4 on a CPU)")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help=f"torch.compile mode for this chunk's training steps ({', '.join(COMPILE_TRAINERS)}; "
                              "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
@@ -69,10 +74,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.name != "faces-vae" or args.init is None:
             parser.error("--decoder-only is for faces-vae with --init")
         extra["decoder_only"] = True
+    if args.encoder_only:
+        if args.name != "faces-vae" or args.init is None:
+            parser.error("--encoder-only is for faces-vae with --init")
+        if args.decoder_only:
+            parser.error("--encoder-only and --decoder-only exclude each other")
+        extra["encoder_only"] = True
     if args.mse_weight is not None:
         if args.name != "faces-vae":
             parser.error("--mse-weight is for faces-vae")
         extra["mse_weight"] = args.mse_weight
+    if args.batch_size is not None:
+        if args.name != "faces-vae":
+            parser.error("--batch-size is for faces-vae")
+        extra["batch_size"] = args.batch_size
     if args.compile is not None:
         if args.name not in COMPILE_TRAINERS:
             parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")

@@ -588,9 +588,69 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     return out
 
 
+#: What decides how a pipeline's latents become images: the parts of its autoencoder :func:`adopt_vae` keeps.
+DECODING_PARTS = ("decoder.", "post_quant_conv.")
+
+
+def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME) -> bool:
+    """Give the exported pipeline ``pipeline`` the autoencoder ``vae`` (its ``vae/`` files replaced) when ``vae``
+    decodes exactly as the pipeline's own: the same config, ``scaling_factor`` included, and bit-identical
+    ``decoder`` and ``post_quant_conv`` weights. The pipeline's samples, and every sample metric on its card, then
+    stay as they are; only its encoder changes -- the round trips of images, which inversion-based edits
+    (DragDiffusion) start from. This is how an ``--encoder-only`` faces-vae fine-tune reaches faces-sd without
+    retraining its UNet. A dated line on the pipeline's card records it. Returns ``False`` when the pipeline has
+    these very files already; ``ValueError`` (saying what differs) when ``vae`` would change the samples."""
+    from safetensors.torch import load_file
+
+    from dragrt.zoo import registry
+
+    src = training.resolve_zoo_path(vae, "adopt_vae")
+    dest = training.resolve_zoo_path(pipeline, "adopt_vae") / "vae"
+    files = ("config.json", zvae.WEIGHTS_FILE)
+    for folder in (src, dest):
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"adopt_vae: {folder} lacks {', '.join(missing)}; expected an exported "
+                                    "AutoencoderKL folder")
+    if src.resolve() == dest.resolve() or registry.same_files(src, dest):
+        return False
+
+    def config(folder: Path) -> dict[str, Any]:
+        return registry.without_provenance(json.loads((folder / "config.json").read_text()))
+
+    new_cfg, old_cfg = config(src), config(dest)
+    if new_cfg != old_cfg:
+        differ = sorted(k for k in set(new_cfg) | set(old_cfg) if new_cfg.get(k) != old_cfg.get(k))
+        raise ValueError(f"adopt_vae: {vae} has another config than {dest} ({', '.join(differ)}): its latents "
+                         "would decode differently; fine-tune the pipeline's UNet on it instead")
+    new_w, old_w = load_file(str(src / zvae.WEIGHTS_FILE)), load_file(str(dest / zvae.WEIGHTS_FILE))
+    decoding = sorted(k for k in set(new_w) | set(old_w) if k.startswith(DECODING_PARTS))
+    changed = [k for k in decoding if k not in new_w or k not in old_w or not torch.equal(new_w[k], old_w[k])]
+    if not decoding or changed:
+        raise ValueError(f"adopt_vae: {vae} decodes differently from {dest} ({len(changed)} of {len(decoding)} "
+                         f"decoder tensors differ, e.g. {changed[:2]}): the pipeline's samples would change; "
+                         "fine-tune the pipeline's UNet on it instead")
+    for f in files:  # a new file, then a rename: whoever has the old one memory-mapped keeps reading it intact
+        tmp = dest / f"{f}.tmp"
+        tmp.write_bytes((src / f).read_bytes())
+        os.replace(tmp, dest / f)
+    card = dest.parent / training.CARD
+    if card.is_file():
+        line = (f"- vae/ replaced on {time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder "
+                f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and the sample metrics "
+                "above are unchanged; its encoder differs: round trips of images, what inversion-based edits start "
+                f"from, are those on {vae}'s card\n")
+        text = card.read_text()
+        at = text.find("\n## Files")
+        card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m dragrt.zoo.unet evaluate [FOLDER] [--guidance 3 5 7.5] [--device cpu]``: the attribute accuracy
-    (and caption agreement) of an exported faces-sd pipeline (default the shipped one) at each CFG scale."""
+    (and caption agreement) of an exported faces-sd pipeline (default the shipped one) at each CFG scale.
+    ``python -m dragrt.zoo.unet adopt-vae [VAE] [--pipeline FOLDER]``: :func:`adopt_vae` (default: the shipped
+    zoo:faces-vae into the shipped zoo:faces-sd)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m dragrt.zoo.unet", description=main.__doc__)
@@ -601,7 +661,23 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--samples", type=int, default=HPARAMS.eval_samples, help="held-out captions (default 256)")
     ev.add_argument("--steps", type=int, default=HPARAMS.eval_steps, help="DDIM steps (default 50)")
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ad = sub.add_parser("adopt-vae", help="give the pipeline an autoencoder with the same decoder (a new encoder)")
+    ad.add_argument("vae", nargs="?", default=DEFAULT_VAE, help="exported AutoencoderKL folder or zoo:NAME")
+    ad.add_argument("--pipeline", default="zoo:" + NAME, help="exported pipeline folder or zoo:NAME")
     args = parser.parse_args(argv)
+    if args.command == "adopt-vae":
+        try:
+            changed = adopt_vae(args.vae, args.pipeline)
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(str(exc))
+        print(f"{args.pipeline}: vae/ is now that of {args.vae}" if changed
+              else f"{args.pipeline}: vae/ holds the files of {args.vae} already; nothing to do")
+        if changed and str(args.pipeline) == "zoo:" + NAME:
+            from dragrt.zoo import registry
+
+            for name in registry.share_identical():
+                print(f"zoo:{name} is identical to zoo:{registry.SHARED[name]}: stored once, as an alias")
+        return 0
     try:
         m = evaluate_folder(args.folder, guidance_scales=args.guidance, samples=args.samples, steps=args.steps,
                             device=args.device)

@@ -336,3 +336,52 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
     with pytest.raises(SystemExit):
         zunet.main(["evaluate", str(exported), "--guidance", "0", "--device", "cpu"])
     assert "guidance_scales must be one or more finite numbers >= 1" in capsys.readouterr().err
+
+
+def _vae_variant(exported, folder, change):
+    """A copy of the pipeline's autoencoder with ``change(name) -> bool`` selecting the tensors to perturb."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(exported / "vae", folder)
+    w = load_file(str(folder / zvae.WEIGHTS_FILE))
+    save_file({k: v + 0.01 if change(k) else v for k, v in w.items()}, str(folder / zvae.WEIGHTS_FILE))
+    return folder
+
+
+def test_adopt_vae_takes_a_new_encoder_and_keeps_the_samples(exported, tmp_path, capsys):
+    """A faces-vae fine-tuned with its decoder frozen reaches the pipeline without retraining the UNet: its files
+    replace vae/, the card records it, and the pipeline decodes exactly as before; an autoencoder that decodes
+    differently (weights or config) is refused without touching the pipeline."""
+    import shutil
+
+    pipe = tmp_path / "faces-sd"
+    shutil.copytree(exported, pipe)
+    (pipe / training.CARD).write_text("# card\n\n## Metrics\n\n- psnr: 1\n\n## Files\n\n- `vae/`\n")
+    before = {k: v.clone() for k, v in load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE)).items()}
+    new_encoder = _vae_variant(exported, tmp_path / "enc", lambda k: k.startswith("encoder."))
+    new_decoder = _vae_variant(exported, tmp_path / "dec", lambda k: k.startswith("decoder.conv_out"))
+    new_scale = _vae_variant(exported, tmp_path / "scale", lambda k: False)
+    cfg = json.loads((new_scale / "config.json").read_text())
+    (new_scale / "config.json").write_text(json.dumps({**cfg, "scaling_factor": cfg["scaling_factor"] * 2}))
+
+    for bad, message in ((new_decoder, r"2 of \d+ decoder tensors differ"), (new_scale, r"\(scaling_factor\)")):
+        with pytest.raises(ValueError, match=message):
+            zunet.adopt_vae(bad, pipe)
+    assert load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE)).keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE)).items())
+
+    mapped = load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE))  # memory-mapped, as a running process holds it
+    assert zunet.main(["adopt-vae", str(new_encoder), "--pipeline", str(pipe)]) == 0
+    assert all(torch.equal(mapped[k], v) for k, v in before.items())  # replaced by a rename, not rewritten
+    assert "vae/ is now that of" in capsys.readouterr().out
+    after = load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE))
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(zunet.DECODING_PARTS))
+    assert sum(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder.")) > 0
+    card = (pipe / training.CARD).read_text()
+    assert card.index("- vae/ replaced on ") < card.index("## Files") and "bit for bit" in card
+    assert zunet.adopt_vae(new_encoder, pipe) is False  # already adopted: nothing to do
+    with pytest.raises(SystemExit):
+        zunet.main(["adopt-vae", str(new_decoder), "--pipeline", str(pipe)])
+    assert "decoder tensors differ" in capsys.readouterr().err

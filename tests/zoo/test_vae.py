@@ -246,6 +246,46 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
         zvae.train(tmp_path / "y", minutes=1, device="cpu", smoke=True, mse_weight=-1)
 
 
+def test_encoder_only_finetune_keeps_the_decoder_and_the_scale(smoke_run, tmp_path):
+    """--init + --encoder-only: the exported decoder is bit-identical to the start (a diffusion model's samples,
+    which only the decoder sees, do not change), the encoder moved, the start's scaling_factor is kept (the
+    measured one reported beside it), the card says so, and misuse is refused."""
+    from safetensors.torch import load_file
+
+    start = zvae.export(smoke_run[0], tmp_path / "start")
+    start_scale = json.loads((start / "config.json").read_text())["scaling_factor"]
+    run = tmp_path / "ft"
+    m = zvae.train(run, minutes=5, device="cpu", seed=1, smoke=True, init=start, encoder_only=True, mse_weight=1.0,
+                   batch_size=2)
+    assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps
+    state = training.load_checkpoint(run)
+    assert state["hparams"]["encoder_only"] is True and state["hparams"]["decoder_only"] is False
+    assert state["hparams"]["batch_size"] == 2 and m["images_seen"] == 2 * zvae.SMOKE_HPARAMS.fixed_steps
+    assert m["scaling_factor"] == start_scale and m["scaling_factor_measured"] != start_scale
+    done = zvae.export(run, tmp_path / "done")
+    assert json.loads((done / "config.json").read_text())["scaling_factor"] == pytest.approx(start_scale)
+    a, b = load_file(str(start / zvae.WEIGHTS_FILE)), load_file(str(done / zvae.WEIGHTS_FILE))
+    frozen = [k for k in a if k.startswith(("decoder.", "post_quant_conv."))]
+    tuned = [k for k in a if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and tuned and len(frozen) + len(tuned) == len(a)
+    assert all(torch.equal(a[k], b[k]) for k in frozen)
+    assert sum(not torch.equal(a[k], b[k]) for k in tuned) > len(tuned) // 2
+    card = (done / training.CARD).read_text()
+    assert "decoder frozen: the encoder fine-tuned" in card
+    assert f"--init {start} --encoder-only --mse-weight 1 --batch-size 2 --export" in card
+    assert "scaling_factor_measured" in card and "kept for the diffusion model" in card
+
+    with pytest.raises(ValueError, match="encoder_only needs init"):
+        zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, encoder_only=True)
+    with pytest.raises(ValueError, match="decoder_only and encoder_only exclude each other"):
+        zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, init=start, encoder_only=True,
+                   decoder_only=True)
+    with pytest.raises(ValueError, match=r"batch_size=0 is not allowed; use an integer in \[1, 1024\]"):
+        zvae.train(tmp_path / "y", minutes=1, device="cpu", smoke=True, batch_size=0)
+    with pytest.raises(ValueError, match="new run only"):
+        zvae.train(run, minutes=1, device="cpu", smoke=True, batch_size=4)
+
+
 def test_mse_term_adds_its_weight_times_the_squared_error():
     torch.manual_seed(0)
     vae = zvae.build_vae(zvae.SMOKE_CONFIG)
@@ -262,6 +302,10 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
     (["faces-clip", "--init", "zoo:faces-clip"], "--init is not supported for faces-clip"),
     (["faces-clip", "--compile", "default"], "--compile is for faces-vae, faces-sd, faces-stylegan2"),
     (["faces-sd", "--mse-weight", "1"], "--mse-weight is for faces-vae"),
+    (["faces-vae", "--encoder-only"], "--encoder-only is for faces-vae with --init"),
+    (["faces-vae", "--init", "zoo:faces-vae", "--encoder-only", "--decoder-only"],
+     "--encoder-only and --decoder-only exclude each other"),
+    (["faces-sd", "--batch-size", "4"], "--batch-size is for faces-vae"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
     from dragrt.zoo import train as zoo_train
