@@ -9,7 +9,10 @@
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile; not measured yet on a GPU).
-# DRAGRT_VAE_MSE=W gives the decoder fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
+# DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
+# DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
+# through, stays bit for bit; worth it while bench/tools/vae_decoder_bound.py finds the decoder far better on
+# optimised latents than on the encoder's). Default: decoder.
 # OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights, then run
 # `python -m dragrt.zoo.registry`, which stores zoo:faces-vae once, as faces-sd's vae/, when identical), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
@@ -19,6 +22,11 @@ set -uo pipefail
 out=${1:?usage: bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]}
 vae_minutes=${2:-3.5}
 end_s=${3:-540}
+case "${DRAGRT_VAE_PART:-decoder}" in
+  decoder) part=--decoder-only ;;
+  encoder) part=--encoder-only ;;
+  *) echo "DRAGRT_VAE_PART=${DRAGRT_VAE_PART} is not allowed; use decoder or encoder" >&2; exit 2 ;;
+esac
 t0=$(date +%s)
 el() { echo $(( $(date +%s) - t0 )); }
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -38,9 +46,9 @@ mse=()
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 
-echo "faces-vae (decoder) from $(el) s"
+echo "faces-vae ($part) from $(el) s"
 DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae --decoder-only "${compile[@]}" "${mse[@]}" --export >"$logs/faces-vae.log" 2>&1
+  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${mse[@]}" --export >"$logs/faces-vae.log" 2>&1
 echo "faces-vae exit $? at $(el) s"
 (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
 

@@ -637,9 +637,9 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     card = dest.parent / training.CARD
     if card.is_file():
         line = (f"- vae/ replaced on {time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder "
-                f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and the sample metrics "
-                "above are unchanged; its encoder differs: round trips of images, what inversion-based edits start "
-                f"from, are those on {vae}'s card\n")
+                f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and their metrics above "
+                "are unchanged; its encoder differs: the round trips of images (what inversion-based edits start "
+                f"from; the round-trip ceilings above were measured before) are those on {vae}'s card\n")
         text = card.read_text()
         at = text.find("\n## Files")
         card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
