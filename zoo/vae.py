@@ -107,8 +107,8 @@ class VAEHParams:
             samples are decoded by stays bit for bit (its samples do not change) while the round trips of real
             images -- what inversion-based edits start from -- improve; the export keeps the starting
             ``scaling_factor``, so the diffusion model's latents keep their scale. Needs ``init``. Chosen when the
-            decoder reconstructs far better from optimised latents than from the encoder's (see the faces-vae
-            card: 28.9 dB against 26.2 on 4 held-out faces, 2026-12-04).
+            decoder reconstructs far better from optimised latents than from the encoder's
+            (``bench/tools/vae_decoder_bound.py``; 2026-12-04: 28.9 dB against 26.2 on 4 held-out faces).
         init: the exported folder (or ``zoo:`` name) a new run started from; ``""``: random weights.
         init_history: what ``init`` was when the run started (:func:`dragrt.zoo.training.describe_start`).
     """
