@@ -28,6 +28,8 @@ TRAINERS: dict[str, str] = {
 INIT_TRAINERS = ("faces-vae", "faces-sd")
 #: Trainers whose steps can be compiled (``--compile MODE``).
 COMPILE_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
+#: Trainers whose new runs take another batch size (``--batch N``).
+BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 
 
 def trainer(name: str):
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                              "go through, stays the same; round trips of images improve)")
     parser.add_argument("--mse-weight", type=float, default=None, metavar="W",
                         help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
-    parser.add_argument("--batch-size", type=int, default=None, metavar="N",
-                        help="faces-vae, new runs: images per step (default 32; e.g. 4 on a CPU)")
+    parser.add_argument("--batch", type=int, default=None, metavar="N",
+                        help=f"{', '.join(BATCH_TRAINERS)}, new runs: images per step (default: the recipe's; e.g. "
+                             "4 for faces-vae on a CPU)")
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help=f"torch.compile mode for this chunk's training steps ({', '.join(COMPILE_TRAINERS)}; "
                              "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
@@ -84,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.name != "faces-vae":
             parser.error("--mse-weight is for faces-vae")
         extra["mse_weight"] = args.mse_weight
-    if args.batch_size is not None:
-        if args.name != "faces-vae":
-            parser.error("--batch-size is for faces-vae")
-        extra["batch_size"] = args.batch_size
+    if args.batch is not None:
+        if args.name not in BATCH_TRAINERS:
+            parser.error(f"--batch is for {', '.join(BATCH_TRAINERS)}")
+        if args.name == "faces-stylegan2":
+            extra["config_overrides"] = {"batch_size": args.batch}
+        else:
+            extra["batch_size"] = args.batch
     if args.compile is not None:
         if args.name not in COMPILE_TRAINERS:
             parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")

@@ -530,7 +530,7 @@ def _start_flags(hparams: Mapping[str, Any], smoke: bool) -> str:
     if hparams.get("mse_weight"):
         flags.append(f"--mse-weight {hparams['mse_weight']:g}")
     if hparams.get("batch_size", 0) != (SMOKE_HPARAMS if smoke else HPARAMS).batch_size:
-        flags.append(f"--batch-size {hparams['batch_size']}")
+        flags.append(f"--batch {hparams['batch_size']}")
     return "".join(" " + f for f in flags)
 
 

@@ -290,3 +290,16 @@ def test_cli_passes_a_new_runs_batch(tmp_path, monkeypatch) -> None:
     assert calls[0]["config_overrides"] == {"batch_size": 128} and calls[1]["config_overrides"] is None
     with pytest.raises(ValueError, match="batch_size=6 is not allowed; use a multiple of mbstd_group=4"):
         st.TrainConfig.preset(256, batch_size=6)
+
+
+def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) -> None:
+    """``python -m dragrt.zoo.train faces-stylegan2 --batch N`` reaches the run's config as the trainer's own
+    ``--batch`` does (one flag for every zoo trainer that takes a batch)."""
+    from dragrt.zoo import train as zoo_train
+
+    calls = []
+    monkeypatch.setattr(st, "train", lambda run_dir, **kw: calls.append(kw) or {"steps": 0})
+    assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--device", "cpu", "--batch", "128"]) == 0
+    assert calls[0]["config_overrides"] == {"batch_size": 128}
+    assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--device", "cpu"]) == 0
+    assert "config_overrides" not in calls[1]

@@ -272,7 +272,7 @@ def test_encoder_only_finetune_keeps_the_decoder_and_the_scale(smoke_run, tmp_pa
     assert sum(not torch.equal(a[k], b[k]) for k in tuned) > len(tuned) // 2
     card = (done / training.CARD).read_text()
     assert "decoder frozen: the encoder fine-tuned" in card
-    assert f"--init {start} --encoder-only --mse-weight 1 --batch-size 2 --export" in card
+    assert f"--init {start} --encoder-only --mse-weight 1 --batch 2 --export" in card
     assert "scaling_factor_measured" in card and "kept for the diffusion model" in card
 
     with pytest.raises(ValueError, match="encoder_only needs init"):
@@ -305,7 +305,7 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
     (["faces-vae", "--encoder-only"], "--encoder-only is for faces-vae with --init"),
     (["faces-vae", "--init", "zoo:faces-vae", "--encoder-only", "--decoder-only"],
      "--encoder-only and --decoder-only exclude each other"),
-    (["faces-sd", "--batch-size", "4"], "--batch-size is for faces-vae"),
+    (["faces-sd", "--batch", "4"], "--batch is for faces-vae, faces-stylegan2"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
     from dragrt.zoo import train as zoo_train
