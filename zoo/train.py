@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")
         extra["compile_mode"] = args.compile
     if not args.no_train:
-        metrics = module.train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
-                               smoke=args.smoke, **extra)
+        try:
+            metrics = module.train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
+                                   smoke=args.smoke, **extra)
+        except (ValueError, FileNotFoundError) as exc:  # a setting or a path the trainer refused: say which
+            parser.error(str(exc))
         print(json.dumps(metrics, indent=2, sort_keys=True))
     if args.export is not None:
         from dragrt.zoo import registry

@@ -306,6 +306,7 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
     (["faces-vae", "--init", "zoo:faces-vae", "--encoder-only", "--decoder-only"],
      "--encoder-only and --decoder-only exclude each other"),
     (["faces-sd", "--batch", "4"], "--batch is for faces-vae, faces-stylegan2"),
+    (["faces-vae", "--batch", "0"], "batch_size=0 is not allowed; use an integer in [1, 1024]"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
     from dragrt.zoo import train as zoo_train
