@@ -589,7 +589,7 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
 
 
 #: What decides how a pipeline's latents become images: the parts of its autoencoder :func:`adopt_vae` keeps.
-DECODING_PARTS = ("decoder.", "post_quant_conv.")
+DECODING_PARTS = zvae.HALF_PREFIXES["decoder"]
 
 
 def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME) -> bool:

@@ -494,6 +494,12 @@ def write_round_trip_grid(vae: AutoencoderKL, path: str | os.PathLike, n: int = 
     return path
 
 
+#: The state-dict key prefixes of each half of an ``AutoencoderKL`` (what ``--decoder-only`` / ``--encoder-only``
+#: keep frozen).
+HALF_PREFIXES: dict[str, tuple[str, ...]] = {"encoder": ("encoder.", "quant_conv."),
+                                             "decoder": ("decoder.", "post_quant_conv.")}
+
+
 def frozen_half(hp: VAEHParams) -> str | None:
     """Which half of the autoencoder a run keeps frozen: ``"encoder"`` (``decoder_only``), ``"decoder"``
     (``encoder_only``) or ``None`` (every weight trains)."""
