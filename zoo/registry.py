@@ -190,6 +190,12 @@ def share_identical(weights_dir: Path | None = None) -> list[str]:
     return done
 
 
+def share_identical_report(weights_dir: Path | None = None) -> list[str]:
+    """:func:`share_identical`, as one line per model it turned into an alias (for the commands that export)."""
+    return [f"zoo:{name} is identical to zoo:{SHARED[name]}: stored once, as an alias"
+            for name in share_identical(weights_dir)]
+
+
 def unshare(folder: Path) -> None:
     """Drop ``folder``'s alias (an export is about to write the model's own files there)."""
     (Path(folder) / ALIAS_FILE).unlink(missing_ok=True)

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         registry.unshare(dest)  # the model's own files go here now
         print(module.export(args.run_dir, dest))
         if args.export is True:
-            for name in registry.share_identical():
-                print(f"zoo:{name} is identical to zoo:{registry.SHARED[name]}: stored once, as an alias")
+            for line in registry.share_identical_report():
+                print(line)
     return 0
 
 

@@ -612,7 +612,7 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         if missing:
             raise FileNotFoundError(f"adopt_vae: {folder} lacks {', '.join(missing)}; expected an exported "
                                     "AutoencoderKL folder")
-    if src.resolve() == dest.resolve() or registry.same_files(src, dest):
+    if registry.same_files(src, dest):  # the pipeline's own folder included (zoo:faces-vae as an alias)
         return False
 
     def config(folder: Path) -> dict[str, Any]:
@@ -675,8 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         if changed and str(args.pipeline) == "zoo:" + NAME:
             from dragrt.zoo import registry
 
-            for name in registry.share_identical():
-                print(f"zoo:{name} is identical to zoo:{registry.SHARED[name]}: stored once, as an alias")
+            for line in registry.share_identical_report():
+                print(line)
         return 0
     try:
         m = evaluate_folder(args.folder, guidance_scales=args.guidance, samples=args.samples, steps=args.steps,
@@ -760,24 +760,39 @@ def heldout_caption_bins(n: int) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def _read(model: nn.Module, images: torch.Tensor, field: str, batch: int) -> torch.Tensor:
-    """``model(images).<field>`` over batches, on the CPU."""
+def _read(model: nn.Module, images: torch.Tensor, fields: Sequence[str], batch: int) -> list[torch.Tensor]:
+    """``model(images).<field>`` for each of ``fields``, from one pass over batches, on the CPU."""
     p = next(model.parameters())
-    return torch.cat([getattr(model(images[i:i + batch].to(p.device, p.dtype)), field).float().cpu()
-                      for i in range(0, len(images), batch)])
+    parts: list[list[torch.Tensor]] = [[] for _ in fields]
+    for i in range(0, len(images), batch):
+        out = model(images[i:i + batch].to(p.device, p.dtype))
+        for acc, name in zip(parts, fields):
+            acc.append(getattr(out, name).float().cpu())
+    return [torch.cat(acc) for acc in parts]
+
+
+def _accuracy(categorical: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    from dragrt.zoo import world
+
+    hits = (categorical.long() == target).float()
+    per = {name: round(hits[:, j].mean().item(), 4) for j, name in enumerate(world.CATEGORICAL)}
+    return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0])}
+
+
+def _agreement(continuous: torch.Tensor, target: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    from dragrt.zoo import world
+
+    measured = [world.caption_bins(dict(zip(world.CONTINUOUS, row.tolist()))) for row in continuous]
+    per = {name: round(float(np.mean([m[name] == t[name] for m, t in zip(measured, target)])), 4)
+           for name in world.CAPTION_BINS}
+    return {"per_attribute": per, "mean": round(float(np.mean(list(per.values()))), 4), "n": len(target)}
 
 
 def attribute_accuracy(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
                        batch: int = 64) -> dict[str, Any]:
     """Categorical accuracy of ``model`` (an attribute model: images [-1, 1] -> ``.categorical`` ``[N, M]``)
     on ``images`` against ``target`` ``[N, M]``: per attribute (``world.CATEGORICAL`` order) and the mean."""
-    from dragrt.zoo import world
-
-    if images.shape[0] != target.shape[0]:
-        raise ValueError(f"attribute_accuracy: {images.shape[0]} images but {target.shape[0]} targets")
-    hits = (_read(model, images, "categorical", batch).long() == target).float()
-    per = {name: round(hits[:, j].mean().item(), 4) for j, name in enumerate(world.CATEGORICAL)}
-    return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0])}
+    return score(model, images, target, batch=batch)[0]
 
 
 def caption_agreement(model: nn.Module, images: torch.Tensor, target: Sequence[Mapping[str, str]], *,
@@ -786,15 +801,23 @@ def caption_agreement(model: nn.Module, images: torch.Tensor, target: Sequence[M
     :func:`dragrt.zoo.world.caption_bins`) is what their captions say (``target``, from
     :func:`heldout_caption_bins`): per described continuous attribute and the mean. A caption that says nothing
     of an attribute (``""``) asks for its middle range."""
-    from dragrt.zoo import world
-
     if images.shape[0] != len(target):
         raise ValueError(f"caption_agreement: {images.shape[0]} images but {len(target)} targets")
-    values = _read(model, images, "continuous", batch)
-    measured = [world.caption_bins(dict(zip(world.CONTINUOUS, row.tolist()))) for row in values]
-    per = {name: round(float(np.mean([m[name] == t[name] for m, t in zip(measured, target)])), 4)
-           for name in world.CAPTION_BINS}
-    return {"per_attribute": per, "mean": round(float(np.mean(list(per.values()))), 4), "n": len(target)}
+    return _agreement(_read(model, images, ("continuous",), batch)[0], target)
+
+
+def score(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
+          bins: Sequence[Mapping[str, str]] | None = None, *, batch: int = 64) -> tuple[dict, dict | None]:
+    """:func:`attribute_accuracy` and, with caption ``bins`` (an attribute reader's ``model``),
+    :func:`caption_agreement` of ``images``, from one pass of ``model`` over them (``None`` without ``bins``)."""
+    if images.shape[0] != target.shape[0]:
+        raise ValueError(f"attribute_accuracy: {images.shape[0]} images but {target.shape[0]} targets")
+    if bins is not None and images.shape[0] != len(bins):
+        raise ValueError(f"caption_agreement: {images.shape[0]} images but {len(bins)} targets")
+    if bins is None:
+        return _accuracy(_read(model, images, ("categorical",), batch)[0], target), None
+    categorical, continuous = _read(model, images, ("categorical", "continuous"), batch)
+    return _accuracy(categorical, target), _agreement(continuous, bins)
 
 
 def _load_attribute_model(path: str | os.PathLike | None, device: torch.device) -> tuple[nn.Module | None, str]:
@@ -838,9 +861,7 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
         if g == hp.main_guidance and grid_path is not None:
             save_grid(images[:hp.grid_samples], grid_path, captions[:hp.grid_samples])
         if model is not None:
-            by_scale[str(g)] = attribute_accuracy(model, images, target)
-        if bins is not None:
-            agree_by_scale[str(g)] = caption_agreement(model, images, bins)
+            by_scale[str(g)], agree_by_scale[str(g)] = score(model, images, target, bins)
     if model is None:
         out["attribute_accuracy"] = None
         out["attribute_note"] = f"attribute accuracy skipped: {note}"
@@ -852,9 +873,10 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
     # The ceiling: the classifier on the renders of the same captions, and on their VAE round trips.
     renders_u8 = zvae.heldout_images(hp.eval_samples, size)
     renders = renders_u8.float() / 127.5 - 1
-    out["classifier_on_renders"] = attribute_accuracy(model, renders, target)["mean"]
-    recon = zvae.round_trips(frozen.vae, renders_u8)
-    out["classifier_on_vae_round_trips"] = attribute_accuracy(model, recon, target)["mean"]
+    on_renders = score(model, renders, target, bins)
+    on_round_trips = score(model, zvae.round_trips(frozen.vae, renders_u8), target, bins)
+    out["classifier_on_renders"] = on_renders[0]["mean"]
+    out["classifier_on_vae_round_trips"] = on_round_trips[0]["mean"]
     if bins is None:
         out["caption_agreement"] = None
         out["caption_agreement_note"] = ("the continuous attributes captions describe need the attribute reader "
@@ -863,8 +885,8 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
     agree = agree_by_scale[str(hp.main_guidance)]
     out.update(caption_agreement=agree["mean"], caption_agreement_per_attribute=agree["per_attribute"],
                caption_agreement_by_guidance={k: v["mean"] for k, v in agree_by_scale.items()},
-               caption_agreement_on_renders=caption_agreement(model, renders, bins)["mean"],
-               caption_agreement_on_vae_round_trips=caption_agreement(model, recon, bins)["mean"])
+               caption_agreement_on_renders=on_renders[1]["mean"],
+               caption_agreement_on_vae_round_trips=on_round_trips[1]["mean"])
     return out
 
 

@@ -324,8 +324,9 @@ def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: in
     bins = zunet.heldout_caption_bins(len(images_u8))
     out = {}
     for name, images in (("renders", renders), ("round_trips", recon)):
-        out[f"categorical_accuracy_{name}"] = zunet.attribute_accuracy(reader, images, cats)["mean"]
-        out[f"caption_agreement_{name}"] = zunet.caption_agreement(reader, images, bins)["mean"]
+        accuracy, agreement = zunet.score(reader, images, cats, bins)
+        out[f"categorical_accuracy_{name}"] = accuracy["mean"]
+        out[f"caption_agreement_{name}"] = agreement["mean"]
     return out
 
 

@@ -64,9 +64,9 @@ def main() -> None:
     if args.vae is not None:
         components.vae = zvae.load_vae(args.vae)
     size = 8 * int(components.unet.config.sample_size)
-    seeds = world.held_out_seeds(args.images, args.start)
-    images = zvae.heldout_images(args.images, size, start=args.start)
-    captions = [world.render_seed(s, size).caption for s in seeds]
+    faces = world.render_batch(world.held_out_seeds(args.images, args.start), size)
+    images = torch.from_numpy(faces["images"]).permute(0, 3, 1, 2).contiguous()
+    captions = faces["captions"]
     print(json.dumps({"pipeline": args.pipeline, "vae": args.vae or f"{args.pipeline}/vae", "images": args.images,
                       "start": args.start, **measure(components, images, captions)}))
 

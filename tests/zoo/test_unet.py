@@ -249,6 +249,42 @@ def test_caption_agreement_bins_the_readings_as_the_captions_do():
         zunet.caption_agreement(_Fixed("continuous", truth), torch.zeros(n - 1, 3, 8, 8), bins)
 
 
+class _Both(nn.Module):
+    """An attribute reader answering fixed ``categorical`` and ``continuous`` rows; counts the images it reads."""
+
+    def __init__(self, categorical: torch.Tensor, continuous: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.cat, self.cont, self.seen = categorical, continuous, 0
+
+    def forward(self, images):
+        rows = slice(self.seen, self.seen + len(images))
+        self.seen += len(images)
+        return SimpleNamespace(categorical=self.cat[rows], continuous=self.cont[rows])
+
+
+def test_score_gives_both_measures_from_one_pass():
+    """``score``: the same numbers as attribute_accuracy and caption_agreement, reading each image once."""
+    from dragrt.zoo import world
+
+    n = 5
+    params = [world.sample_params(s) for s in world.held_out_seeds(n)]
+    cont = torch.tensor([[p.attributes()[c] for c in world.CONTINUOUS] for p in params])
+    cont[1, world.CONTINUOUS_INDEX["smile"]] = 0.99
+    target = torch.zeros(n, len(world.CATEGORICAL), dtype=torch.long)
+    cat = target.clone()
+    cat[0, 2] = 1
+    bins, images = zunet.heldout_caption_bins(n), torch.zeros(n, 3, 8, 8)
+    model = _Both(cat, cont)
+    acc, agree = zunet.score(model, images, target, bins, batch=2)
+    assert model.seen == n
+    assert acc == zunet.attribute_accuracy(_Fixed("categorical", cat), images, target)
+    assert agree == zunet.caption_agreement(_Fixed("continuous", cont), images, bins)
+    assert zunet.score(_Both(cat, cont), images, target)[1] is None
+    with pytest.raises(ValueError, match="caption_agreement: 5 images but 4 targets"):
+        zunet.score(model, images, target, bins[:4])
+
+
 def test_heldout_captions_match_the_renderer():
     from dragrt.zoo import world
 
