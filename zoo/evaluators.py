@@ -394,6 +394,9 @@ def load_landmark_model(path_or_zoo: str | os.PathLike = "zoo:faces-landmarks", 
     return load_model(path_or_zoo, "landmarks", device, dtype)
 
 
+DETAILS_MODEL = "zoo:faces-attribute-details"
+
+
 def load_attribute_model(path_or_zoo: str | os.PathLike = "zoo:faces-attributes",
                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, *,
                          details: str | os.PathLike | bool = "auto") -> AttributeNet | AttributeReader:
@@ -410,9 +413,6 @@ def load_attribute_model(path_or_zoo: str | os.PathLike = "zoo:faces-attributes"
         details = DETAILS_MODEL
     return AttributeReader(model, load_landmark_model(device=device, dtype=dtype),
                            load_model(details, "attribute-details", device, dtype)).eval()
-
-
-DETAILS_MODEL = "zoo:faces-attribute-details"
 
 
 def reader_installed() -> bool:
