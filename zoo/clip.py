@@ -711,6 +711,7 @@ def _save(run_dir: Path, recipe: Recipe, seed: int, vocabulary: list[str], progr
     })
 
 
+@training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write ``run_dir``'s model as a transformers folder into ``dest``: ``config.json``, fp16
     ``model.safetensors``, the tokenizer files, ``preprocessor_config.json`` and ``MODEL_CARD.md``."""

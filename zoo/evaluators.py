@@ -782,6 +782,7 @@ def fit(run_dir: str | os.PathLike, *, kind: str, cfg: FitConfig, loss_fn: LossF
     return metrics
 
 
+@training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, kind: str, name: str, summary: str,
            headline: Callable[[Mapping], Mapping], train_args: str = "--minutes 9") -> Path:
     """Write ``dest/model.safetensors`` (fp16), ``dest/config.json`` and the model card from a run

@@ -1043,6 +1043,7 @@ def shipped_state_dict(gen: Generator) -> dict[str, Tensor]:
     return out
 
 
+@training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the EMA generator of ``run_dir`` to ``dest``: ``generator.safetensors`` (fp16) +
     ``generator.json`` (the record :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads,

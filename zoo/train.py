@@ -109,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         from dragrt.zoo import registry
 
         dest = registry.WEIGHTS_DIR / args.name if args.export is True else args.export
-        registry.unshare(dest)  # the model's own files go here now
-        print(module.export(args.run_dir, dest))
+        try:
+            written = module.export(args.run_dir, dest)  # staged: a failed export leaves dest as it was
+        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+            parser.error(str(exc))
+        registry.unshare(dest)  # the model's own files are there now
+        print(written)
         if args.export is True:
             for line in registry.share_identical_report():
                 print(line)

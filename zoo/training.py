@@ -14,12 +14,15 @@ GPU runs come in chunks of at most 10 minutes, so the budget check runs every st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
+import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +92,37 @@ def fp16_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
         v = v.detach().to("cpu")
         out[k] = (v.half() if v.is_floating_point() else v).contiguous()
     return out
+
+
+def staged_export(export: Callable[..., Path]) -> Callable[..., Path]:
+    """Make a trainer's ``export(run_dir, dest, **options)`` write ``dest`` only once it has succeeded.
+
+    The wrapped export writes into a fresh folder beside ``dest``; then every file it wrote is moved to the same
+    place under ``dest`` by ``os.replace``. So an export that fails (a missing checkpoint, weights over the
+    budget) leaves ``dest`` as it was, and a process that holds the old weights memory-mapped (safetensors'
+    ``load_file`` maps the file; a running demo) keeps reading them intact: a rename never rewrites the old
+    file's bytes, as writing in place would. Files of ``dest`` the export does not write stay. Returns the path
+    the export returned, moved under ``dest``."""
+
+    @functools.wraps(export)
+    def wrapper(run_dir: str | os.PathLike, dest: str | os.PathLike, **options: Any) -> Path:
+        dest = Path(dest)
+        if dest.exists() and not dest.is_dir():
+            raise NotADirectoryError(f"export: dest={str(dest)!r} is a file; give a folder to write the model into")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
+        try:
+            written = Path(export(run_dir, stage, **options))
+            for src in sorted(stage.rglob("*")):
+                if src.is_file():
+                    target = dest / src.relative_to(stage)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, target)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return dest / written.relative_to(stage)
+
+    return wrapper
 
 
 def git_commit(default: str = "unknown") -> str:

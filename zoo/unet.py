@@ -912,6 +912,7 @@ def save_grid(images: torch.Tensor, path: Path, captions: Sequence[str] | None =
 # --------------------------------------------------------------------------------------------------
 
 
+@training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write a diffusers ``StableDiffusionPipeline`` folder (fp16 safetensors) with the EMA UNet, the frozen
     VAE, text tower and tokenizer training used, and DragDiffusion's DDIM scheduler; returns ``dest``."""

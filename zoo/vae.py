@@ -541,6 +541,7 @@ def _start_flags(hparams: Mapping[str, Any], smoke: bool) -> str:
     return "".join(" " + f for f in flags)
 
 
+@training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the EMA weights of ``run_dir`` as a diffusers ``AutoencoderKL`` folder in fp16 (with the measured
     ``scaling_factor``; an ``encoder_only`` run keeps its start's) and a model card into ``dest``; returns

@@ -122,3 +122,22 @@ def test_exports_into_the_package_keep_shared_parts_stored_once(weights, monkeyp
     assert train.main(["faces-sd", "--run-dir", "r", "--no-train", "--export"]) == 0
     assert registry.resolve("zoo:faces-vae") == weights / "faces-sd" / "vae"  # identical now: stored once
     assert not (weights / "faces-vae" / "w.safetensors").exists()
+
+
+def test_a_failed_export_into_the_package_keeps_the_model_resolvable(weights, monkeypatch, capsys):
+    """An export that fails (here: over the budget) leaves the alias, so zoo:NAME still resolves, and says why."""
+    from dragrt.zoo import train, training
+
+    @training.staged_export
+    def export(run_dir, dest):
+        _folder(dest, {"w.safetensors": "too big"})
+        raise ValueError("export: faces-vae weights are 9 bytes, over the 8-byte budget")
+
+    monkeypatch.setattr(train, "trainer", lambda name: type("T", (), {"export": staticmethod(export)}))
+    _folder(weights / "faces-sd" / "vae", {"config.json": '{"a": 1}', "w.safetensors": "decoder"})
+    _folder(weights / "faces-vae", {registry.ALIAS_FILE: '{"target": "faces-sd/vae"}', "MODEL_CARD.md": "old"})
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["faces-vae", "--run-dir", "r", "--no-train", "--export"])
+    assert exit_.value.code == 2 and "over the 8-byte budget" in capsys.readouterr().err
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-sd" / "vae"
+    assert sorted(p.name for p in (weights / "faces-vae").iterdir()) == ["MODEL_CARD.md", registry.ALIAS_FILE]

@@ -115,6 +115,23 @@ def test_export_round_trip(smoke_run, tmp_path):
         zvae.export(tmp_path / "empty", tmp_path / "x")
 
 
+def test_export_over_an_older_one_replaces_files_by_rename(smoke_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run, _ = smoke_run
+    dest = tmp_path / "faces-vae"
+    dest.mkdir()
+    (dest / "zoo_alias.json").write_text("{}")  # a file the export does not write stays
+    old = {"w": torch.arange(6, dtype=torch.float16)}
+    save_file(old, str(dest / zvae.WEIGHTS_FILE))
+    mapped = load_file(str(dest / zvae.WEIGHTS_FILE))  # maps the file, as a running demo would hold it
+    assert zvae.export(run, dest) == dest
+    assert torch.equal(mapped["w"], old["w"])  # the old bytes were not rewritten under the mapping
+    assert "w" not in load_file(str(dest / zvae.WEIGHTS_FILE))
+    assert (dest / "zoo_alias.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces-vae"]  # no staging folder left
+
+
 def test_load_vae_names_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         zvae.load_vae(tmp_path / "nope")
