@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                              "go through, stays the same; round trips of images improve)")
     parser.add_argument("--mse-weight", type=float, default=None, metavar="W",
                         help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
+    parser.add_argument("--lr", type=float, default=None, metavar="LR",
+                        help="faces-vae, new runs: peak learning rate (default: the recipe's, 3e-4 with --init)")
     parser.add_argument("--batch", type=int, default=None, metavar="N",
                         help=f"{', '.join(BATCH_TRAINERS)}, new runs: images per step (default: the recipe's; e.g. "
                              "4 for faces-vae on a CPU)")
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.name != "faces-vae":
             parser.error("--mse-weight is for faces-vae")
         extra["mse_weight"] = args.mse_weight
+    if args.lr is not None:
+        if args.name != "faces-vae":
+            parser.error("--lr is for faces-vae")
+        extra["lr"] = args.lr
     if args.batch is not None:
         if args.name not in BATCH_TRAINERS:
             parser.error(f"--batch is for {', '.join(BATCH_TRAINERS)}")

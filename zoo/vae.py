@@ -338,14 +338,15 @@ def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: in
 def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cuda", seed: int = 0,
           smoke: bool = False, init: str | os.PathLike | None = None, decoder_only: bool = False,
           encoder_only: bool = False, mse_weight: float | None = None, batch_size: int | None = None,
-          compile_mode: str | None = None) -> dict[str, Any]:
+          lr: float | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     """Train (or resume) faces-vae in ``run_dir`` for at most ``minutes`` of wall time; returns the metrics.
 
     The chunk stops at ``minutes`` minus the evaluation reserve, or when the planned schedule is done,
     then saves ``checkpoint.pt``, evaluates the EMA weights on held-out renders and writes ``metrics.json``.
     ``init`` (an exported folder or ``zoo:faces-vae``) starts a new run from those weights (with
     :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder, ``encoder_only`` the decoder,
-    ``mse_weight`` sets the new run's MSE term and ``batch_size`` its batch (see :class:`VAEHParams`). A resumed
+    ``mse_weight`` sets the new run's MSE term, ``batch_size`` its batch and ``lr`` its peak learning rate (see
+    :class:`VAEHParams`). A resumed
     run keeps what its checkpoint says; passing any of them for it is an error. ``compile_mode``
     (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards for this chunk.
     """
@@ -367,11 +368,15 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         raise ValueError(f"batch_size={batch_size!r} is not allowed; use an integer in [1, 1024]")
     if mse_weight is not None and not (isinstance(mse_weight, (int, float)) and 0 <= mse_weight < 1e3):
         raise ValueError(f"mse_weight={mse_weight!r} is not allowed; use a number in [0, 1000)")
+    if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr <= 1e-2):
+        raise ValueError(f"lr={lr!r} is not allowed; use a number in (0, 0.01]")
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        given = init is not None or decoder_only or encoder_only or mse_weight is not None or batch_size is not None
-        training.refuse_init_on_resume(run_dir, given, "init, decoder_only, encoder_only, mse_weight and batch_size")
+        given = (init is not None or decoder_only or encoder_only or mse_weight is not None or batch_size is not None
+                 or lr is not None)
+        training.refuse_init_on_resume(run_dir, given,
+                                       "init, decoder_only, encoder_only, mse_weight, batch_size and lr")
         hp = VAEHParams(**state["hparams"])
         config = dict(state["config"])
         seed = int(state["seed"])
@@ -385,6 +390,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
             hp = dataclasses.replace(hp, mse_weight=float(mse_weight))
         if batch_size is not None:
             hp = dataclasses.replace(hp, batch_size=batch_size)
+        if lr is not None:
+            hp = dataclasses.replace(hp, lr=float(lr))
 
     torch.manual_seed(seed)
     if state is None and init is not None:
@@ -536,8 +543,12 @@ def _start_flags(hparams: Mapping[str, Any], smoke: bool) -> str:
              if hparams.get(key)]
     if hparams.get("mse_weight"):
         flags.append(f"--mse-weight {hparams['mse_weight']:g}")
-    if hparams.get("batch_size", 0) != (SMOKE_HPARAMS if smoke else HPARAMS).batch_size:
+    recipe = SMOKE_HPARAMS if smoke else HPARAMS
+    if hparams.get("batch_size", 0) != recipe.batch_size:
         flags.append(f"--batch {hparams['batch_size']}")
+    recipe_lr = FINETUNE_CHANGES["lr"] if hparams.get("init") and not smoke else recipe.lr
+    if hparams.get("lr", recipe_lr) != recipe_lr:
+        flags.append(f"--lr {hparams['lr']:g}")
     return "".join(" " + f for f in flags)
 
 

@@ -278,18 +278,19 @@ def test_encoder_only_finetune_keeps_the_decoder_and_the_scale(smoke_run, tmp_pa
     start_scale = json.loads((start / "config.json").read_text())["scaling_factor"]
     run = tmp_path / "ft"
     m = zvae.train(run, minutes=5, device="cpu", seed=1, smoke=True, init=start, encoder_only=True, mse_weight=1.0,
-                   batch_size=2)
+                   batch_size=2, lr=1e-4)
     assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps
     state = training.load_checkpoint(run)
     assert state["hparams"]["encoder_only"] is True and state["hparams"]["decoder_only"] is False
     assert state["hparams"]["batch_size"] == 2 and m["images_seen"] == 2 * zvae.SMOKE_HPARAMS.fixed_steps
+    assert state["hparams"]["lr"] == 1e-4
     assert m["scaling_factor"] == start_scale and m["scaling_factor_measured"] != start_scale
     done = zvae.export(run, tmp_path / "done")
     assert json.loads((done / "config.json").read_text())["scaling_factor"] == pytest.approx(start_scale)
     _assert_only_this_half_moved(start, done, frozen="decoder")
     card = (done / training.CARD).read_text()
     assert "decoder frozen: the encoder fine-tuned" in card
-    assert f"--init {start} --encoder-only --mse-weight 1 --batch 2 --export" in card
+    assert f"--init {start} --encoder-only --mse-weight 1 --batch 2 --lr 0.0001 --export" in card
     assert "scaling_factor_measured" in card and "kept for the diffusion model" in card
 
     with pytest.raises(ValueError, match="encoder_only needs init"):
@@ -301,6 +302,11 @@ def test_encoder_only_finetune_keeps_the_decoder_and_the_scale(smoke_run, tmp_pa
         zvae.train(tmp_path / "y", minutes=1, device="cpu", smoke=True, batch_size=0)
     with pytest.raises(ValueError, match="new run only"):
         zvae.train(run, minutes=1, device="cpu", smoke=True, batch_size=4)
+    for bad in (0, -1e-4, 0.5, True):
+        with pytest.raises(ValueError, match=r"lr=.* is not allowed; use a number in \(0, 0.01\]"):
+            zvae.train(tmp_path / "y", minutes=1, device="cpu", smoke=True, lr=bad)
+    with pytest.raises(ValueError, match="new run only"):
+        zvae.train(run, minutes=1, device="cpu", smoke=True, lr=1e-4)
 
 
 def test_mse_term_adds_its_weight_times_the_squared_error():
@@ -323,6 +329,8 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
     (["faces-vae", "--init", "zoo:faces-vae", "--encoder-only", "--decoder-only"],
      "--encoder-only and --decoder-only exclude each other"),
     (["faces-sd", "--batch", "4"], "--batch is for faces-vae, faces-stylegan2"),
+    (["faces-sd", "--lr", "1e-4"], "--lr is for faces-vae"),
+    (["faces-vae", "--lr", "0"], "lr=0.0 is not allowed; use a number in (0, 0.01]"),
     (["faces-vae", "--batch", "0"], "batch_size=0 is not allowed; use an integer in [1, 1024]"),
 ])
 def test_train_command_refuses_init_flags_where_they_do_not_apply(argv, message, tmp_path, capsys):
