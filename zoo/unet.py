@@ -598,8 +598,9 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     ``decoder`` and ``post_quant_conv`` weights. The pipeline's samples, and every sample metric on its card, then
     stay as they are; only its encoder changes -- the round trips of images, which inversion-based edits
     (DragDiffusion) start from. This is how an ``--encoder-only`` faces-vae fine-tune reaches faces-sd without
-    retraining its UNet. A dated line on the pipeline's card records it. Returns ``False`` when the pipeline has
-    these very files already; ``ValueError`` (saying what differs) when ``vae`` would change the samples."""
+    retraining its UNet. A dated line on the pipeline's card records it (replacing an earlier adoption's).
+    Returns ``False`` when the pipeline has these very files already; ``ValueError`` (saying what differs) when
+    ``vae`` would change the samples."""
     from safetensors.torch import load_file
 
     from dragrt.zoo import registry
@@ -640,7 +641,8 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
                 f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and their metrics above "
                 "are unchanged; its encoder differs: the round trips of images (what inversion-based edits start "
                 f"from; the round-trip ceilings above were measured before) are those on {vae}'s card\n")
-        text = card.read_text()
+        text = "".join(ln for ln in card.read_text().splitlines(keepends=True)
+                       if not ln.startswith("- vae/ replaced on "))  # the card says what vae/ is now
         at = text.find("\n## Files")
         card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
     return True

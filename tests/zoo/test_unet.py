@@ -418,6 +418,10 @@ def test_adopt_vae_takes_a_new_encoder_and_keeps_the_samples(exported, tmp_path,
     card = (pipe / training.CARD).read_text()
     assert card.index("- vae/ replaced on ") < card.index("## Files") and "bit for bit" in card
     assert zunet.adopt_vae(new_encoder, pipe) is False  # already adopted: nothing to do
+    newer_encoder = _vae_variant(exported, tmp_path / "enc2", lambda k: k.startswith("encoder.conv_in"))
+    assert zunet.adopt_vae(newer_encoder, pipe) is True
+    card = (pipe / training.CARD).read_text()
+    assert card.count("- vae/ replaced on ") == 1 and f"autoencoder of {newer_encoder}:" in card
     with pytest.raises(SystemExit):
         zunet.main(["adopt-vae", str(new_decoder), "--pipeline", str(pipe)])
     assert "decoder tensors differ" in capsys.readouterr().err
