@@ -30,6 +30,10 @@ INIT_TRAINERS = ("faces-vae", "faces-sd")
 COMPILE_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
 #: Trainers whose new runs take another batch size (``--batch N``).
 BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
+#: Options handed to the trainer as given: (argparse dest, flag, the trainers that take it, ``train`` keyword).
+PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
+                  ("lr", "--lr", ("faces-vae",), "lr"),
+                  ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"))
 
 
 def trainer(name: str):
@@ -85,14 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.decoder_only:
             parser.error("--encoder-only and --decoder-only exclude each other")
         extra["encoder_only"] = True
-    if args.mse_weight is not None:
-        if args.name != "faces-vae":
-            parser.error("--mse-weight is for faces-vae")
-        extra["mse_weight"] = args.mse_weight
-    if args.lr is not None:
-        if args.name != "faces-vae":
-            parser.error("--lr is for faces-vae")
-        extra["lr"] = args.lr
     if args.batch is not None:
         if args.name not in BATCH_TRAINERS:
             parser.error(f"--batch is for {', '.join(BATCH_TRAINERS)}")
@@ -100,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             extra["config_overrides"] = {"batch_size": args.batch}
         else:
             extra["batch_size"] = args.batch
-    if args.compile is not None:
-        if args.name not in COMPILE_TRAINERS:
-            parser.error(f"--compile is for {', '.join(COMPILE_TRAINERS)}")
-        extra["compile_mode"] = args.compile
+    for dest, flag, names, keyword in PASSED_OPTIONS:
+        value = getattr(args, dest)
+        if value is not None:
+            if args.name not in names:
+                parser.error(f"{flag} is for {', '.join(names)}")
+            extra[keyword] = value
     if not args.no_train:
         try:
             metrics = module.train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,

@@ -590,6 +590,8 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
 
 #: What decides how a pipeline's latents become images: the parts of its autoencoder :func:`adopt_vae` keeps.
 DECODING_PARTS = zvae.HALF_PREFIXES["decoder"]
+#: How the pipeline card's line about an adopted autoencoder starts (one such line: the latest adoption's).
+_ADOPTED_LINE = "- vae/ replaced on "
 
 
 def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME) -> bool:
@@ -637,12 +639,12 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         os.replace(tmp, dest / f)
     card = dest.parent / training.CARD
     if card.is_file():
-        line = (f"- vae/ replaced on {time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder "
+        line = (f"{_ADOPTED_LINE}{time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder "
                 f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and their metrics above "
                 "are unchanged; its encoder differs: the round trips of images (what inversion-based edits start "
                 f"from; the round-trip ceilings above were measured before) are those on {vae}'s card\n")
         text = "".join(ln for ln in card.read_text().splitlines(keepends=True)
-                       if not ln.startswith("- vae/ replaced on "))  # the card says what vae/ is now
+                       if not ln.startswith(_ADOPTED_LINE))  # the card says what vae/ is now
         at = text.find("\n## Files")
         card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
     return True

@@ -346,8 +346,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     ``init`` (an exported folder or ``zoo:faces-vae``) starts a new run from those weights (with
     :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder, ``encoder_only`` the decoder,
     ``mse_weight`` sets the new run's MSE term, ``batch_size`` its batch and ``lr`` its peak learning rate (see
-    :class:`VAEHParams`). A resumed
-    run keeps what its checkpoint says; passing any of them for it is an error. ``compile_mode``
+    :class:`VAEHParams`). A resumed run keeps what its checkpoint says; passing any of them for it is an error.
+    ``compile_mode``
     (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards for this chunk.
     """
     budget = training.Budget(minutes)
@@ -373,10 +373,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        given = (init is not None or decoder_only or encoder_only or mse_weight is not None or batch_size is not None
-                 or lr is not None)
-        training.refuse_init_on_resume(run_dir, given,
-                                       "init, decoder_only, encoder_only, mse_weight, batch_size and lr")
+        given = {"init": init is not None, "decoder_only": decoder_only, "encoder_only": encoder_only,
+                 "mse_weight": mse_weight is not None, "batch_size": batch_size is not None, "lr": lr is not None}
+        *first, last = given
+        training.refuse_init_on_resume(run_dir, any(given.values()), f"{', '.join(first)} and {last}")
         hp = VAEHParams(**state["hparams"])
         config = dict(state["config"])
         seed = int(state["seed"])
