@@ -27,7 +27,9 @@ evaluation). The state is two files, ``checkpoint.pt`` and ``checkpoint_d.pt``, 
 :func:`_save`), so a run directory can be copied off a device machine and carried to the next one.
 Metrics after every chunk: the Frechet distance between generated samples (truncation 1) and held-out
 renders in the attribute classifier's feature space, and the landmark regressor's mean confidence on
-samples and on renders (see :func:`evaluate`).
+samples and on renders (see :func:`evaluate`); in the log and the metrics (``last_chunk_diversity``), how much
+the fakes of a batch differ from each other against the reals (:func:`batch_spread`): mode collapse shows there
+long before the losses say anything.
 """
 
 from __future__ import annotations
@@ -389,6 +391,15 @@ def r1_penalty(discriminator: Callable[[Tensor], Tensor], reals: Tensor) -> tupl
     logits = discriminator(reals)
     (grad,) = torch.autograd.grad(logits.sum(), reals, create_graph=True)
     return grad.float().square().sum(dim=list(range(1, grad.ndim))), logits
+
+
+def batch_spread(images: Tensor) -> Tensor:
+    """How different the images of a batch are: the standard deviation over the batch, averaged over
+    channels and pixels (0 for identical images). The trainer logs the fakes' spread over the reals' as
+    ``diversity``: well below 1 is mode collapse (G ignoring its latents), which the losses alone hide."""
+    if images.ndim != 4 or images.shape[0] < 2:
+        raise ValueError(f"batch_spread: images must be [N >= 2, C, H, W]; got {list(images.shape)}")
+    return images.detach().float().std(dim=0).mean()
 
 
 def path_lengths(images: Tensor, ws: Tensor) -> Tensor:
@@ -798,7 +809,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     train_limit = max(budget.seconds - reserve, 0.0)
     batch, pl_batch = cfg.batch_size, max(1, cfg.batch_size // cfg.pl_batch_shrink)
     r1_on, pl_on = cfg.r1_gamma > 0, cfg.pl_weight > 0
-    sums = {k: torch.zeros([], device=dev) for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake")}
+    sums = {k: torch.zeros([], device=dev)
+            for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake", "spread_fake", "spread_real")}
     counts = dict.fromkeys(sums, 0)
     nonfinite = torch.zeros([], device=dev)
     start_step, start_nimg = step, nimg
@@ -845,6 +857,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         _sanitize_grads(gen)
         opt_g.step()
         accumulate("loss_G", loss_g)
+        if batch > 1:
+            accumulate("spread_fake", batch_spread(fake))
+            accumulate("spread_real", batch_spread(real))
 
         # G: lazy path length regularisation.
         if pl_on and step % cfg.pl_interval == 0:
@@ -891,9 +906,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             t_log = now
             done = (nimg - start_nimg) / 1000
             rate = (now - t_start) / max(done, 1e-9)
-            losses = " ".join(f"{k} {float(sums[k]) / max(counts[k], 1):.3f}" for k in sums if counts[k])
+            means = {k: float(sums[k]) / counts[k] for k in sums if counts[k]}
+            losses = " ".join(f"{k} {v:.3f}" for k, v in means.items() if not k.startswith("spread_"))
             _log(f"step {step} kimg {nimg / 1000:.1f} ({rate:.1f} s/kimg) {losses} "
-                 f"elapsed {budget.elapsed:.0f} s")
+                 f"diversity {_diversity(means):.3f} elapsed {budget.elapsed:.0f} s")
         if now - t_ckpt >= 180.0 and not cfg.smoke:
             t_ckpt = now
             _save(run_dir, cfg, gen, disc, g_ema, opt_g, opt_d, step, nimg, chunk, pl_mean,
@@ -931,6 +947,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         "config": cfg.to_dict(),
         **{f"last_chunk_{k}": v for k, v in summary.items()},
     }
+    if "spread_fake" in summary:
+        metrics["last_chunk_diversity"] = round(_diversity(summary), 4)
     if evaluate_metrics:
         t_eval = time.monotonic()
         try:
@@ -948,6 +966,12 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
          + ", ".join(f"{k} {metrics[k]}" for k in ("frechet_distance_attr", "landmark_conf_samples",
                                                     "landmark_conf_renders") if k in metrics))
     return metrics
+
+
+def _diversity(means: Mapping[str, float]) -> float:
+    """The fakes' batch spread over the reals' (:func:`batch_spread`; ``nan`` before any step)."""
+    fake, real = means.get("spread_fake", math.nan), means.get("spread_real", math.nan)
+    return fake / real if real > 0 else math.nan
 
 
 def _compact_adam(opt: torch.optim.Optimizer) -> dict[str, Any]:

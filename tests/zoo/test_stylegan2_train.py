@@ -38,6 +38,9 @@ def test_smoke_training_changes_weights_with_finite_losses(smoke_run: dict) -> N
     assert first["steps"] == SMOKE_STEPS and first["nonfinite_losses"] == 0
     for key in ("last_chunk_loss_G", "last_chunk_loss_D", "last_chunk_r1", "last_chunk_pl"):
         assert math.isfinite(first[key]), key
+    assert first["last_chunk_diversity"] == pytest.approx(
+        first["last_chunk_spread_fake"] / first["last_chunk_spread_real"], rel=1e-3)
+    assert 0 < first["last_chunk_diversity"] < 10
     for net, init in (("G", smoke_run["init_G"]), ("D", smoke_run["init_D"])):
         params = {k for k, v in init.items() if v.is_floating_point() and "resample_filter" not in k
                   and "noise_const" not in k and "w_avg" not in k}
@@ -88,6 +91,18 @@ def test_full_size_checkpoint_fits_the_device_transfer_limits(tmp_path: Path) ->
     ema = st.ema_state_dict(ckpt)
     for k, v in g_ema.state_dict().items():
         torch.testing.assert_close(ema[k], v, rtol=0, atol=1e-5)
+
+
+def test_batch_spread_measures_how_different_the_images_are() -> None:
+    img = torch.rand(1, 3, 8, 8)
+    assert st.batch_spread(img.repeat(6, 1, 1, 1)).item() == pytest.approx(0.0, abs=1e-7)  # collapsed
+    pair = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])  # std of (0, 1), unbiased: sqrt(1/2)
+    assert st.batch_spread(pair).item() == pytest.approx(math.sqrt(0.5))
+    gen = torch.Generator().manual_seed(0)
+    assert st.batch_spread(2.0 * torch.randn(512, 3, 8, 8, generator=gen)).item() == pytest.approx(2.0, rel=0.02)
+    assert math.isnan(st._diversity({})) and st._diversity({"spread_fake": 0.1, "spread_real": 0.4}) == 0.25
+    with pytest.raises(ValueError, match="N >= 2"):
+        st.batch_spread(img)
 
 
 def test_r1_penalty_of_a_known_function() -> None:
