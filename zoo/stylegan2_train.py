@@ -812,6 +812,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     sums = {k: torch.zeros([], device=dev)
             for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake", "spread_fake", "spread_real")}
     counts = dict.fromkeys(sums, 0)
+    logged = {k: (0.0, 0) for k in sums}  # (sum, count) at the last log line: each line averages its own window
     nonfinite = torch.zeros([], device=dev)
     start_step, start_nimg = step, nimg
     t_start = time.monotonic()
@@ -906,7 +907,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             t_log = now
             done = (nimg - start_nimg) / 1000
             rate = (now - t_start) / max(done, 1e-9)
-            means = {k: float(sums[k]) / counts[k] for k in sums if counts[k]}
+            window = {k: (float(sums[k]) - logged[k][0], counts[k] - logged[k][1]) for k in sums}
+            logged = {k: (float(sums[k]), counts[k]) for k in sums}
+            means = {k: total / n for k, (total, n) in window.items() if n}
             losses = " ".join(f"{k} {v:.3f}" for k, v in means.items() if not k.startswith("spread_"))
             _log(f"step {step} kimg {nimg / 1000:.1f} ({rate:.1f} s/kimg) {losses} "
                  f"diversity {_diversity(means):.3f} elapsed {budget.elapsed:.0f} s")
