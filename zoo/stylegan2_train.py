@@ -1157,8 +1157,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"new runs only (default {DEFAULT_RESOLUTION})")
     parser.add_argument("--batch", type=int, default=None, metavar="N",
                         help="images per step for a new run (default: the preset's, 32 at 256 px, 64 at 128 px); "
-                             "eager steps are bound by Python dispatch, not by the batch, so a larger batch trains "
-                             "more images a second; a multiple of 4 (the minibatch-std group)")
+                             "a multiple of 4 (the minibatch-std group). A larger batch trains more images a second "
+                             "(eager steps are bound by Python dispatch) but the GAN learns per step: batch 128 "
+                             "learned far less than 16 from the same number of images (CONTRIBUTING.md)")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                         help=f"torch.compile G's synthesis and D in the main steps ({', '.join(COMPILE_MODES)})")
     parser.add_argument("--no-train", action="store_true", help="only evaluate/export an existing run")
