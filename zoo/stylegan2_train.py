@@ -907,9 +907,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             t_log = now
             done = (nimg - start_nimg) / 1000
             rate = (now - t_start) / max(done, 1e-9)
-            window = {k: (float(sums[k]) - logged[k][0], counts[k] - logged[k][1]) for k in sums}
-            logged = {k: (float(sums[k]), counts[k]) for k in sums}
-            means = {k: total / n for k, (total, n) in window.items() if n}
+            totals = {k: (float(v), counts[k]) for k, v in sums.items()}  # one device read per accumulator
+            means = {k: (t - logged[k][0]) / (n - logged[k][1]) for k, (t, n) in totals.items() if n > logged[k][1]}
+            logged = totals
             losses = " ".join(f"{k} {v:.3f}" for k, v in means.items() if not k.startswith("spread_"))
             _log(f"step {step} kimg {nimg / 1000:.1f} ({rate:.1f} s/kimg) {losses} "
                  f"diversity {_diversity(means):.3f} elapsed {budget.elapsed:.0f} s")

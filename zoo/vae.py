@@ -347,8 +347,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     :data:`FINETUNE_CHANGES`); ``decoder_only`` then freezes the encoder, ``encoder_only`` the decoder,
     ``mse_weight`` sets the new run's MSE term, ``batch_size`` its batch and ``lr`` its peak learning rate (see
     :class:`VAEHParams`). A resumed run keeps what its checkpoint says; passing any of them for it is an error.
-    ``compile_mode``
-    (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards for this chunk.
+    ``compile_mode`` (:data:`dragrt.zoo.training.COMPILE_MODES`) compiles the encoder's and decoder's forwards
+    for this chunk.
     """
     budget = training.Budget(minutes)
     training.check_compile_mode(compile_mode)
