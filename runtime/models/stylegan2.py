@@ -167,18 +167,16 @@ def upfirdn2d(
     # 2. Pad, then crop where the padding is negative.
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
-    # 3. Filter (conv2d is a correlation, so flip for a true convolution).
+    # 3. Filter (conv2d is a correlation, so flip for a true convolution) and 4. decimate, in one strided
+    # convolution: the outputs that keeping every down-th one would throw away are never computed.
     f = (f * (gain ** (f.ndim / 2))).to(x.dtype)
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
     f = f[None, None].repeat([channels, 1] + [1] * f.ndim)
     if f.ndim == 4:
-        x = F.conv2d(x, f, groups=channels)
-    else:
-        x = F.conv2d(x, f.unsqueeze(2), groups=channels)
-        x = F.conv2d(x, f.unsqueeze(3), groups=channels)
-    # 4. Decimation.
-    return x[:, :, ::downy, ::downx]
+        return F.conv2d(x, f, groups=channels, stride=(downy, downx))
+    x = F.conv2d(x, f.unsqueeze(2), groups=channels, stride=(1, downx))
+    return F.conv2d(x, f.unsqueeze(3), groups=channels, stride=(downy, 1))
 
 
 def upsample2d(x: Tensor, f: Tensor, up: int = 2) -> Tensor:

@@ -168,6 +168,20 @@ def test_upfirdn2d_matches_its_definition(up: int, down: int, pad: tuple[int, in
         np.testing.assert_allclose(got[0, c].numpy(), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("down", [[2, 3], [3, 1], [2, 2]])
+def test_separable_upfirdn2d_decimates_each_axis_by_its_own_factor(down: list[int]) -> None:
+    """A ``[taps]`` filter is two 1-D passes, each strided by its axis' factor (``down = [x, y]``): the same
+    image as the 2-D outer-product filter, and the definition's samples ``[::down_y, ::down_x]``."""
+    x = torch.randn(2, 3, 11, 13, dtype=torch.float64)
+    taps = torch.tensor([1.0, 2.0, 4.0, 3.0])  # asymmetric
+    pad = [2, 1, 1, 3]
+    got = sg2.upfirdn2d(x, taps, down=down, padding=pad)
+    outer = torch.outer(taps, taps)
+    torch.testing.assert_close(got, sg2.upfirdn2d(x, outer, down=down, padding=pad), rtol=1e-12, atol=1e-12)
+    full = naive_upfirdn(x[1, 2].numpy(), outer.double().numpy(), 1, 1, tuple(pad))
+    np.testing.assert_allclose(got[1, 2].numpy(), full[:: down[1], :: down[0]], rtol=1e-9, atol=1e-9)
+
+
 def explicit_modconv(x, weight, styles, noise, up, demodulate):
     """One sample at a time: modulate, demodulate, then a true convolution (up: zero-insert, FIR, conv)."""
     f = sg2.setup_filter([1, 3, 3, 1]).double()
