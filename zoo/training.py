@@ -182,6 +182,68 @@ def uncompile_forwards(modules: list[nn.Module]) -> None:
         m.__dict__.pop("forward", None)
 
 
+class ReplayedStep:
+    """One part of a training iteration (forward, backward, optimiser step: a zero-argument ``fn``), run eagerly,
+    or with ``cuda_graph`` from a CUDA graph: the first call runs ``fn`` eagerly on a side stream (optimiser
+    states, cuDNN plans and lazy compilations are made there, as capture requires), the second captures it
+    and replays it, every later call replays it. The launches of thousands of small kernels from Python go;
+    the work stays the same, random draws included (a replayed draw takes the generator's offset of the
+    moment, as an eager one would).
+
+    ``fn`` must read its inputs from tensors that stay in place (static buffers), update its state in place
+    (parameters, optimiser states, accumulators) and never wait for the device. ``before_capture`` runs just
+    before the capture, outside it (e.g. ``zero_grad(set_to_none=True)``, so that no gradient of another
+    graph is freed inside this one). A capture that fails is reported through ``on_fallback`` and the step
+    runs eagerly from then on.
+    """
+
+    def __init__(self, fn: Callable[[], None], *, cuda_graph: bool = False, device: torch.device | None = None,
+                 before_capture: Callable[[], None] | None = None,
+                 on_fallback: Callable[[str], None] | None = None) -> None:
+        if cuda_graph and (device is None or torch.device(device).type != "cuda"):
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device!r}")
+        self.fn, self.cuda_graph = fn, cuda_graph
+        self.device = torch.device(device) if device is not None else None
+        self.before_capture, self.on_fallback = before_capture, on_fallback
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if not self.cuda_graph:
+            self.fn()
+        elif self.calls == 1:
+            caller = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                self.fn()
+            caller.wait_stream(side)
+        else:
+            if self.graph is None:
+                self._capture()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.fn()
+
+    def _capture(self) -> None:
+        if self.before_capture is not None:
+            self.before_capture()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: a DataLoader's pin-memory thread may touch CUDA while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.fn()  # recorded, not run: the caller replays it
+        except Exception as exc:  # noqa: BLE001 - any capture failure: keep training, eagerly
+            self.cuda_graph = False
+            torch.cuda.synchronize(self.device)
+            if self.on_fallback is not None:
+                self.on_fallback(f"{type(exc).__name__}: {exc}")
+            return
+        self.graph = graph
+
+
 def describe_start(path: str | os.PathLike) -> str:
     """What a run started from, for its model card: ``path`` (a folder or ``zoo:`` name) with the steps,
     commit and own start its card records (e.g. ``"zoo:faces-vae (2600 steps at commit 5fe377e, from random

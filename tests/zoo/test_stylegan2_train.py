@@ -318,3 +318,51 @@ def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) 
     assert calls[0]["config_overrides"] == {"batch_size": 128}
     assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--device", "cpu"]) == 0
     assert "config_overrides" not in calls[1]
+
+
+def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device"):
+        st.train(tmp_path / "a", minutes=1, device="cpu", smoke=True, max_steps=1, cuda_graphs=True)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        st.train(tmp_path / "b", minutes=1, device="cpu", smoke=True, max_steps=1, cuda_graphs=True,
+                 compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        st.train(tmp_path / "c", minutes=1, device="cpu", smoke=True, max_steps=1, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        training.ReplayedStep(lambda: None, cuda_graph=True, device=torch.device("cpu"))
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
+def test_replayed_step_runs_eagerly_without_graphs() -> None:
+    seen = []
+    step = training.ReplayedStep(lambda: seen.append(len(seen)))
+    for _ in range(3):
+        step()
+    assert seen == [0, 1, 2] and step.calls == 3 and step.graph is None
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_train_as_the_eager_loop(tmp_path: Path) -> None:
+    """Every part of an iteration replayed from a CUDA graph trains the networks the eager loop trains from the
+    same seed: the same random draws (a replayed draw takes the generator's offset of the moment) and the same
+    updates, up to cuDNN's choice of algorithms; a resumed chunk continues with graphs."""
+    steps = 6  # every part is captured (R1 and path length every 2 steps) and replayed at least once
+    runs = {}
+    for graphs in (False, True):
+        run = tmp_path / f"graphs{graphs}"
+        m = st.train(run, minutes=3, device="cuda", seed=0, smoke=True, max_steps=steps, evaluate_metrics=False,
+                     cuda_graphs=graphs)
+        runs[graphs] = (m, training.load_checkpoint(run)["G"])
+    (eager, g_eager), (graphed, g_graphed) = runs[False], runs[True]
+    assert graphed["replayed_parts"] == ["D step", "G step", "R1 step", "path-length step"]
+    assert eager["replayed_parts"] == [] and graphed["nonfinite_losses"] == 0
+    for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake"):
+        assert graphed[f"last_chunk_{k}"] == pytest.approx(eager[f"last_chunk_{k}"], rel=2e-3, abs=1e-4), k
+    init_g, _ = st.build_networks(st.TrainConfig.preset(smoke=True), seed=0)
+    for k, v in init_g.state_dict().items():
+        moved = (g_eager[k].float() - v.float()).norm()
+        apart = (g_graphed[k].float() - g_eager[k].float()).norm()
+        assert apart <= 0.02 * moved + 1e-6, (k, float(apart), float(moved))
+    again = st.train(tmp_path / "graphsTrue", minutes=3, device="cuda", seed=0, smoke=True, max_steps=3,
+                     evaluate_metrics=False, cuda_graphs=True)
+    assert again["steps"] == steps + 3 and again["nonfinite_losses"] == 0 and again["replayed_parts"]
