@@ -17,6 +17,11 @@ CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capt
 - ``graph-bf16``: ``bf16`` captured likewise;
 - ``graph-cl``: ``graph`` in channels-last;
 - ``compile-graph``: ``graph`` with the UNet's blocks compiled (``torch.compile``, default mode) first;
+- any other dash-joined set of the tokens ``compile``, ``graph``, ``cl``, ``bf16``, ``cudnnattn`` (SDPA tries
+  cuDNN's fused attention first, then flash, then memory-efficient: ``sdpa_kernel(..., set_priority=True)``
+  around warm-up, compilation and capture) and ``prof`` (the kernel table of this variant to
+  ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl`` (what ships: the fast engine compiles its
+  blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
 - ``fwd1``, ``fwd2``, ``fwd1-cl``, ``fwd2-cl``: not training: one UNet forward at batch 1 / 2 (the inversion's and
   the final denoise's), eager, captured in a CUDA graph, NCHW or channels-last, cuDNN benchmark on.
 
@@ -48,9 +53,11 @@ def make_step(sd, variant: str):
     dev = torch.device("cuda")
     if variant.startswith("fwd"):
         return make_forward(sd, variant)
-    bf16 = "bf16" in variant
-    cl = variant in ("cl", "graph-cl")
-    if variant == "compile-graph":
+    tokens = set(variant.split("-"))
+    bf16 = "bf16" in tokens
+    cl = "cl" in tokens
+    compiled = "compile" in tokens
+    if compiled:
         from dragrt.runtime.engines.dragdiffusion import _compile_blocks
     dtype = torch.bfloat16 if bf16 else torch.float16
     unet.to(dtype)
@@ -64,14 +71,14 @@ def make_step(sd, variant: str):
     if variant != "nolora":
         layers = L._inject(unet, cfg, dev)
         params = [w for _, lay in layers for w in (lay.lora_A[L._ADAPTER].weight, lay.lora_B[L._ADAPTER].weight)]
-    if variant == "compile-graph":
+    if compiled:
         _compile_blocks(unet, "default")
     add_noise = L._AddNoise(L._ddpm(sd).alphas_cumprod, dev, torch.float16)
     img = torch.rand(4, 3, 512, 512, device=dev, dtype=torch.float16) * 2 - 1
     with torch.no_grad():
         dist = vae.encode(img).latent_dist
     mean, std = dist.mean, dist.std
-    graphed = "graph" in variant
+    graphed = "graph" in tokens
     scaler = None if bf16 else torch.amp.GradScaler("cuda")
     opt = (torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2, fused=True, capturable=graphed)
            if params else None)
@@ -95,6 +102,8 @@ def make_step(sd, variant: str):
             return
         L._optimizer_step(loss, opt, scaler)
 
+    if "cudnnattn" in tokens:
+        body = _cudnn_attention_first(body)
     if not graphed:
         return body
     side = torch.cuda.Stream()
@@ -107,6 +116,19 @@ def make_step(sd, variant: str):
     with torch.cuda.graph(graph):
         body()
     return graph.replay
+
+
+def _cudnn_attention_first(fn):
+    """``fn`` with SDPA's backends tried in the order cuDNN, flash, memory-efficient (what runs is fixed when
+    the blocks compile and when the step is captured, both inside)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+    def wrapped():
+        with sdpa_kernel(order, set_priority=True):
+            return fn()
+    return wrapped
 
 
 def make_forward(sd, variant: str):
@@ -160,6 +182,8 @@ def main(out: Path, variants: list[str]) -> None:
                  "max_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
             if v == "base":
                 r.update(harness.kernel_profile(step, 3, out / "lora_prof.txt"))
+            elif "prof" in v.split("-"):
+                r.update(harness.kernel_profile(step, 3, out / f"lora_prof_{v}.txt"))
         except Exception as e:  # noqa: BLE001 - a failed variant is a result too
             r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:500]}
         print(json.dumps(r), flush=True)
