@@ -19,9 +19,10 @@ CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capt
 - ``compile-graph``: ``graph`` with the UNet's blocks compiled (``torch.compile``, default mode) first;
 - any other dash-joined set of the tokens ``compile``, ``graph``, ``cl``, ``bf16``, ``cudnnattn`` (SDPA tries
   cuDNN's fused attention first, then flash, then memory-efficient: ``sdpa_kernel(..., set_priority=True)``
-  around warm-up, compilation and capture) and ``prof`` (the kernel table of this variant to
-  ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl`` (what ships: the fast engine compiles its
-  blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
+  around warm-up, compilation and capture), ``cudnnbench`` (``torch.backends.cudnn.benchmark = True``: the
+  convolutions' algorithms timed at warm-up instead of picked by heuristics; the runtime leaves it off) and
+  ``prof`` (the kernel table of this variant to ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl``
+  (what ships: the fast engine compiles its blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
 - ``fwd1``, ``fwd2``, ``fwd1-cl``, ``fwd2-cl``: not training: one UNet forward at batch 1 / 2 (the inversion's and
   the final denoise's), eager, captured in a CUDA graph, NCHW or channels-last, cuDNN benchmark on.
 
@@ -173,7 +174,7 @@ def main(out: Path, variants: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for v in variants:
-        torch.backends.cudnn.benchmark = v == "cudnn" or v.startswith("fwd")
+        torch.backends.cudnn.benchmark = v == "cudnn" or v.startswith("fwd") or "cudnnbench" in v.split("-")
         sd = build_random_sd15(torch.float16, "cuda")
         t = time.perf_counter()
         try:
