@@ -265,12 +265,16 @@ def posterior_means(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int =
 
 
 @torch.no_grad()
-def round_trips(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> torch.Tensor:
-    """The decoded posterior means of uint8 images: float32 ``[N, 3, H, W]`` in [-1, 1] on the CPU."""
+def _decode(vae: AutoencoderKL, latents: torch.Tensor, batch: int) -> torch.Tensor:
     device, dtype = _module_device_dtype(vae)
-    latents = posterior_means(vae, images_u8, batch=batch)
     return torch.cat([vae.decode(latents[i:i + batch].to(device).to(dtype)).sample.float().clamp(-1, 1).cpu()
                       for i in range(0, len(latents), batch)])
+
+
+@torch.no_grad()
+def round_trips(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> torch.Tensor:
+    """The decoded posterior means of uint8 images: float32 ``[N, 3, H, W]`` in [-1, 1] on the CPU."""
+    return _decode(vae, posterior_means(vae, images_u8, batch=batch), batch)
 
 
 def latent_scaling_factor(latents: torch.Tensor) -> float:
@@ -282,14 +286,16 @@ def latent_scaling_factor(latents: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> dict[str, float]:
-    """Round-trip quality on ``images_u8`` (posterior mean, decoded, quantised) and the latent statistics."""
-    device, dtype = _module_device_dtype(vae)
+def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32,
+             ceilings: bool = False) -> dict[str, float]:
+    """Round-trip quality on ``images_u8`` (posterior mean, decoded, quantised) and the latent statistics;
+    with ``ceilings``, :func:`attribute_ceilings` too, on the same round trips (one encode and decode)."""
+    device, _ = _module_device_dtype(vae)
     latents = posterior_means(vae, images_u8, batch=batch)
+    recons = _decode(vae, latents, batch)
     p, s = [], []
     for i in range(0, len(images_u8), batch):
-        z = latents[i:i + batch].to(device).to(dtype)
-        recon = to_uint8(vae.decode(z).sample)
+        recon = to_uint8(recons[i:i + batch].to(device))
         ref = images_u8[i:i + batch].to(device)
         # on the VAE's device: the float64 SSIM convolutions took ~2 minutes on a busy 32-core host
         p.append(psnr(recon, ref).cpu())
@@ -303,22 +309,26 @@ def evaluate(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) ->
         "latent_mean": round(latents.mean().item(), 4),
         "latent_std": round(latents.std().item(), 4),
         "eval_images": len(images_u8),
+        **(attribute_ceilings(vae, images_u8, batch=batch, recon=recons) if ceilings else {}),
     }
 
 
 @torch.no_grad()
-def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32) -> dict[str, float]:
+def attribute_ceilings(vae: AutoencoderKL, images_u8: torch.Tensor, *, batch: int = 32,
+                       recon: torch.Tensor | None = None) -> dict[str, float]:
     """What round trips keep of the attributes a diffusion model on this VAE is scored on (its ceiling): the
     zoo's attribute reader's categorical accuracy and caption agreement (:func:`dragrt.zoo.unet.caption_agreement`)
     on the round trips of held-out renders ``images_u8`` (seeds ``0..n-1``, as :func:`heldout_images` makes them),
-    beside the same on the renders. ``{}`` when the reader (zoo:faces-attribute-details) is not installed."""
+    beside the same on the renders. ``{}`` when the reader (zoo:faces-attribute-details) is not installed.
+    ``recon``: the round trips (:func:`round_trips`), when the caller has them already."""
     from dragrt.zoo import evaluators
     from dragrt.zoo import unet as zunet
 
     if not evaluators.reader_installed():
         return {}
     reader = evaluators.load_attribute_model(device=_module_device_dtype(vae)[0])
-    recon = round_trips(vae, images_u8, batch=batch)
+    if recon is None:
+        recon = round_trips(vae, images_u8, batch=batch)
     renders = images_u8.float() / 127.5 - 1
     _, cats = zunet.heldout_captions(len(images_u8))
     bins = zunet.heldout_caption_bins(len(images_u8))
@@ -463,11 +473,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     eval_vae = ema.copy_to(vae).eval()
     t0 = time.monotonic()
     held_out = heldout_images(hp.eval_images, hp.image_size)
-    metrics: dict[str, Any] = evaluate(eval_vae, held_out)
+    metrics: dict[str, Any] = evaluate(eval_vae, held_out, ceilings=True)
     if hp.encoder_only:  # the diffusion model's latents keep the scale they were trained at
         metrics["scaling_factor_measured"] = metrics["scaling_factor"]
         metrics["scaling_factor"] = float(config["scaling_factor"])
-    metrics.update(attribute_ceilings(eval_vae, held_out))
     metrics.update(_loss_window_metrics(losses))
     metrics.update(
         name=NAME, step=progress.step, schedule_steps=progress.schedule_steps, images_seen=progress.images,
