@@ -341,6 +341,44 @@ def test_replayed_step_runs_eagerly_without_graphs() -> None:
     assert seen == [0, 1, 2] and step.calls == 3 and step.graph is None
 
 
+def test_no_part_of_an_iteration_reads_the_device_on_the_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What a CUDA graph cannot hold, caught on the CPU: no part of an iteration (G, path length, D, R1) reads a
+    tensor's value on the host (``item``, ``bool``, ``float``: ``_local_scalar_dense``), makes a tensor from Python
+    data (``lift_fresh``: a pageable host-to-device copy on CUDA) or an op whose output size depends on the data
+    (``nonzero``, ``masked_select``, ``unique``). Adam's own CPU step reads its step count and is exempt: on CUDA
+    it runs capturable (the count on the device)."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    forbidden = {"_local_scalar_dense", "lift_fresh", "nonzero", "masked_select", "unique", "_unique2"}
+    seen: dict[str, int] = {}
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            seen[name] = seen.get(name, 0) + 1
+            if name in forbidden:
+                raise AssertionError(f"{name} inside a part of the iteration")
+            return func(*args, **(kwargs or {}))
+
+    run_part, adam_step = training.ReplayedStep.__call__, torch.optim.Adam.step
+
+    def guarded(self) -> None:
+        with NoHostReads():
+            run_part(self)
+
+    def exempt(self, *args, **kwargs):
+        with _disable_current_modes():
+            return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.ReplayedStep, "__call__", guarded)
+    monkeypatch.setattr(torch.optim.Adam, "step", exempt)
+    m = st.train(tmp_path / "run", minutes=1, device="cpu", smoke=True, max_steps=2, evaluate_metrics=False)
+    assert m["steps"] == 2 and math.isfinite(m["last_chunk_r1"]) and math.isfinite(m["last_chunk_pl"])
+    assert seen["convolution_backward"] > 0 and seen["randn"] > 0  # the guard saw the parts run
+    with pytest.raises(AssertionError, match="_local_scalar_dense inside a part"), NoHostReads():
+        float(torch.ones(2).sum())  # the guard itself works
+
+
 @pytest.mark.cuda
 def test_cuda_graphs_train_as_the_eager_loop(tmp_path: Path) -> None:
     """Every part of an iteration replayed from a CUDA graph trains the networks the eager loop trains from the
