@@ -20,7 +20,8 @@ CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capt
 - any other dash-joined set of the tokens ``compile``, ``graph``, ``cl``, ``bf16``, ``cudnnattn`` (SDPA tries
   cuDNN's fused attention first, then flash, then memory-efficient: ``sdpa_kernel(..., set_priority=True)``
   around warm-up, compilation and capture), ``cudnnbench`` (``torch.backends.cudnn.benchmark = True``: the
-  convolutions' algorithms timed at warm-up instead of picked by heuristics; the runtime leaves it off) and
+  convolutions' algorithms timed at warm-up instead of picked by heuristics; the runtime leaves it off),
+  ``merged`` (each LoRA layer one matmul with ``W + B @ A``: ``train_image_lora(lora_forward="merged")``) and
   ``prof`` (the kernel table of this variant to ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl``
   (what ships: the fast engine compiles its blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
 - ``fwd1``, ``fwd2``, ``fwd1-cl``, ``fwd2-cl``: not training: one UNet forward at batch 1 / 2 (the inversion's and
@@ -72,6 +73,10 @@ def make_step(sd, variant: str):
     if variant != "nolora":
         layers = L._inject(unet, cfg, dev)
         params = [w for _, lay in layers for w in (lay.lora_A[L._ADAPTER].weight, lay.lora_B[L._ADAPTER].weight)]
+        for _, lay in layers:  # as the fast trainer: no fp32 round trip of each layer's input under autocast
+            lay.cast_input_dtype_enabled = False
+        if "merged" in tokens:
+            L._merged_forwards(layers).__enter__()  # this variant's UNet is thrown away afterwards
     if compiled:
         _compile_blocks(unet, "default")
     add_noise = L._AddNoise(L._ddpm(sd).alphas_cumprod, dev, torch.float16)

@@ -141,6 +141,58 @@ def test_fast_and_reference_train_the_same_lora(trained) -> None:
         assert v.dtype == torch.float32
 
 
+def test_merged_lora_forward_trains_the_same_lora(tiny: sd.SDComponents, pixels: np.ndarray, trained) -> None:
+    """lora_forward='merged' (one linear map with W + B @ A per layer, gradients to A and B through it) computes
+    the same function and gradients as peft's branch: in float32 on the CPU the same losses and weights up to
+    rounding; peft's forward is back afterwards and the UNet untouched; a bad choice is a clear error."""
+    losses = []
+    merged = lora.train_image_lora(tiny, pixels, PROMPT, CFG, progress=False, lora_forward="merged",
+                                   callback=lambda step, loss: losses.append(float(loss)))
+    branch = trained["fast"]
+    np.testing.assert_allclose(losses, branch["losses"], rtol=1e-5, atol=1e-6)
+    assert merged.keys() == branch["weights"].keys()
+    # B starts at zero: all of it is what training did. Element by element, Adam's normalised steps magnify
+    # rounding where a gradient nearly cancels (a few 1e-3 here); over the whole update the two agree to ~1e-3.
+    ups = [k for k in merged if "lora_B" in k]
+    num = sum((merged[k] - branch["weights"][k]).norm() ** 2 for k in ups) ** 0.5
+    den = sum(branch["weights"][k].norm() ** 2 for k in ups) ** 0.5
+    assert den > 0.1 and num / den < 5e-3
+    after = tiny.unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trained["before"].items())
+    with pytest.raises(ValueError, match="lora_forward must be one of 'branch', 'merged'"):
+        lora.train_image_lora(tiny, pixels, PROMPT, CFG, lora_forward="fused")
+
+
+def test_merged_forward_is_the_layer_and_its_gradients(tiny: sd.SDComponents) -> None:
+    """One peft layer: the merged map equals base(x) + B(A(x)) * scaling in value and in the gradients of A
+    and B (scaling != 1 included), and leaving the block restores peft's forward."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    net.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=3, lora_alpha=6, target_modules=["0"]), net, adapter_name=lora._ADAPTER)
+    layer = net[0]
+    for w in (layer.lora_A[lora._ADAPTER].weight, layer.lora_B[lora._ADAPTER].weight):
+        torch.nn.init.normal_(w)
+    x = torch.randn(4, 6)
+    results = []
+    for merged in (False, True):
+        ctx = lora._merged_forwards([("0", layer)]) if merged else contextlib.nullcontext()
+        for w in layer.parameters():
+            w.grad = None
+        with ctx:
+            y = net(x)
+            (y * torch.arange(5.0)).sum().backward()
+        results.append((y.detach(), [w.grad.clone() for w in (layer.lora_A[lora._ADAPTER].weight,
+                                                              layer.lora_B[lora._ADAPTER].weight)]))
+    (y0, g0), (y1, g1) = results
+    torch.testing.assert_close(y1, y0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    assert "forward" not in layer.__dict__
+
+
 def test_vae_is_encoded_every_step_in_reference_and_once_in_fast(trained) -> None:
     assert trained["reference"]["encodes"] == CFG.steps
     assert trained["fast"]["encodes"] == 1
@@ -366,14 +418,16 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, channels_last", [(torch.float16, False), (torch.bfloat16, False),
-                                                   (torch.float16, True)])
+@pytest.mark.parametrize("dtype, channels_last, lora_forward", [
+    (torch.float16, False, "branch"), (torch.bfloat16, False, "branch"), (torch.float16, True, "branch"),
+    (torch.float16, True, "merged")])
 def test_captured_training_step_trains_the_same_lora_as_the_eager_one(pixels: np.ndarray, dtype,
-                                                                       channels_last: bool) -> None:
+                                                                       channels_last: bool, lora_forward: str) -> None:
     """Fast mode on CUDA: step 1 eager, then one captured CUDA graph (forward, backward, GradScaler for fp16,
     fused AdamW) replayed. Same draws from the same generator stream: the same losses and weights as eager fast
     steps, up to GPU rounding; and the UNet comes back untouched. Also on a channels-last UNet (what a fast
-    DragDiffusion engine makes of the shared pipeline on CUDA)."""
+    DragDiffusion engine makes of the shared pipeline on CUDA), and with the merged LoRA forward (its eager steps
+    against peft's too)."""
     if sd.assets_dir() is None:
         pytest.skip("real assets folder is absent: the tiny build uses the real tokenizer")
     c = sd.build_random_sd15(dtype, "cuda", tiny=True, seed=0)
@@ -384,9 +438,14 @@ def test_captured_training_step_trains_the_same_lora_as_the_eager_one(pixels: np
     out = {}
     for graph in (False, True):
         losses = []
-        w = lora.train_image_lora(c, pixels, PROMPT, cfg, progress=False, cuda_graph=graph,
+        w = lora.train_image_lora(c, pixels, PROMPT, cfg, progress=False, cuda_graph=graph, lora_forward=lora_forward,
                                   callback=lambda step, loss, losses=losses: losses.append(float(loss)))
         out[graph] = (w, losses)
+    if lora_forward != "branch":
+        losses = []
+        lora.train_image_lora(c, pixels, PROMPT, cfg, progress=False, cuda_graph=False,
+                              callback=lambda step, loss: losses.append(float(loss)))
+        np.testing.assert_allclose(out[False][1], losses, rtol=2e-2)
     (w_eager, l_eager), (w_graph, l_graph) = out[False], out[True]
     assert len(l_graph) == cfg.steps and l_graph[0] == l_eager[0]  # step 1 runs eagerly in both
     # a different random stream would give losses apart by tens of percent; rounding gives far less
