@@ -21,9 +21,11 @@ CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capt
   cuDNN's fused attention first, then flash, then memory-efficient: ``sdpa_kernel(..., set_priority=True)``
   around warm-up, compilation and capture), ``cudnnbench`` (``torch.backends.cudnn.benchmark = True``: the
   convolutions' algorithms timed at warm-up instead of picked by heuristics; the runtime leaves it off),
-  ``merged`` (each LoRA layer one matmul with ``W + B @ A``: ``train_image_lora(lora_forward="merged")``) and
-  ``prof`` (the kernel table of this variant to ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl``
-  (what ships: the fast engine compiles its blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
+  ``merged`` (each LoRA layer one matmul with ``W + B @ A``: ``train_image_lora(lora_forward="merged")``),
+  ``fusedqkv`` (dragrt's SDPA processors stacking the self-attention q/k/v projections: with ``merged``, the
+  LoRA layers' merged weights too; without it, peft's layers keep three calls) and ``prof`` (the kernel table
+  of this variant to ``OUT/lora_prof_<variant>.txt``), e.g. ``compile-graph-cl`` (what ships: the fast engine
+  compiles its blocks on a channels-last UNet) or ``compile-graph-cl-cudnnattn``;
 - ``fwd1``, ``fwd2``, ``fwd1-cl``, ``fwd2-cl``: not training: one UNet forward at batch 1 / 2 (the inversion's and
   the final denoise's), eager, captured in a CUDA graph, NCHW or channels-last, cuDNN benchmark on.
 
@@ -69,6 +71,10 @@ def make_step(sd, variant: str):
     emb = encode_prompt(sd, "a photo of a cat").to(dtype).repeat(4, 1, 1)
     torch.manual_seed(0)
     unet.requires_grad_(False)
+    if "fusedqkv" in tokens:
+        from dragrt.runtime.models.attention import set_attention_backend
+
+        set_attention_backend(unet, "sdpa", fuse_qkv=True)
     params = []
     if variant != "nolora":
         layers = L._inject(unet, cfg, dev)

@@ -91,12 +91,41 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> T
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def _projection(m: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """``(weight, bias)`` of a projection that is one linear map: a plain ``nn.Linear``, or a LoRA layer that
+    offers its merged weight (``dragrt_weight_and_bias``, see :func:`dragrt.runtime.models.lora._merged_forwards`);
+    ``None`` for anything else (e.g. peft's two-branch forward)."""
+    if type(m) is nn.Linear:
+        return m.weight, m.bias
+    merged = getattr(m, "dragrt_weight_and_bias", None)
+    return merged() if merged is not None else None
+
+
+def _fused_qkv_projection(attn: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The ``[3 C, C]`` weight (and bias) of ``to_q``, ``to_k``, ``to_v`` stacked, when all three are one linear
+    map each with biases alike; else ``None``. Made at every call (a copy of the weights, small beside the
+    activations), so it follows weights changed in place (a fused LoRA) and LoRA weights in training."""
+    parts = [_projection(m) for m in (attn.to_q, attn.to_k, attn.to_v)]
+    if any(p is None for p in parts):
+        return None
+    biases = [b for _, b in parts]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        return None
+    weight = torch.cat([w for w, _ in parts])
+    return weight, (None if biases[0] is None else torch.cat(biases))
+
+
 class AttnProcessor:
     """Plain attention (self and cross) through the chosen backend, for the attention modules of SD1.x UNets
-    (no group norm, spatial norm or attention masks: the UNet never passes one)."""
+    (no group norm, spatial norm or attention masks: the UNet never passes one).
 
-    def __init__(self, backend: str = "sdpa") -> None:
+    ``fuse_qkv``: in self-attention, one matmul with the three projections' weights stacked instead of three
+    (and one input gradient instead of three summed), where all three are one linear map each; the same
+    function. Off in reference modes (the published code projects separately)."""
+
+    def __init__(self, backend: str = "sdpa", fuse_qkv: bool = False) -> None:
         self.backend = backend
+        self.fuse_qkv = fuse_qkv
 
     def _qkv(self, attn: nn.Module, hidden_states: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
@@ -107,7 +136,11 @@ class AttnProcessor:
         if context is not hidden_states and getattr(attn, "norm_cross", None) is not None:
             context = attn.norm_encoder_hidden_states(context)
         b, n, _ = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        fused = _fused_qkv_projection(attn) if self.fuse_qkv and context is hidden_states else None
+        if fused is not None:
+            q, k, v = F.linear(hidden_states, *fused).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         heads = attn.heads
         d = q.shape[-1] // heads
         # [B, N, heads * d] -> [B, heads, N, d]
@@ -216,12 +249,14 @@ def transformer_self_attentions(unet: nn.Module) -> list[tuple[str, nn.Module]]:
     return order
 
 
-def set_attention_backend(unet: nn.Module, backend: str = "auto") -> str:
-    """Give every attention module of ``unet`` dragrt's :class:`AttnProcessor` with ``backend``; returns the
-    backend used. ``ValueError`` when xformers is asked for and missing, or off CUDA."""
+def set_attention_backend(unet: nn.Module, backend: str = "auto", *, fuse_qkv: bool = False) -> str:
+    """Give every attention module of ``unet`` dragrt's :class:`AttnProcessor` with ``backend`` (and
+    ``fuse_qkv``); returns the backend used. ``ValueError`` when xformers is asked for and missing, or off CUDA."""
     if backend != "math":
         backend = resolve_attention_backend(backend, next(unet.parameters()).device)
-    unet.set_attn_processor(AttnProcessor(backend))
+    elif fuse_qkv:
+        raise ValueError("fuse_qkv=True is not allowed with backend='math' (the reference modes' literal attention)")
+    unet.set_attn_processor(AttnProcessor(backend, fuse_qkv=fuse_qkv))
     return backend
 
 

@@ -276,20 +276,25 @@ def _merged_forwards(layers: list[tuple[str, nn.Module]]) -> Iterator[None]:
         a, b = layer.lora_A[_ADAPTER], layer.lora_B[_ADAPTER]
         scaling = float(layer.scaling[_ADAPTER])
 
-        def forward(x: Tensor, *args: Any, _base=base, _a=a, _b=b, _s=scaling, **kwargs: Any) -> Tensor:
+        def weight_and_bias(_base=base, _a=a, _b=b, _s=scaling) -> tuple[Tensor, Tensor | None]:
             delta = _b.weight @ _a.weight
             if _s != 1.0:
                 delta = delta * _s
-            weight = (_base.weight.float() + delta.float()).to(_base.weight.dtype)
-            return F.linear(x, weight, _base.bias)
+            return (_base.weight.float() + delta.float()).to(_base.weight.dtype), _base.bias
 
-        layer.forward = forward  # an instance attribute: the class's forward is untouched
+        def forward(x: Tensor, *args: Any, _merged=weight_and_bias, **kwargs: Any) -> Tensor:
+            return F.linear(x, *_merged())
+
+        # instance attributes: the class's forward is untouched; attention processors that fuse the q/k/v
+        # projections (attention.AttnProcessor(fuse_qkv=True)) read the merged weight
+        layer.forward, layer.dragrt_weight_and_bias = forward, weight_and_bias
         patched.append(layer)
     try:
         yield
     finally:
         for layer in patched:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("dragrt_weight_and_bias", None)
 
 
 def _strip(unet: nn.Module) -> None:

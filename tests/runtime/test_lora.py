@@ -163,6 +163,37 @@ def test_merged_lora_forward_trains_the_same_lora(tiny: sd.SDComponents, pixels:
         lora.train_image_lora(tiny, pixels, PROMPT, CFG, lora_forward="fused")
 
 
+def test_merged_lora_under_fused_qkv_attention_trains_the_same_lora(tiny: sd.SDComponents, pixels: np.ndarray,
+                                                                    trained, monkeypatch) -> None:
+    """With attention processors that stack q/k/v (fuse_qkv), the merged LoRA layers' weights are stacked too:
+    every self-attention takes the fused path, and training matches peft's branch as the merged forward does."""
+    from dragrt.runtime.models import attention
+
+    fused_calls = []
+    original = attention._fused_qkv_projection
+
+    def counting(attn):
+        out = original(attn)
+        fused_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention, "_fused_qkv_projection", counting)
+    saved = tiny.unet.attn_processors
+    attention.set_attention_backend(tiny.unet, "sdpa", fuse_qkv=True)
+    losses = []
+    try:
+        w = lora.train_image_lora(tiny, pixels, PROMPT, CFG, progress=False, lora_forward="merged",
+                                  callback=lambda step, loss: losses.append(float(loss)))
+    finally:
+        tiny.unet.set_attn_processor(saved)
+    assert fused_calls and all(fused_calls)
+    # (other processors than the branch run's diffusers defaults: rounding moves the later losses by ~2e-5)
+    np.testing.assert_allclose(losses, trained["fast"]["losses"], rtol=1e-4, atol=1e-6)
+    ups = [k for k in w if "lora_B" in k]
+    num = sum((w[k] - trained["fast"]["weights"][k]).norm() ** 2 for k in ups) ** 0.5
+    assert num / sum(trained["fast"]["weights"][k].norm() ** 2 for k in ups) ** 0.5 < 5e-3
+
+
 def test_merged_forward_is_the_layer_and_its_gradients(tiny: sd.SDComponents) -> None:
     """One peft layer: the merged map equals base(x) + B(A(x)) * scaling in value and in the gradients of A
     and B (scaling != 1 included), and leaving the block restores peft's forward."""

@@ -47,6 +47,47 @@ def test_transformer_blocks_in_forward_order(unet):
     assert all(n.endswith("attn1") for n in names)
 
 
+def test_fused_qkv_is_the_same_function_and_input_gradient(unet):
+    """fuse_qkv: self-attention's q/k/v from one matmul with the stacked weights gives the UNet's output and its
+    gradient with respect to the latents (what a drag step needs); not with the reference's math backend."""
+    x, t, emb = _inputs()
+    results = []
+    for fuse in (False, True):
+        set_attention_backend(unet, "sdpa", fuse_qkv=fuse)
+        xg = x.clone().requires_grad_(True)
+        out = unet(xg, t, encoder_hidden_states=emb).sample
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), xg.grad))
+    _diffusers_default(unet)
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fuse_qkv=True is not allowed with backend='math'"):
+        set_attention_backend(unet, "math", fuse_qkv=True)
+
+
+def test_fused_qkv_stacks_plain_and_merged_projections_only():
+    """What can be stacked: plain linear maps (biases all or none), and LoRA layers that offer a merged weight;
+    a projection that is not one linear map (peft's two-branch forward) keeps the three separate calls."""
+    from types import SimpleNamespace
+
+    from dragrt.runtime.models.attention import _fused_qkv_projection
+
+    lin = [torch.nn.Linear(4, 4, bias=False) for _ in range(3)]
+    w, b = _fused_qkv_projection(SimpleNamespace(to_q=lin[0], to_k=lin[1], to_v=lin[2]))
+    assert torch.equal(w, torch.cat([m.weight for m in lin])) and b is None
+    mixed = SimpleNamespace(to_q=torch.nn.Linear(4, 4), to_k=lin[1], to_v=lin[2])
+    assert _fused_qkv_projection(mixed) is None  # one bias, two without
+
+    class Merged(torch.nn.Module):
+        def dragrt_weight_and_bias(self):
+            return torch.ones(4, 4), None
+
+    w, _ = _fused_qkv_projection(SimpleNamespace(to_q=lin[0], to_k=Merged(), to_v=lin[2]))
+    assert torch.equal(w[4:8], torch.ones(4, 4))
+    assert _fused_qkv_projection(SimpleNamespace(to_q=lin[0], to_k=torch.nn.Sequential(lin[1]), to_v=lin[2])) is None
+
+
 def test_our_sdpa_processor_equals_diffusers_default(unet):
     x, t, emb = _inputs()
     _diffusers_default(unet)
