@@ -10,7 +10,8 @@ Variants (each builds its own pipeline and fast engine, so each pays its compile
 - ``cl``: as shipped (the UNet in channels-last, ``DragDiffusionConfig.channels_last``; blocks compiled with
   ``torch.compile`` mode ``default``);
 - ``nchw``: the same in NCHW (``channels_last=False``);
-- ``autotune``: as shipped with the blocks compiled in mode ``max-autotune-no-cudagraphs`` (slow to compile).
+- ``autotune``: as shipped with the blocks compiled in mode ``max-autotune-no-cudagraphs`` (slow to compile);
+- ``cl-fusedqkv``: as shipped with ``DragDiffusionConfig(fuse_qkv=True)`` (self-attention's q/k/v in one matmul).
 
 Per variant: the cold prepare and first step (compile + capture), ms per drag step (CUDA events, p50 over 2 s),
 a whole edit with the inversion computed and its stages, and a kernel profile of 10 captured steps written to
@@ -33,12 +34,14 @@ from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines.dragdiffusion import DragDiffusionConfig, DragDiffusionEngine
 from dragrt.runtime.models.sd import build_random_sd15
 
-VARIANTS = {"nchw": ("default", False), "cl": ("default", True), "autotune": ("max-autotune-no-cudagraphs", True)}
+#: name -> (compile mode, channels_last, other DragDiffusionConfig fields)
+VARIANTS = {"nchw": ("default", False, {}), "cl": ("default", True, {}),
+            "autotune": ("max-autotune-no-cudagraphs", True, {}), "cl-fusedqkv": ("default", True, {"fuse_qkv": True})}
 
 
 def run_variant(name: str, out: Path, smoke: bool = False) -> dict:
     """``smoke``: the tiny pipeline on the CPU at 128 px, eager (a check of this script, not a measurement)."""
-    mode, channels_last = VARIANTS[name]
+    mode, channels_last, fields = VARIANTS[name]
     torch._dynamo.reset()
     if smoke:
         sd = build_random_sd15(tiny=True, seed=0)
@@ -49,7 +52,7 @@ def run_variant(name: str, out: Path, smoke: bool = False) -> dict:
         runtime = RuntimeConfig(device="cuda", compile_mode=mode)
         size, scale, config = SIZE, 1.0, DragDiffusionConfig(mode="fast")
     # the engine converts the UNet (CUDA only: the smoke run on the CPU stays NCHW either way)
-    config = dataclasses.replace(config, channels_last=channels_last)
+    config = dataclasses.replace(config, channels_last=channels_last, **fields)
     engine = DragDiffusionEngine(sd, config, runtime, cache=TensorCache(f"profile-{name}"))
     image = _image(size)
     handles = [[x * scale, y * scale] for x, y in HANDLES]

@@ -77,6 +77,9 @@ class DragDiffusionConfig:
             default as a choice of the caller, not of the algorithm; see :class:`LoRAConfig` for its knobs.
         lora_config: the LoRA's knobs (rank 16, lr 5e-4, 80 steps, batch 4); ``None`` = defaults.
         attention: ``"auto"`` (SDPA), ``"sdpa"`` or ``"xformers"`` for the fast mode's attention.
+        fuse_qkv: fast mode: self-attention's q, k and v from one matmul with the three weights stacked
+            (:class:`~dragrt.runtime.models.attention.AttnProcessor`); the same function. Off until timed
+            (``bench/tools/profile_dragdiffusion.py OUT cl cl-fusedqkv``).
         max_handles: padded size of the fast mode's handle arrays (more handles -> an error, not a recompile).
         cuda_graph: replay the fast drag step, the inversion and denoise UNet calls and the LoRA training step
             from CUDA graphs (CUDA only).
@@ -111,6 +114,7 @@ class DragDiffusionConfig:
     lora: bool = False
     lora_config: Any = None
     attention: str = "auto"
+    fuse_qkv: bool = False
     max_handles: int = 16
     cuda_graph: bool = True
     reuse_original_branch: bool = True
@@ -140,7 +144,7 @@ class DragDiffusionConfig:
         lam = self.lambda_mask
         if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
             raise ValueError(f"lambda_mask={self.lambda_mask!r} is not allowed; use a finite number >= 0")
-        for name in ("lora", "cuda_graph", "reuse_original_branch", "channels_last", "compile"):
+        for name in ("lora", "fuse_qkv", "cuda_graph", "reuse_original_branch", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use True or False")
         if self.attention not in ("auto", "sdpa", "xformers"):
@@ -230,7 +234,7 @@ class DragDiffusionEngine:
             self.unet = components.unet
             if cfg.channels_last and self.device.type == "cuda":
                 self.unet.to(memory_format=torch.channels_last)  # before any compile or capture sees a layout
-            set_attention_backend(self.unet, self.attention)
+            set_attention_backend(self.unet, self.attention, fuse_qkv=cfg.fuse_qkv)
             mode = self.runtime.resolved_compile_mode() if cfg.compile else None
             if mode:
                 _compile_blocks(self.unet, mode)
@@ -667,7 +671,8 @@ class DragDiffusionEngine:
 
     def _mutual(self, literal: bool):
         cfg = self.config
-        return mutual_self_attention(self.unet, cfg.start_layer, backend=self.attention, literal=literal)
+        return mutual_self_attention(self.unet, cfg.start_layer, backend=self.attention, literal=literal,
+                                     fuse_qkv=cfg.fuse_qkv and self.attention != "math")
 
     def _denoise_fast(self, z_edit: Tensor) -> Tensor:
         cfg, p = self.config, self.prepared
@@ -726,7 +731,8 @@ class DragDiffusionEngine:
         buffers in place."""
         if self._kv_procs is None:
             n = len(transformer_self_attentions(self.unet)) - self.config.start_layer
-            self._kv_procs = [BranchZeroKVProcessor(self.attention) for _ in range(max(n, 0))]
+            self._kv_procs = [BranchZeroKVProcessor(self.attention, fuse_qkv=self.config.fuse_qkv)
+                              for _ in range(max(n, 0))]
         return self._kv_procs
 
     def _use_graphs(self) -> bool:

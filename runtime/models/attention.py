@@ -174,8 +174,8 @@ class MutualSelfAttnProcessor(AttnProcessor):
             axis, one attention call against branch 0); same numbers, used by the reference mode.
     """
 
-    def __init__(self, backend: str = "sdpa", literal: bool = False) -> None:
-        super().__init__(backend)
+    def __init__(self, backend: str = "sdpa", literal: bool = False, fuse_qkv: bool = False) -> None:
+        super().__init__(backend, fuse_qkv=fuse_qkv)
         self.literal = literal
 
     def __call__(self, attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
@@ -213,8 +213,8 @@ class BranchZeroKVProcessor(MutualSelfAttnProcessor):
     with a recorded step's values before each call. Same maths as the mutual pass, without recomputing branch 0.
     """
 
-    def __init__(self, backend: str = "sdpa") -> None:
-        super().__init__(backend)
+    def __init__(self, backend: str = "sdpa", fuse_qkv: bool = False) -> None:
+        super().__init__(backend, fuse_qkv=fuse_qkv)
         self.mode = "record"
         self.k: Tensor | None = None
         self.v: Tensor | None = None
@@ -262,18 +262,20 @@ def set_attention_backend(unet: nn.Module, backend: str = "auto", *, fuse_qkv: b
 
 @contextlib.contextmanager
 def mutual_self_attention(unet: nn.Module, start_layer: int = 10, *, backend: str = "sdpa",
-                          literal: bool = False, processors: list[nn.Module] | None = None) -> Iterator[list[str]]:
+                          literal: bool = False, processors: list[nn.Module] | None = None,
+                          fuse_qkv: bool = False) -> Iterator[list[str]]:
     """Within the block, self-attention of transformer blocks ``start_layer`` and later is mutual (every branch
     attends to branch 0); other processors are kept. Yields the names of the modules changed. The previous
     processors come back on exit. ``processors``: one per changed module, used instead of a shared
-    :class:`MutualSelfAttnProcessor` (e.g. :class:`BranchZeroKVProcessor`, which keeps per-layer state)."""
+    :class:`MutualSelfAttnProcessor` (e.g. :class:`BranchZeroKVProcessor`, which keeps per-layer state).
+    ``fuse_qkv``: the shared processor's (:class:`AttnProcessor`)."""
     blocks = transformer_self_attentions(unet)
     if not 0 <= start_layer <= len(blocks):
         raise ValueError(f"start_layer={start_layer} is out of range; this UNet has {len(blocks)} transformer "
                          f"blocks (0 to {len(blocks)})")
     changed = blocks[start_layer:]
     if processors is None:
-        processors = [MutualSelfAttnProcessor(backend, literal=literal)] * len(changed)
+        processors = [MutualSelfAttnProcessor(backend, literal=literal, fuse_qkv=fuse_qkv)] * len(changed)
     elif len(processors) != len(changed):
         raise ValueError(f"{len(processors)} processors for {len(changed)} mutual self-attention modules")
     saved = {name: module.processor for name, module in blocks}

@@ -195,6 +195,32 @@ def test_edit_runs_every_phase_and_stops_at_the_targets(sd):
     assert all(len(r.handles) == 2 and len(r.distances) == 2 for r in far.history)
 
 
+def test_fused_qkv_edits_the_same():
+    """DragDiffusionConfig(fuse_qkv=True): every self-attention projects q/k/v with one matmul, the final
+    denoise's mutual processors included (first render and later, replayed renders); the same tracked points,
+    latent and images as separate projections, up to float rounding."""
+    from dragrt.runtime.models.attention import AttnProcessor
+
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
+    out = {}
+    for fuse in (False, True):
+        pipe = build_random_sd15(tiny=True, seed=0)
+        engine = DragDiffusionEngine(pipe, DragDiffusionConfig(**BASE, fuse_qkv=fuse), rt)
+        procs = pipe.unet.attn_processors.values()
+        assert all(isinstance(q, AttnProcessor) and q.fuse_qkv == fuse for q in procs)
+        first = engine.edit(_image(), PROMPT, HANDLES, TARGETS)
+        again = engine.edit(_image(), PROMPT, HANDLES, TARGETS)  # the same prepared image: branch 0 replayed
+        assert all(q.fuse_qkv == fuse for q in engine._branch_zero_processors())
+        out[fuse] = (first, again)
+    (f0, a0), (f1, a1) = out[False], out[True]
+    assert [r.handles for r in f1.history] == [r.handles for r in f0.history]
+    moved = float((f0.latent - engine.prepared.z_t).abs().max())
+    assert moved > 1e-3
+    torch.testing.assert_close(f1.latent, f0.latent, rtol=0, atol=moved * 1e-3)
+    for got, want in ((f1.image, f0.image), (a1.image, a0.image)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+
+
 def test_second_drag_continues_from_a_given_latent(sd):
     rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
     engine = DragDiffusionEngine(sd, DragDiffusionConfig(**BASE), rt)
