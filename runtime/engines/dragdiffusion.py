@@ -372,9 +372,14 @@ class DragDiffusionEngine:
         self._lora_stack = stack  # captured graphs read the weights in place: replays see the fused weights
 
     def close(self) -> None:
-        """Undo a fused LoRA (the shared UNet gets its exact weights back) and drop captured graphs."""
+        """Undo a fused LoRA (the shared UNet gets its exact weights back) and drop captured graphs, the kept LoRA
+        training step's included (:func:`~dragrt.runtime.models.lora.release_lora_graphs`)."""
+        from dragrt.runtime.models import lora as lora_mod
+
         self._set_lora(None)
         self._drop_graphs()
+        if self.config.mode == "fast":
+            lora_mod.release_lora_graphs(self.unet)
 
     def _drop_graphs(self) -> None:
         """Forget the edit state and the captured graphs (they read this image's prompt embedding and latents)."""

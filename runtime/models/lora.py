@@ -82,6 +82,7 @@ __all__ = [
     "load_lora",
     "lora_fingerprint",
     "fused_lora",
+    "release_lora_graphs",
 ]
 
 #: The file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights(folder)`` looks for.
@@ -240,18 +241,24 @@ def _inject(unet: nn.Module, config: LoRAConfig, device: torch.device) -> list[t
     if got != expected:
         raise RuntimeError(f"peft wrapped {len(got)} layers but {len(expected)} were expected "
                            f"(first difference: {sorted(set(got) ^ set(expected))[:3]})")
-    r = config.rank
     for _, layer in layers:
         base = layer.get_base_layer()
-        down = torch.empty(r, base.in_features)
-        up = torch.empty(base.out_features, r)
-        nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # nn.Linear(in, r)'s default init (draws only)
-        nn.init.kaiming_uniform_(up, a=math.sqrt(5))  # nn.Linear(r, out)'s
-        nn.init.normal_(down, std=1 / r)
-        nn.init.zeros_(up)
+        down, up = _reference_init(base.in_features, base.out_features, config.rank)
         layer.lora_A[_ADAPTER].weight = nn.Parameter(down.to(device))
         layer.lora_B[_ADAPTER].weight = nn.Parameter(up.to(device))
     return layers
+
+
+def _reference_init(in_features: int, out_features: int, r: int) -> tuple[Tensor, Tensor]:
+    """One layer's ``(down [r, in], up [out, r])`` float32 on the CPU, drawn from the global CPU generator as
+    diffusers' ``LoRALinearLayer`` draws them (see :func:`_inject`)."""
+    down = torch.empty(r, in_features)
+    up = torch.empty(out_features, r)
+    nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # nn.Linear(in, r)'s default init (draws only)
+    nn.init.kaiming_uniform_(up, a=math.sqrt(5))  # nn.Linear(r, out)'s
+    nn.init.normal_(down, std=1 / r)
+    nn.init.zeros_(up)
+    return down, up
 
 
 #: How fast mode runs a LoRA layer: ``"branch"`` as peft does (``base(x) + B(A(x))``: two skinny matmuls more per
@@ -437,6 +444,7 @@ def train_image_lora(
     autocast_dtype: torch.dtype | None = None,
     cuda_graph: bool = True,
     lora_forward: str = "branch",
+    reuse_graph: bool = True,
 ) -> dict[str, Tensor]:
     """Fine-tune a LoRA on one image (DragDiffusion's "Train LoRA"); the UNet is left exactly as it was.
 
@@ -457,6 +465,11 @@ def train_image_lora(
             from one captured CUDA graph (3.4x faster per step on an H200; the same maths and random draws).
         lora_forward: fast mode: :data:`LORA_FORWARDS` (``"branch"``, peft's; ``"merged"``, one matmul with
             ``W + B @ A`` per layer). Reference mode always runs peft's.
+        reuse_graph: fast mode with a captured step: keep it (its LoRA parameters, optimiser state and memory
+            pool, ~3 GB for SD1.5 at 512 px) for this UNet's next training with the same settings, which then
+            replays it from its first step: no peft layers to make, no eager step, no capture. The kept step
+            is used only while every UNet weight is the same tensor as at capture (:func:`release_lora_graphs`
+            frees it).
 
     Returns:
         The LoRA weights, float32 on the UNet's device, in diffusers' peft-style keys:
@@ -497,6 +510,13 @@ def train_image_lora(
             stance.enter_context(nchw_weights(unet))
         with torch.random.fork_rng(devices=devices), stance:
             torch.manual_seed(config.seed)  # accelerate's set_seed(0): CPU and every CUDA generator
+            key = _warm_key(components, config, emb, autocast_dtype, lora_forward) if mode == "fast" else None
+            warm = _WARM.get(unet)
+            if warm is not None and (key is None or not reuse_graph or not warm.usable(unet, key)):
+                release_lora_graphs(unet)  # another setting, or the weights moved: make room for a new one
+                warm = None
+            if warm is not None and _is_square(pixels, config.resolution):
+                return _train_warm(warm, components, pixels, emb, config, progress, callback)
             try:
                 layers = _inject(unet, config, device)
                 params = [w for _, layer in layers
@@ -506,8 +526,12 @@ def train_image_lora(
                 else:
                     merged = _merged_forwards(layers) if lora_forward == "merged" else contextlib.nullcontext()
                     with merged:
-                        _train_fast(components, pixels, emb, params, config, progress, callback, autocast_dtype,
-                                    cuda_graph)
+                        kept = _train_fast(components, pixels, emb, params, config, progress, callback,
+                                           autocast_dtype, cuda_graph, keep=reuse_graph)
+                    if kept is not None:
+                        kept.paths, kept.key = [path for path, _ in layers], key
+                        kept.pointers = _pointers(unet)
+                        _WARM[unet] = kept
                 weights = _weights_of(layers)
             finally:
                 _strip(unet)
@@ -572,13 +596,122 @@ def _train_reference(components: SDComponents, pixels: np.ndarray, emb: Tensor, 
             callback(step, loss.detach())
 
 
+@dataclass(eq=False)
+class _Warm:
+    """A fast-mode LoRA training step kept for the next training on the same UNet (``reuse_graph``): the
+    captured graph and every tensor it reads or writes that is not the UNet's (the LoRA parameters ``A0, B0, A1,
+    ...`` of the layers in ``paths``, the optimiser and GradScaler states, the posterior moments, the text
+    embedding, the noise tables)."""
+
+    graph: Any
+    loss: Tensor
+    params: list[Tensor]
+    opt: Any
+    scaler: Any
+    mean: Tensor
+    std: Tensor
+    emb: Tensor
+    add_noise: Any
+    paths: list[str] = dataclasses.field(default_factory=list)
+    key: Any = None
+    pointers: tuple[int, ...] = ()
+
+    def usable(self, unet: nn.Module, key: Any) -> bool:
+        # the graph reads the UNet's weights where they were at capture: a layout change or a reload moves them
+        return key == self.key and _pointers(unet) == self.pointers
+
+
+#: The kept training step of each UNet (:class:`_Warm`); an entry goes with its UNet.
+_WARM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def release_lora_graphs(unet: nn.Module | None = None) -> None:
+    """Free the LoRA training step kept for ``unet`` (every UNet's when ``None``) by ``train_image_lora(...,
+    reuse_graph=True)``: its CUDA graph, memory pool and states. The next training captures anew."""
+    for key in [unet] if unet is not None else list(_WARM.keys()):
+        _WARM.pop(key, None)
+
+
+def _pointers(unet: nn.Module) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in (*unet.parameters(), *unet.buffers()))
+
+
+def _warm_key(components: SDComponents, config: LoRAConfig, emb: Tensor, autocast_dtype: torch.dtype | None,
+              lora_forward: str) -> tuple:
+    """Everything a captured step bakes in besides the UNet's weights and the per-image inputs: the settings
+    (the step count and the seed aside: the count is how many replays, the seed only draws the initial
+    weights), the dtypes, the text embedding's shape, the schedule, and how the UNet computes attention."""
+    unet, vae = components.unet, components.vae
+    fields = dataclasses.asdict(config)
+    fields.pop("steps")
+    fields.pop("seed")
+    procs = tuple((name, type(p).__name__, getattr(p, "backend", None), getattr(p, "fuse_qkv", None))
+                  for name, p in unet.attn_processors.items())
+    schedule = json.dumps(dict(components.scheduler.config), sort_keys=True, default=str)
+    return (tuple(sorted((k, str(v)) for k, v in fields.items())), autocast_dtype, lora_forward,
+            next(unet.parameters()).dtype, next(vae.parameters()).dtype, tuple(emb.shape), emb.dtype,
+            float(vae.config.scaling_factor), schedule, procs, bool(getattr(unet, "_dragrt_compiled", None)))
+
+
+def _is_square(pixels: np.ndarray, res: int) -> bool:
+    """Whether the reference's Resize + RandomCrop leave nothing to crop (the only case a step is captured)."""
+    return _resized_size(pixels.shape[0], pixels.shape[1], res) == (res, res)
+
+
+def _train_warm(warm: _Warm, components: SDComponents, pixels: np.ndarray, emb: Tensor, config: LoRAConfig,
+                progress: bool, callback: Callable | None) -> dict[str, Tensor]:
+    """A fast-mode training from a kept step: the reference's initial draws into the kept LoRA parameters,
+    optimiser and GradScaler back to their initial state, this image's posterior moments and this prompt's
+    embedding into the kept inputs, then ``config.steps`` replays. The same random draws as a training that
+    captures (the generator was seeded just before; every replay takes the offset of the moment)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    vae = components.vae
+    vae_dtype = next(vae.parameters()).dtype
+    device = warm.loss.device
+    with torch.no_grad():
+        for a, b in zip(warm.params[0::2], warm.params[1::2]):
+            down, up = _reference_init(a.shape[1], b.shape[0], config.rank)
+            a.copy_(down)
+            b.copy_(up)
+        for state in warm.opt.state.values():  # AdamW's moments and (capturable) step counts
+            for v in state.values():
+                if isinstance(v, Tensor):
+                    v.zero_()
+        if warm.scaler is not None:  # a new GradScaler's scale and growth count
+            warm.scaler._scale.fill_(warm.scaler._init_scale)
+            warm.scaler._growth_tracker.zero_()
+        full = _to_normalized(np.asarray(_resize(Image.fromarray(pixels), config.resolution)))
+        dist = vae.encode(full.to(device, dtype=vae_dtype)[None].repeat(config.batch_size, 1, 1, 1)).latent_dist
+        warm.mean.copy_(dist.mean)
+        warm.std.copy_(dist.std)
+        warm.emb.copy_(emb)
+    bar = tqdm(total=config.steps, desc="training LoRA (fast, kept step)", disable=not progress)
+    try:
+        for step in range(config.steps):
+            warm.graph.replay()
+            bar.update()
+            if callback is not None:
+                callback(step, warm.loss.clone())
+    finally:
+        bar.close()
+    out: dict[str, Tensor] = {}
+    for path, a, b in zip(warm.paths, warm.params[0::2], warm.params[1::2]):
+        out[f"unet.{path}.lora_A.weight"] = a.detach().clone()
+        out[f"unet.{path}.lora_B.weight"] = b.detach().clone()
+    return out
+
+
 #: UNets whose compiled blocks have run a fast LoRA training in this process (their training variants exist).
 _TRAINED_COMPILED: weakref.WeakSet = weakref.WeakSet()
 
 
 def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, params: list[Tensor],
                 config: LoRAConfig, progress: bool, callback: Callable | None,
-                autocast_dtype: torch.dtype | None, cuda_graph: bool) -> None:
+                autocast_dtype: torch.dtype | None, cuda_graph: bool, keep: bool = False) -> _Warm | None:
+    """Fast-mode training; with ``keep`` and a captured step, returns what a later training replays (the
+    caller fills in the layer paths, the settings key and the UNet's weight pointers)."""
     from PIL import Image
     from tqdm.auto import tqdm
 
@@ -702,7 +835,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         if not graphed:
             for step in range(config.steps):
                 report(step, body())
-            return
+            return None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -715,7 +848,11 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         for step in range(1, config.steps):
             graph.replay()
             report(step, loss)
+        if keep:
+            return _Warm(graph=graph, loss=loss, params=params, opt=opt, scaler=scaler, mean=mean, std=std, emb=emb,
+                         add_noise=add_noise)
         del graph
+        return None
     finally:
         bar.close()
         if getattr(unet, "_dragrt_compiled", None):

@@ -445,7 +445,79 @@ def test_fast_training_runs_compiled_blocks_once_per_process(pixels: np.ndarray,
     assert num / sum(plain[k].norm() ** 2 for k in ups) ** 0.5 < 1e-3
 
 
+def test_a_kept_step_is_keyed_by_the_settings_and_the_weights_where_they_are(tiny: sd.SDComponents) -> None:
+    """What decides whether a kept LoRA training step may be replayed (CUDA only; the checks are plain Python):
+    the settings that shape it (not the step count or the seed), the attention processors, and every UNet weight
+    still being the tensor it was (a layout change replaces them)."""
+    emb = inv.encode_prompt(tiny, PROMPT).repeat(CFG.batch_size, 1, 1)
+    key = lora._warm_key(tiny, CFG, emb, None, "branch")
+    assert key == lora._warm_key(tiny, lora.LoRAConfig(**{**CFG.__dict__, "steps": 9, "seed": 5}), emb, None,
+                                 "branch")
+    assert key != lora._warm_key(tiny, lora.LoRAConfig(**{**CFG.__dict__, "rank": 8}), emb, None, "branch")
+    assert key != lora._warm_key(tiny, CFG, emb, None, "merged")
+    assert key != lora._warm_key(tiny, CFG, emb, torch.bfloat16, "branch")
+    pipe = sd.build_random_sd15(tiny=True, seed=0)
+    kept = lora._Warm(graph=None, loss=torch.zeros(()), params=[], opt=None, scaler=None, mean=emb, std=emb,
+                      emb=emb, add_noise=None, key=lora._warm_key(pipe, CFG, emb, None, "branch"),
+                      pointers=lora._pointers(pipe.unet))
+    assert kept.usable(pipe.unet, kept.key) and not kept.usable(pipe.unet, key + (1,))
+    pipe.unet.to(memory_format=torch.channels_last)  # new weight tensors for the 4-D ones
+    assert not kept.usable(pipe.unet, kept.key)
+    lora._WARM[pipe.unet] = kept
+    lora.release_lora_graphs(pipe.unet)
+    assert pipe.unet not in lora._WARM
+    assert lora._is_square(np.zeros((64, 64, 3), np.uint8), 64) and not lora._is_square(np.zeros((64, 80, 3)), 64)
+    assert lora._is_square(np.zeros((128, 128, 3)), 64)  # resized to the crop size: nothing to crop
+
+
 # ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.cuda
+def test_a_kept_training_step_trains_as_a_fresh_capture(pixels: np.ndarray, monkeypatch) -> None:
+    """reuse_graph: the second training on a UNet replays the first one's captured step from its first step (no
+    peft layers made, no eager step, no capture), for another image and prompt too, and trains what a fresh
+    capture trains; a UNet whose weights moved (channels-last) captures anew; release frees it."""
+    if sd.assets_dir() is None:
+        pytest.skip("real assets folder is absent: the tiny build uses the real tokenizer")
+    c = sd.build_random_sd15(torch.float16, "cuda", tiny=True, seed=0)
+    cfg = lora.LoRAConfig(rank=4, steps=6, batch_size=2, resolution=64, learning_rate=3e-2)
+    other = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    injected = []
+    inject = lora._inject
+    monkeypatch.setattr(lora, "_inject", lambda *a, **k: (injected.append(1), inject(*a, **k))[1])
+
+    def train(image, prompt=PROMPT, **kw):
+        losses = []
+        w = lora.train_image_lora(c, image, prompt, cfg, progress=False,
+                                  callback=lambda step, loss: losses.append(float(loss)), **kw)
+        return w, losses
+
+    def close(a, b) -> None:
+        (wa, la), (wb, lb) = a, b
+        np.testing.assert_allclose(la, lb, rtol=2e-2)
+        ups = [k for k in wa if "lora_B" in k]
+        num = sum((wa[k] - wb[k]).norm() ** 2 for k in ups) ** 0.5
+        den = sum(wb[k].norm() ** 2 for k in ups) ** 0.5
+        assert den > 0 and num / den < 2e-2
+
+    fresh = train(pixels, reuse_graph=False)
+    assert c.unet not in lora._WARM and len(injected) == 1
+    train(pixels)  # captures and keeps
+    assert c.unet in lora._WARM and len(injected) == 2
+    again = train(pixels)  # replays the kept step
+    assert len(injected) == 2 and len(again[1]) == cfg.steps
+    close(again, fresh)
+    kept_other = train(other, "a photo of a dog")
+    assert len(injected) == 2
+    close(kept_other, train(other, "a photo of a dog", reuse_graph=False))  # (a fresh capture, dropping the kept)
+    assert c.unet not in lora._WARM
+    train(pixels)
+    c.unet.to(memory_format=torch.channels_last)
+    train(pixels)
+    assert len(injected) == 5  # the moved weights made it capture anew
+    lora.release_lora_graphs(c.unet)
+    assert c.unet not in lora._WARM
 
 
 @pytest.mark.cuda
