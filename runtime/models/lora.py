@@ -511,8 +511,8 @@ def train_image_lora(
         with torch.random.fork_rng(devices=devices), stance:
             torch.manual_seed(config.seed)  # accelerate's set_seed(0): CPU and every CUDA generator
             key = _warm_key(components, config, emb, autocast_dtype, lora_forward) if mode == "fast" else None
-            warm = _WARM.get(unet)
-            if warm is not None and (key is None or not reuse_graph or not warm.usable(unet, key)):
+            warm = _WARM.get(unet) if mode == "fast" else None
+            if warm is not None and not (reuse_graph and warm.usable(unet, key)):
                 release_lora_graphs(unet)  # another setting, or the weights moved: make room for a new one
                 warm = None
             if warm is not None and _is_square(pixels, config.resolution):
