@@ -4,6 +4,8 @@ Usage:
     python bench/tools/profile_zoo.py flops                 # any machine: FLOPs, saved activations, op counts
     python bench/tools/profile_zoo.py loader OUT            # GPU machine: renders/s of the loader
     python bench/tools/profile_zoo.py {vae,unet,sg2} OUT    # GPU machine: a real training loop, hooked
+    python bench/tools/profile_zoo.py sg2-128 OUT            # the same, StyleGAN2 at 128 px (preset batch)
+    python bench/tools/profile_zoo.py sg2-128-graphs OUT     # ... with every part replayed from a CUDA graph
 
 ``vae``/``unet``/``sg2`` run the trainer's own ``train`` and hook its once-per-step EMA update: the step rate
 between steps 60 and 160 (one synchronise at each end), then a torch.profiler window of 10 steps
@@ -69,8 +71,11 @@ def hooked_run(what: str, out: Path) -> dict:
 
     result: dict = {}
     hook = StepHook(out, what, result)
-    if what == "sg2":
-        module, name, run = sg2t, "_update_ema", lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False)
+    if what.startswith("sg2"):
+        kw = {"resolution": 128} if "128" in what else {}
+        kw["cuda_graphs"] = what.endswith("-graphs")
+        module, name = sg2t, "_update_ema"
+        run = lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)  # noqa: E731
     else:
         module, name = zvae.Ema, "update"
         trainer = zvae if what == "vae" else zunet
@@ -160,7 +165,7 @@ def main(argv: list[str]) -> int:
     if what == "flops":
         print(json.dumps(flops()))
         return 0
-    if what not in ("loader", "vae", "unet", "sg2") or len(argv) != 2:
+    if what not in ("loader", "vae", "unet", "sg2", "sg2-128", "sg2-128-graphs") or len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[1])
