@@ -11,7 +11,9 @@ Variants (each builds its own pipeline and fast engine, so each pays its compile
   ``torch.compile`` mode ``default``);
 - ``nchw``: the same in NCHW (``channels_last=False``);
 - ``autotune``: as shipped with the blocks compiled in mode ``max-autotune-no-cudagraphs`` (slow to compile);
-- ``cl-fusedqkv``: as shipped with ``DragDiffusionConfig(fuse_qkv=True)`` (self-attention's q/k/v in one matmul).
+- ``cl-fusedqkv``: as shipped with ``DragDiffusionConfig(fuse_qkv=True)`` (self-attention's q/k/v in one matmul);
+- ``cl-cudnnattn``: as shipped with ``attention="cudnn"`` (SDPA with cuDNN's fused attention first);
+- ``cl-cudnnattn-fusedqkv``: both.
 
 Per variant: the cold prepare and first step (compile + capture), ms per drag step (CUDA events, p50 over 2 s),
 a whole edit with the inversion computed and its stages, and a kernel profile of 10 captured steps written to
@@ -36,7 +38,9 @@ from dragrt.runtime.models.sd import build_random_sd15
 
 #: name -> (compile mode, channels_last, other DragDiffusionConfig fields)
 VARIANTS = {"nchw": ("default", False, {}), "cl": ("default", True, {}),
-            "autotune": ("max-autotune-no-cudagraphs", True, {}), "cl-fusedqkv": ("default", True, {"fuse_qkv": True})}
+            "autotune": ("max-autotune-no-cudagraphs", True, {}), "cl-fusedqkv": ("default", True, {"fuse_qkv": True}),
+            "cl-cudnnattn": ("default", True, {"attention": "cudnn"}),
+            "cl-cudnnattn-fusedqkv": ("default", True, {"attention": "cudnn", "fuse_qkv": True})}
 
 
 def run_variant(name: str, out: Path, smoke: bool = False) -> dict:

@@ -44,6 +44,7 @@ from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines import stepping
 from dragrt.runtime.engines.stepping import StepResult
 from dragrt.runtime.models.attention import (
+    ATTENTION_BACKENDS,
     AttnProcessor,
     BranchZeroKVProcessor,
     mutual_self_attention,
@@ -76,7 +77,8 @@ class DragDiffusionConfig:
         lora: train a per-image LoRA before inverting (the reference's optional "Train LoRA" button). Off by
             default as a choice of the caller, not of the algorithm; see :class:`LoRAConfig` for its knobs.
         lora_config: the LoRA's knobs (rank 16, lr 5e-4, 80 steps, batch 4); ``None`` = defaults.
-        attention: ``"auto"`` (SDPA), ``"sdpa"`` or ``"xformers"`` for the fast mode's attention.
+        attention: ``"auto"`` (SDPA), ``"sdpa"``, ``"cudnn"`` (SDPA with cuDNN's fused attention first, CUDA
+            only) or ``"xformers"`` for the fast mode's attention.
         fuse_qkv: fast mode: self-attention's q, k and v from one matmul with the three weights stacked
             (:class:`~dragrt.runtime.models.attention.AttnProcessor`); the same function. Off until timed
             (``bench/tools/profile_dragdiffusion.py OUT cl cl-fusedqkv``).
@@ -147,8 +149,9 @@ class DragDiffusionConfig:
         for name in ("lora", "fuse_qkv", "cuda_graph", "reuse_original_branch", "channels_last", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use True or False")
-        if self.attention not in ("auto", "sdpa", "xformers"):
-            raise ValueError(f"attention={self.attention!r} is not allowed; choose one of: auto, sdpa, xformers")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention={self.attention!r} is not allowed; choose one of: "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
 
     @property
     def inversion_steps(self) -> int:

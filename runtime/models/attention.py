@@ -8,8 +8,9 @@
   queries of both branches concatenated along the token axis, one attention call against branch 0's keys);
   the default broadcasts branch 0's keys and values to the batch. Softmax is per query row, so both give
   the same numbers.
-- :func:`set_attention_backend`: ``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"xformers"``
-  (``memory_efficient_attention``, when installed) or ``"auto"`` (see :func:`default_attention_backend`);
+- :func:`set_attention_backend`: ``"sdpa"`` (PyTorch ``scaled_dot_product_attention``), ``"cudnn"`` (the same
+  with cuDNN's fused attention tried first, CUDA only), ``"xformers"`` (``memory_efficient_attention``, when
+  installed) or ``"auto"`` (see :func:`default_attention_backend`);
   ``"math"`` (the score matrix materialised, as diffusers' classic ``AttnProcessor``) is what reference
   modes run, because the published code does.
 """
@@ -24,8 +25,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cudnn", "xformers")
+
+#: ``"cudnn"``: SDPA's kernels in this order of preference (an order, not a restriction: a call cuDNN cannot take
+#: -- a head dimension or dtype it lacks -- goes on to flash, then memory-efficient, then the maths).
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
 
 
 _XFORMERS_OK: dict[str, bool] = {}
@@ -63,6 +70,9 @@ def resolve_attention_backend(backend: str, device: torch.device | str) -> str:
         raise ValueError(f"attention={backend!r} is not allowed; choose one of: {', '.join(ATTENTION_BACKENDS)}")
     if backend == "auto":
         return default_attention_backend(device)
+    if backend == "cudnn" and torch.device(device).type != "cuda":
+        raise ValueError(f"attention='cudnn' runs on CUDA devices only; use attention='sdpa' on "
+                         f"{torch.device(device).type}")
     if backend == "xformers":
         if torch.device(device).type != "cuda":
             raise ValueError("attention='xformers' runs on CUDA devices only; use attention='sdpa' on "
@@ -88,6 +98,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, scale: float, backend: str) -> T
         out = xops.memory_efficient_attention(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(),
                                               v.transpose(1, 2).contiguous(), scale=scale)
         return out.transpose(1, 2)
+    if backend == "cudnn":
+        with sdpa_kernel(_CUDNN_FIRST, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -156,10 +158,35 @@ def test_mutual_processor_is_softmax_against_branch_zero():
 
 
 def test_backend_errors_name_the_choice(unet):
-    with pytest.raises(ValueError, match="attention='flash'.*auto, sdpa, xformers"):
+    with pytest.raises(ValueError, match="attention='flash'.*auto, sdpa, cudnn, xformers"):
         resolve_attention_backend("flash", "cpu")
     with pytest.raises(ValueError, match="xformers"):
         resolve_attention_backend("xformers", "cpu")
+    with pytest.raises(ValueError, match="attention='cudnn' runs on CUDA devices only"):
+        resolve_attention_backend("cudnn", "cpu")
     with pytest.raises(ValueError, match="start_layer=11 is out of range; this UNet has 10"):
         with mutual_self_attention(unet, start_layer=11):
             pass
+
+
+@pytest.mark.cuda
+def test_cudnn_first_attention_is_sdpa(unet):
+    """attention='cudnn' (SDPA with cuDNN's fused kernels first): the same UNet output and latent gradient as
+    'sdpa', in fp16 on the GPU, also inside a compiled function (the preference is a context Dynamo keeps)."""
+    net = copy.deepcopy(unet).cuda().half()
+    x, t, emb = (a.cuda() for a in _inputs())
+    x, emb = x.half(), emb.half()
+    results = {}
+    for backend in ("sdpa", "cudnn"):
+        set_attention_backend(net, backend)
+        xg = x.clone().requires_grad_(True)
+        out = net(xg, t, encoder_hidden_states=emb).sample
+        out.float().square().sum().backward()
+        results[backend] = (out.detach().float(), xg.grad.float())
+    torch.testing.assert_close(results["cudnn"][0], results["sdpa"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results["cudnn"][1], results["sdpa"][1], rtol=5e-2, atol=5e-2)
+    from dragrt.runtime.models.attention import _attention
+
+    q = torch.randn(2, 8, 256, 40, device="cuda", dtype=torch.float16)
+    compiled = torch.compile(lambda a: _attention(a, a, a, 40 ** -0.5, "cudnn"), fullgraph=True)
+    torch.testing.assert_close(compiled(q), _attention(q, q, q, 40 ** -0.5, "sdpa"), rtol=2e-2, atol=2e-2)
