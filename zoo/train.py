@@ -33,7 +33,8 @@ BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 #: Options handed to the trainer as given: (argparse dest, flag, the trainers that take it, ``train`` keyword).
 PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
                   ("lr", "--lr", ("faces-vae",), "lr"),
-                  ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"))
+                  ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"),
+                  ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2",), "cuda_graphs"))
 
 
 def trainer(name: str):
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default=None, metavar="MODE",
                         help=f"torch.compile mode for this chunk's training steps ({', '.join(COMPILE_TRAINERS)}; "
                              "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
+    parser.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
+                        help="faces-stylegan2: replay each part of an iteration (G, D, path length, R1) from a CUDA "
+                             "graph (CUDA only; not with --compile reduce-overhead)")
     args = parser.parse_args(argv)
     module = trainer(args.name)
     extra = {}

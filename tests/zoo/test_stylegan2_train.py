@@ -317,7 +317,11 @@ def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) 
     assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--device", "cpu", "--batch", "128"]) == 0
     assert calls[0]["config_overrides"] == {"batch_size": 128}
     assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--device", "cpu"]) == 0
-    assert "config_overrides" not in calls[1]
+    assert "config_overrides" not in calls[1] and "cuda_graphs" not in calls[1]
+    assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--cuda-graphs"]) == 0
+    assert calls[2]["cuda_graphs"] is True
+    with pytest.raises(SystemExit):  # the other trainers do not take it
+        zoo_train.main(["faces-vae", "--run-dir", str(tmp_path), "--cuda-graphs"])
 
 
 def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path: Path) -> None:
