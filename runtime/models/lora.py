@@ -515,7 +515,7 @@ def train_image_lora(
             if warm is not None and not (reuse_graph and warm.usable(unet, key)):
                 release_lora_graphs(unet)  # another setting, or the weights moved: make room for a new one
                 warm = None
-            if warm is not None and _is_square(pixels, config.resolution):
+            if warm is not None and cuda_graph and _is_square(pixels, config.resolution):
                 return _train_warm(warm, components, pixels, emb, config, progress, callback)
             try:
                 layers = _inject(unet, config, device)
