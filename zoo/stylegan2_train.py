@@ -1225,9 +1225,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.no_train:
         overrides = {"batch_size": args.batch} if args.batch is not None else None
-        metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
-                        resolution=args.resolution, compile_mode=args.compile, cuda_graphs=args.cuda_graphs,
-                        config_overrides=overrides)
+        try:
+            metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
+                            resolution=args.resolution, compile_mode=args.compile, cuda_graphs=args.cuda_graphs,
+                            config_overrides=overrides)
+        except (ValueError, FileNotFoundError) as exc:  # a setting or a path the trainer refused: say which
+            parser.error(str(exc))
         print(json.dumps(metrics, indent=2, sort_keys=True))
     elif args.evaluate:
         print(json.dumps(evaluate_run(args.run_dir, args.device, args.seed), indent=2, sort_keys=True))

@@ -307,6 +307,13 @@ def test_cli_passes_a_new_runs_batch(tmp_path, monkeypatch) -> None:
         st.TrainConfig.preset(256, batch_size=6)
 
 
+def test_cli_refusals_are_usage_errors_not_tracebacks(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        st.main(["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--cuda-graphs", "--minutes", "0.1"])
+    assert exit_info.value.code == 2
+    assert "error: cuda_graphs=True needs a CUDA device, got device='cpu'" in capsys.readouterr().err
+
+
 def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) -> None:
     """``python -m dragrt.zoo.train faces-stylegan2 --batch N`` reaches the run's config as the trainer's own
     ``--batch`` does (one flag for every zoo trainer that takes a batch)."""
