@@ -462,10 +462,14 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _sanitize_grads(module: nn.Module) -> None:
-    """NaN -> 0, +-Inf -> +-1e5 in every gradient (NVIDIA does this for its fp16 blocks)."""
-    for p in module.parameters():
-        if p.grad is not None:
-            torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+    """NaN -> 0, +-Inf -> +-1e5 in every gradient (NVIDIA does this for its fp16 blocks). As NVIDIA does it: on
+    the gradients flattened into one buffer and copied back (a handful of kernels instead of one per parameter:
+    88 in G, 33 in D at 128 px)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).nan_to_num_(nan=0.0, posinf=1e5, neginf=-1e5)
+    torch._foreach_copy_(grads, [part.view(g.shape) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 COMPILE_MODES = training.COMPILE_MODES

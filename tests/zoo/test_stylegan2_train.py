@@ -344,6 +344,25 @@ def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path: Path) -> 
     assert not (tmp_path / "a").exists()  # refused before anything was written
 
 
+def test_sanitize_grads_is_nan_to_num_of_every_gradient() -> None:
+    """NaN -> 0, +-Inf -> +-1e5 in every gradient, in place (a channels-last one too); no gradient stays none."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    net[0].to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    params = list(net.parameters())
+    for p in params[:-1]:  # the last one has no gradient
+        p.grad = torch.randn(p.shape, generator=g).contiguous(
+            memory_format=torch.channels_last if p.ndim == 4 else torch.contiguous_format)
+    params[0].grad[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    params[2].grad[0, :3] = torch.tensor([-math.inf, math.nan, math.inf])
+    held = [p.grad for p in params[:-1]]
+    want = [torch.nan_to_num(t, nan=0.0, posinf=1e5, neginf=-1e5) for t in held]
+    st._sanitize_grads(net)
+    for p, h, w in zip(params, held, want):
+        assert p.grad is h and torch.equal(p.grad, w)  # in place, the same values as nan_to_num
+    assert params[0].grad.is_contiguous(memory_format=torch.channels_last) and params[-1].grad is None
+
+
 def test_replayed_step_runs_eagerly_without_graphs() -> None:
     seen = []
     step = training.ReplayedStep(lambda: seen.append(len(seen)))
