@@ -181,6 +181,22 @@ def time_cuda(
     return _time_perf_counter(fn, warmup_ms, budget_ms, min_reps, max_reps)
 
 
+def captured(fn: Callable[[], Any], warmup_calls: int = 3) -> Callable[[], None]:
+    """``fn`` captured into a CUDA graph after ``warmup_calls`` eager calls on a side stream (the capture itself
+    runs nothing); returns the graph's ``replay`` (each call one replay of ``fn``'s work). For tools timing a
+    step that a runtime path replays the same way."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _time_perf_counter(
     fn: Callable[[], Any], warmup_ms: float, budget_ms: float, min_reps: int, max_reps: int
 ) -> Timing:

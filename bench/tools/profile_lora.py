@@ -6,7 +6,7 @@ Usage (GPU machine, full-size SD1.5-config UNet with random weights, 512 px, bat
 
 Each variant runs the fast trainer's step (``lora._train_fast``'s maths: posterior sample, noise, timesteps,
 ``add_noise``, UNet under autocast, MSE, backward, fused AdamW) with one change, and reports ms per step from
-CUDA events over 15 steps after 5 warm-up steps (CUDA-graph variants: after capture). Variants:
+the median of 15 steps (CUDA events) after 5 warm-up steps (CUDA-graph variants: after capture). Variants:
 
 - ``base``: as shipped (fp16 UNet, fp16 autocast, GradScaler, peft layers);
 - ``cudnn``: ``torch.backends.cudnn.benchmark = True``;
@@ -116,18 +116,7 @@ def make_step(sd, variant: str):
 
     if "cudnnattn" in tokens:
         body = _cudnn_attention_first(body)
-    if not graphed:
-        return body
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
+    return harness.captured(body) if graphed else body
 
 
 def _cudnn_attention_first(fn):
@@ -154,29 +143,14 @@ def make_forward(sd, variant: str):
     x = torch.randn(b, 4, 64, 64, device=dev, dtype=torch.float16).contiguous(memory_format=fmt)
     t = torch.tensor(500, device=dev)
     with torch.inference_mode():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                unet(x, t, emb, return_dict=False)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            unet(x, t, emb, return_dict=False)
-    return graph.replay
+        return harness.captured(lambda: unet(x, t, emb, return_dict=False))
 
 
 def time_steps(step) -> float:
+    """ms per step: the median of STEPS calls (CUDA events) after WARMUP untimed ones."""
     for _ in range(WARMUP):
         step()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(STEPS):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / STEPS
+    return harness.time_cuda(step, warmup_ms=0, budget_ms=0, min_reps=STEPS).p50_ms
 
 
 def main(out: Path, variants: list[str]) -> None:

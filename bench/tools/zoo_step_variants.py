@@ -16,9 +16,9 @@ A variant is a dash-joined set of tokens: ``base`` (as the trainer), ``cl`` (the
 channels-last), ``compile`` (the trainer's ``--compile default``: blocks / encoder and decoder compiled),
 ``graph`` (the whole step captured in one CUDA graph, capturable AdamW; unet only), ``fp32`` (no autocast),
 ``math`` / ``flash`` / ``efficient`` / ``cudnn`` (SDPA restricted to that kernel), ``prof`` (the kernel table
-to ``OUT/<what>_<variant>_prof.txt``). Each prints one JSON line (ms per step over 20 steps after 5 of warm-up,
-CUDA events) and all go to ``OUT/<what>_variants.json``. Default variants: ``base-prof cl compile flash
-efficient math graph`` (unet), ``base-prof cl compile`` (vae).
+to ``OUT/<what>_<variant>_prof.txt``). Each prints one JSON line (ms per step: the median of 20 steps, CUDA
+events, after a second of warm-up) and all go to ``OUT/<what>_variants.json``. Default variants: ``base-prof cl
+compile flash efficient math graph`` (unet), ``base-prof cl compile`` (vae).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from dragrt.bench import harness
 
-WARMUP, STEPS = 5, 20
+STEPS = 20
 DEFAULTS = {"unet": ["base-prof", "cl", "compile", "flash", "efficient", "math", "graph"],
             "vae": ["base-prof", "cl", "compile"]}
 
@@ -84,7 +84,7 @@ def make_unet_step(tokens: set[str], dev: torch.device, smoke: bool):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0, foreach=True)
         opt.step()
 
-    return _graphed(body) if graphed else body
+    return harness.captured(body) if graphed else body
 
 
 def make_vae_step(tokens: set[str], dev: torch.device, smoke: bool):
@@ -117,37 +117,6 @@ def make_vae_step(tokens: set[str], dev: torch.device, smoke: bool):
     return body
 
 
-def _graphed(body):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
-
-
-def time_steps(step, dev: torch.device) -> float:
-    for _ in range(WARMUP):
-        step()
-    if dev.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(2):
-            step()
-        return (time.perf_counter() - t) / 2 * 1e3
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(STEPS):
-        step()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / STEPS
-
-
 def main(argv: list[str]) -> int:
     args = [a for a in argv if a != "--smoke"]
     smoke = "--smoke" in argv
@@ -169,7 +138,9 @@ def main(argv: list[str]) -> int:
         t = time.perf_counter()
         try:
             step = make(tokens, dev, smoke)
-            r = {"what": what, "variant": variant, "ms_per_step": round(time_steps(step, dev), 2),
+            timing = harness.time_cuda(step, warmup_ms=0 if smoke else 1000, budget_ms=0,
+                                       min_reps=2 if smoke else STEPS)
+            r = {"what": what, "variant": variant, "ms_per_step": round(timing.p50_ms, 2),
                  "setup_s": round(time.perf_counter() - t, 1)}
             if dev.type == "cuda":
                 r["max_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
