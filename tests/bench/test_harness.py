@@ -311,6 +311,13 @@ def test_time_cuda_events_and_graph_on_gpu() -> None:
     assert graphed.clock == "cuda_events" and graphed.graph and graphed.n >= 10
     assert harness.copy_bandwidth_gbs(1 << 24, 20) > 0
     assert harness.env_info()["gpu"] != "cpu"
+    count = torch.zeros((), device="cuda")
+    replay = harness.captured(lambda: count.add_(1), warmup_calls=3)
+    torch.cuda.synchronize()
+    assert float(count) == 3  # the warm-up calls ran, the capture did not
+    replay()
+    replay()
+    assert float(count) == 5
 
 
 @pytest.mark.cuda
