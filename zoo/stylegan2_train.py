@@ -1029,6 +1029,16 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     return metrics
 
 
+def _card_command(cfg: TrainConfig) -> str:
+    """The command that trains a run like ``cfg``'s (the trainer's own CLI: it takes the resolution)."""
+    if cfg.smoke:
+        return "dragrt.zoo.stylegan2_train.train(RUN, minutes=M, device='cpu', smoke=True) (a test run)"
+    preset = TrainConfig.preset(cfg.resolution)
+    batch = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
+    return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{batch} --minutes 8.5 "
+            "(repeated; --cuda-graphs or --compile MODE only change the speed) --export DEST")
+
+
 def _diversity(means: Mapping[str, float]) -> float:
     """The fakes' batch spread over the reals' (:func:`batch_spread`; ``nan`` before any step)."""
     fake, real = means.get("spread_fake", math.nan), means.get("spread_real", math.nan)
@@ -1192,7 +1202,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                   "optimizer": f"Adam lr {cfg.lr} betas ({cfg.beta1}, {cfg.beta2}) (lazy-reg corrected)",
                   "precision": f"fp16 in the top {cfg.num_fp16_res} resolutions on CUDA, conv_clamp {cfg.conv_clamp}",
                   "commit": ckpt.get("commit") or training.git_commit(),
-                  "command": f"python -m dragrt.zoo.train {NAME} --run-dir RUN --minutes 8.5 (repeated) --export"},
+                  "command": _card_command(cfg)},
         metrics=shown or {"note": "no metrics recorded"},
         files=[GENERATOR_FILE, GENERATOR_RECORD, SAMPLES_FILE, training.CARD],
     )

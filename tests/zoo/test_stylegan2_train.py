@@ -307,6 +307,13 @@ def test_cli_passes_a_new_runs_batch(tmp_path, monkeypatch) -> None:
         st.TrainConfig.preset(256, batch_size=6)
 
 
+def test_model_card_command_trains_a_run_like_the_exported_one() -> None:
+    assert st._card_command(st.TrainConfig.preset(128)).startswith(
+        "python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution 128 --minutes")
+    assert "--resolution 128 --batch 128 --minutes" in st._card_command(st.TrainConfig.preset(128, batch_size=128))
+    assert "smoke=True" in st._card_command(st.TrainConfig.preset(smoke=True))
+
+
 def test_cli_refusals_are_usage_errors_not_tracebacks(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         st.main(["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--cuda-graphs", "--minutes", "0.1"])
