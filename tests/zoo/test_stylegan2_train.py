@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -368,6 +369,69 @@ def test_sanitize_grads_is_nan_to_num_of_every_gradient() -> None:
     for p, h, w in zip(params, held, want):
         assert p.grad is h and torch.equal(p.grad, w)  # in place, the same values as nan_to_num
     assert params[0].grad.is_contiguous(memory_format=torch.channels_last) and params[-1].grad is None
+
+
+class _FakeCuda:
+    """Stand-ins for the torch.cuda calls of ``training.ReplayedStep`` (its control flow, tested on the CPU)."""
+
+    def __init__(self, capture_fails: bool) -> None:
+        self.capture_fails, self.replays, self.captures = capture_fails, 0, 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake = self
+
+        class Graph:
+            def replay(self) -> None:
+                fake.replays += 1
+
+        class Stream:
+            def __init__(self, *a, **k) -> None:
+                pass
+
+            def wait_stream(self, other) -> None:
+                pass
+
+        @contextlib.contextmanager
+        def graph(g, **kwargs):
+            fake.captures += 1
+            fake.capturing = True
+            try:
+                yield
+                if fake.capture_fails:  # as a capture invalidated by an op in the step
+                    raise RuntimeError("operation not permitted when stream is capturing")
+            finally:
+                fake.capturing = False
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_replayed_step_warms_up_captures_once_then_replays(monkeypatch: pytest.MonkeyPatch,
+                                                           capture_fails: bool) -> None:
+    """First call eager, second captures (the zero_grad-like hook just before) and replays, later calls replay;
+    a capture that fails is reported once and the step runs eagerly from then on, each call exactly once."""
+    fake = _FakeCuda(capture_fails)
+    fake.install(monkeypatch)
+    fake.capturing = False
+    eager_runs, events, reports = [], [], []
+    step = training.ReplayedStep(lambda: eager_runs.append(fake.capturing), before_capture=lambda: events.append(1),
+                                 on_fallback=reports.append)
+    step.cuda_graph, step.device = True, torch.device("cuda")  # (the constructor refuses CUDA without a GPU)
+    for _ in range(4):
+        step()
+    assert fake.captures == 1 and events == [1] and step.calls == 4
+    if capture_fails:
+        assert fake.replays == 0 and step.graph is None and not step.cuda_graph
+        assert len(reports) == 1 and "RuntimeError: operation not permitted" in reports[0]
+        assert eager_runs == [False, True, False, False, False]  # warm-up, failed capture, then 3 eager calls
+    else:
+        assert fake.replays == 3 and step.graph is not None and not reports
+        assert eager_runs == [False, True]  # the warm-up, then the recording
 
 
 def test_replayed_step_runs_eagerly_without_graphs() -> None:
