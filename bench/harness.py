@@ -486,6 +486,8 @@ def env_info() -> dict[str, Any]:
         "xformers": _dist_version("xformers"),
         "python": platform.python_version(),
         "commit": _git_commit(),
+        # "warm" / "cold": bench/gpu.sh ran with a compile cache carried in or empty (compile times depend on it)
+        "compile_cache": os.environ.get("DRAGRT_COMPILE_CACHE_STATE"),
         "hostname": socket.gethostname(),
         "time_utc": _utc_now(),
     }

@@ -224,6 +224,39 @@ def test_env_info_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     assert env["gpu"] == ("cpu" if not HAS_CUDA else env["gpu"])
     monkeypatch.delenv(harness.COMMIT_ENV)
     assert harness._git_commit(Path("/nonexistent-dir")) is None
+    monkeypatch.delenv("DRAGRT_COMPILE_CACHE_STATE", raising=False)
+    assert harness.env_info()["compile_cache"] is None  # no cache set up by bench/gpu.sh
+    monkeypatch.setenv("DRAGRT_COMPILE_CACHE_STATE", "warm")
+    assert harness.env_info()["compile_cache"] == "warm"  # compile times measured against a carried cache
+
+
+def test_gpu_script_packs_a_compile_cache_into_returnable_pieces(tmp_path: Path) -> None:
+    """bench/gpu.sh pack-cache (no install, no GPU needed): the cache folder as 15 MiB tar.gz pieces that
+    concatenate back into it; without DRAGRT_COMPILE_CACHE it is a usage error."""
+    import os
+    import subprocess
+
+    script = Path(harness.__file__).parent / "gpu.sh"
+    cache = tmp_path / ".compile-cache"
+    (cache / "inductor").mkdir(parents=True)
+    (cache / "inductor" / "kernel.bin").write_bytes(os.urandom(1 << 16))
+    env = {**os.environ, "DRAGRT_SKIP_INSTALL": "1", "DRAGRT_COMPILE_CACHE": str(cache)}
+    env.pop("DRAGRT_COMPILE_CACHE_STATE", None)
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out"), "pack-cache"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(warm, " in done.stdout and "packed" in done.stdout
+    pieces = sorted((tmp_path / "out").glob("compile-cache.tgz.*"))
+    assert [p.name for p in pieces] == ["compile-cache.tgz.aa"]
+    back = tmp_path / "back"
+    back.mkdir()
+    subprocess.run(["tar", "-xzf", str(pieces[0]), "-C", str(back)], check=True)
+    assert (back / ".compile-cache" / "inductor" / "kernel.bin").read_bytes() == (
+        cache / "inductor" / "kernel.bin").read_bytes()
+    env.pop("DRAGRT_COMPILE_CACHE")
+    refused = subprocess.run(["bash", str(script), str(tmp_path / "out2"), "pack-cache"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "pack-cache needs DRAGRT_COMPILE_CACHE" in refused.stderr
 
 
 def test_registry() -> None:
