@@ -706,10 +706,12 @@ def _default_reals(cfg: TrainConfig, seed: int, epoch: int, device: torch.device
     return _endless(loader)
 
 
-def _to_device_images(batch: Tensor, device: torch.device) -> Tensor:
-    """A uint8 (0..255) or float ([-1, 1]) image batch -> float32 ``[-1, 1]`` on ``device``."""
-    batch = batch.to(device, non_blocking=True)
-    return batch.float().div_(127.5).sub_(1.0) if batch.dtype == torch.uint8 else batch.float()
+def _load_images(out: Tensor, batch: Tensor) -> None:
+    """A uint8 (0..255) or float ([-1, 1]) image batch into ``out`` (float32 ``[-1, 1]``, on its device, in place:
+    the static buffer every part of an iteration reads)."""
+    out.copy_(batch.to(out.device, non_blocking=True))
+    if batch.dtype == torch.uint8:
+        out.div_(127.5).sub_(1.0)
 
 
 def _log(msg: str) -> None:
@@ -942,7 +944,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         if incoming.shape != real.shape:
             raise ValueError(f"real batch has shape {list(incoming.shape)}; expected [{batch}, 3, {cfg.resolution}, "
                              f"{cfg.resolution}]")
-        real.copy_(_to_device_images(incoming, dev))
+        _load_images(real, incoming)
         iteration = [g_step]
         if pl_on and step % cfg.pl_interval == 0:
             iteration.append(pl_step)
