@@ -680,7 +680,7 @@ class DragDiffusionEngine:
     def _mutual(self, literal: bool):
         cfg = self.config
         return mutual_self_attention(self.unet, cfg.start_layer, backend=self.attention, literal=literal,
-                                     fuse_qkv=cfg.fuse_qkv and self.attention != "math")
+                                     fuse_qkv=cfg.fuse_qkv)
 
     def _denoise_fast(self, z_edit: Tensor) -> Tensor:
         cfg, p = self.config, self.prepared
