@@ -664,7 +664,6 @@ def _train_warm(warm: _Warm, components: SDComponents, pixels: np.ndarray, emb: 
     optimiser and GradScaler back to their initial state, this image's posterior moments and this prompt's
     embedding into the kept inputs, then ``config.steps`` replays. The same random draws as a training that
     captures (the generator was seeded just before; every replay takes the offset of the moment)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     vae = components.vae
@@ -682,10 +681,10 @@ def _train_warm(warm: _Warm, components: SDComponents, pixels: np.ndarray, emb: 
         if warm.scaler is not None:  # a new GradScaler's scale and growth count
             warm.scaler._scale.fill_(warm.scaler._init_scale)
             warm.scaler._growth_tracker.zero_()
-        full = _to_normalized(np.asarray(_resize(Image.fromarray(pixels), config.resolution)))
-        dist = vae.encode(full.to(device, dtype=vae_dtype)[None].repeat(config.batch_size, 1, 1, 1)).latent_dist
-        warm.mean.copy_(dist.mean)
-        warm.std.copy_(dist.std)
+        mean, std = _square_moments(vae, _normalized_image(pixels, config.resolution, device, vae_dtype),
+                                    config.batch_size)
+        warm.mean.copy_(mean)
+        warm.std.copy_(std)
         warm.emb.copy_(emb)
     bar = tqdm(total=config.steps, desc="training LoRA (fast, kept step)", disable=not progress)
     try:
@@ -703,6 +702,23 @@ def _train_warm(warm: _Warm, components: SDComponents, pixels: np.ndarray, emb: 
     return out
 
 
+def _normalized_image(pixels: np.ndarray, res: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The reference's Resize + ToTensor + Normalize of the image, done once: ``[1, 3, H', W']`` (its crops are
+    slices of it: cropping commutes with the pointwise maps)."""
+    from PIL import Image
+
+    return _to_normalized(np.asarray(_resize(Image.fromarray(pixels), res))).to(device, dtype=dtype)[None]
+
+
+@torch.no_grad()
+def _square_moments(vae: nn.Module, full: Tensor, bsz: int) -> tuple[Tensor, Tensor]:
+    """Fast mode's one VAE call for a square image: the batch of ``bsz`` identical images the reference encodes
+    every step (same kernels, same output layout, so the same posterior mean and std, ``[bsz, 4, h, w]``, as its
+    first step, bit for bit)."""
+    dist = vae.encode(full.repeat(bsz, 1, 1, 1)).latent_dist
+    return dist.mean, dist.std
+
+
 #: UNets whose compiled blocks have run a fast LoRA training in this process (their training variants exist).
 _TRAINED_COMPILED: weakref.WeakSet = weakref.WeakSet()
 
@@ -712,7 +728,6 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
                 autocast_dtype: torch.dtype | None, cuda_graph: bool, keep: bool = False) -> _Warm | None:
     """Fast-mode training; with ``keep`` and a captured step, returns what a later training replays (the
     caller fills in the layer paths, the settings key and the UNet's weight pointers)."""
-    from PIL import Image
     from tqdm.auto import tqdm
 
     unet, vae = components.unet, components.vae
@@ -728,9 +743,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
         raise ValueError(f"unknown prediction_type {prediction!r} in the scheduler config")
     add_noise = _AddNoise(_ddpm(components).alphas_cumprod, device, vae_dtype)
 
-    # Resize and normalise once; crops are slices of this tensor (cropping commutes with the pointwise maps).
-    resized = _resize(Image.fromarray(pixels), res)
-    full = _to_normalized(np.asarray(resized)).to(device, dtype=vae_dtype)[None]  # [1, 3, H', W']
+    full = _normalized_image(pixels, res, device, vae_dtype)
     H, W = full.shape[-2:]
     moments: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
     layout = torch.contiguous_format
@@ -756,11 +769,7 @@ def _train_fast(components: SDComponents, pixels: np.ndarray, emb: Tensor, param
 
     square = (H, W) == (res, res)
     if square:
-        # The one and only VAE call: the batch of bsz identical images the reference encodes every step (same
-        # kernels, same output layout, so the same mean/std tensors as its first step, bit for bit).
-        with torch.no_grad():
-            dist = vae.encode(full.repeat(bsz, 1, 1, 1)).latent_dist
-        mean, std = dist.mean, dist.std  # [bsz, 4, h, w] each, views into the VAE's output
+        mean, std = _square_moments(vae, full, bsz)
 
     if device.type == "cuda":
         if autocast_dtype is None:
