@@ -17,10 +17,10 @@ the median of 15 steps (CUDA events) after 5 warm-up steps (CUDA-graph variants:
 - ``graph-bf16``: ``bf16`` captured likewise;
 - ``graph-cl``: ``graph`` in channels-last;
 - ``compile-graph``: ``graph`` with the UNet's blocks compiled (``torch.compile``, default mode) first;
-- any other dash-joined set of the tokens ``compile``, ``graph``, ``cl``, ``bf16``, ``cudnnattn`` (SDPA tries
-  cuDNN's fused attention first, then flash, then memory-efficient: ``sdpa_kernel(..., set_priority=True)``
-  around warm-up, compilation and capture), ``cudnnbench`` (``torch.backends.cudnn.benchmark = True``: the
-  convolutions' algorithms timed at warm-up instead of picked by heuristics; the runtime leaves it off),
+- any other dash-joined set of the tokens ``compile``, ``graph``, ``cl``, ``bf16``, ``cudnnattn`` (the engine's
+  ``attention="cudnn"``: SDPA tries cuDNN's fused attention first), ``cudnnbench``
+  (``torch.backends.cudnn.benchmark = True``: the convolutions' algorithms timed at warm-up instead of picked by
+  heuristics; the runtime leaves it off),
   ``merged`` (each LoRA layer one matmul with ``W + B @ A``: ``train_image_lora(lora_forward="merged")``),
   ``fusedqkv`` (dragrt's SDPA processors stacking the self-attention q/k/v projections: with ``merged``, the
   LoRA layers' merged weights too; without it, peft's layers keep three calls) and ``prof`` (the kernel table
@@ -71,10 +71,10 @@ def make_step(sd, variant: str):
     emb = encode_prompt(sd, "a photo of a cat").to(dtype).repeat(4, 1, 1)
     torch.manual_seed(0)
     unet.requires_grad_(False)
-    if "fusedqkv" in tokens:
+    if tokens & {"cudnnattn", "fusedqkv"}:  # dragrt's processors, as a fast engine sets them
         from dragrt.runtime.models.attention import set_attention_backend
 
-        set_attention_backend(unet, "sdpa", fuse_qkv=True)
+        set_attention_backend(unet, "cudnn" if "cudnnattn" in tokens else "sdpa", fuse_qkv="fusedqkv" in tokens)
     params = []
     if variant != "nolora":
         layers = L._inject(unet, cfg, dev)
@@ -114,22 +114,7 @@ def make_step(sd, variant: str):
             return
         L._optimizer_step(loss, opt, scaler)
 
-    if "cudnnattn" in tokens:
-        body = _cudnn_attention_first(body)
     return harness.captured(body) if graphed else body
-
-
-def _cudnn_attention_first(fn):
-    """``fn`` with SDPA's backends tried in the order cuDNN, flash, memory-efficient (what runs is fixed when
-    the blocks compile and when the step is captured, both inside)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-    def wrapped():
-        with sdpa_kernel(order, set_priority=True):
-            return fn()
-    return wrapped
 
 
 def make_forward(sd, variant: str):
