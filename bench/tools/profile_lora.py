@@ -52,6 +52,7 @@ def make_step(sd, variant: str):
     """A zero-argument step for ``variant`` (``sd`` is changed in place: build a fresh one per variant)."""
     from dragrt.runtime.inversion import encode_prompt
     from dragrt.runtime.models import lora as L
+    from dragrt.runtime.models.attention import set_attention_backend
 
     unet, vae = sd.unet, sd.vae
     dev = torch.device("cuda")
@@ -71,10 +72,8 @@ def make_step(sd, variant: str):
     emb = encode_prompt(sd, "a photo of a cat").to(dtype).repeat(4, 1, 1)
     torch.manual_seed(0)
     unet.requires_grad_(False)
-    if tokens & {"cudnnattn", "fusedqkv"}:  # dragrt's processors, as a fast engine sets them
-        from dragrt.runtime.models.attention import set_attention_backend
-
-        set_attention_backend(unet, "cudnn" if "cudnnattn" in tokens else "sdpa", fuse_qkv="fusedqkv" in tokens)
+    # dragrt's processors in every variant, as a fast engine sets them on the UNet its LoRA trains on
+    set_attention_backend(unet, "cudnn" if "cudnnattn" in tokens else "sdpa", fuse_qkv="fusedqkv" in tokens)
     params = []
     if variant != "nolora":
         layers = L._inject(unet, cfg, dev)
