@@ -6,11 +6,11 @@ Usage (GPU machine):
     python bench/tools/zoo_step_variants.py vae OUT [VARIANT ...]
     python bench/tools/zoo_step_variants.py {unet,vae} OUT --smoke   # any machine: tiny batch on the CPU
 
-``unet``: the faces-sd UNet (the shipped config, random weights) at the trainer's batch 256 on 32 x 32 latents
-with 77 text states: ``diffusion_loss`` (min-SNR 5) under bf16 autocast, backward, gradient clipping, fused
-AdamW -- the trainer's step without its data. The step costs ~1 TFLOP (``profile_zoo.py flops``: 4.0 GFLOP a
-sample) and took 148 ms on an H200 (2026-12-04): 15x its arithmetic. ``vae``: the faces-vae loss step
-(``vae_loss``) at batch 32 on 256 px images.
+``unet``: the faces-sd UNet (the shipped config, ``zoo.unet.unet_config(128)``, random weights) at the trainer's
+batch 256 on 32 x 32 latents with 77 text states: ``diffusion_loss`` (min-SNR 5) under bf16 autocast, backward,
+gradient clipping, fused AdamW -- the trainer's step without its data. The step costs ~1 TFLOP (``profile_zoo.py
+flops``: 4.0 GFLOP a sample) and took 148 ms on an H200 (2026-12-04): 15x its arithmetic. ``vae``: the faces-vae
+loss step (``vae_loss``) at batch 32 on 256 px images.
 
 A variant is a dash-joined set of tokens: ``base`` (as the trainer), ``cl`` (the network and its input in
 channels-last), ``compile`` (the trainer's ``--compile default``: blocks / encoder and decoder compiled),
@@ -51,14 +51,10 @@ def make_unet_step(tokens: set[str], dev: torch.device, smoke: bool):
     from diffusers import DDIMScheduler
 
     from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG
-    from dragrt.zoo import registry, training
+    from dragrt.zoo import training
     from dragrt.zoo import unet as zunet
 
-    config_path = registry.WEIGHTS_DIR / "faces-sd" / "unet" / "config.json"
-    if config_path.is_file():
-        config = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
-    else:
-        config = zunet.unet_config(128)
+    config = zunet.unet_config(128)  # the shipped faces-sd UNet's (faces-clip's text states are 128 wide)
     torch.manual_seed(0)
     unet = zunet.build_unet(config).to(dev).train()
     batch = 4 if smoke else 256
