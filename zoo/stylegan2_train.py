@@ -855,10 +855,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         ws = mix_styles(gen, z, cfg.style_mixing_prob)
         return synth(ws, noise_mode="random"), ws
 
+    accumulated: list[str] = []  # the names the part being run eagerly accumulates
+
     def accumulate(name: str, value: Tensor) -> None:  # in place: a captured step adds to the same tensors
         value = value.detach().float()
         nonfinite.add_((~torch.isfinite(value)).float())
         sums[name].add_(torch.nan_to_num(value))
+        accumulated.append(name)
 
     # Every iteration: the G step and the D step, plus the lazy regularisers every pl_interval / r1_interval
     # steps. Each part reads the real batch from one static buffer and updates its state in place, so that it
@@ -920,18 +923,18 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     def fallback(what: str) -> Callable[[str], None]:
         return lambda err: _log(f"CUDA-graph capture of the {what} failed ({err}); it runs eagerly from now on")
 
-    parts: dict[str, training.ReplayedStep] = {}
+    parts = {what: training.ReplayedStep(fn, cuda_graph=cuda_graphs, device=dev, before_capture=clear_grads,
+                                         on_fallback=fallback(what))
+             for what, fn in (("G step", g_main), ("path-length step", g_pl), ("D step", d_main), ("R1 step", d_r1))}
+    # What each part accumulates, learnt from its first call (always eager): a replay adds on the device only.
+    part_names: dict[str, tuple[str, ...]] = {}
 
-    def part(fn: Callable[[], None], what: str, names: tuple[str, ...]) -> tuple[training.ReplayedStep, tuple]:
-        parts[what] = training.ReplayedStep(fn, cuda_graph=cuda_graphs, device=dev, before_capture=clear_grads,
-                                            on_fallback=fallback(what))
-        return parts[what], names
-
-    # (step, what it accumulates), in the order of an iteration; the lazy ones run when step % interval == 0.
-    g_step = part(g_main, "G step", ("loss_G", "spread_fake", "spread_real") if batch > 1 else ("loss_G",))
-    pl_step = part(g_pl, "path-length step", ("pl",))
-    d_step = part(d_main, "D step", ("loss_D", "D_real", "D_fake"))
-    r1_step = part(d_r1, "R1 step", ("r1",))
+    def run_part(what: str) -> None:
+        accumulated.clear()
+        parts[what]()
+        names = part_names.setdefault(what, tuple(accumulated))
+        for name in names:
+            counts[name] += 1
 
     while nimg < cfg.total_kimg * 1000:
         if max_steps is not None and step - start_step >= max_steps:
@@ -945,16 +948,12 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             raise ValueError(f"real batch has shape {list(incoming.shape)}; expected [{batch}, 3, {cfg.resolution}, "
                              f"{cfg.resolution}]")
         _load_images(real, incoming)
-        iteration = [g_step]
+        run_part("G step")
         if pl_on and step % cfg.pl_interval == 0:
-            iteration.append(pl_step)
-        iteration.append(d_step)
+            run_part("path-length step")
+        run_part("D step")
         if r1_on and step % cfg.r1_interval == 0:
-            iteration.append(r1_step)
-        for run_part, names in iteration:
-            run_part()
-            for name in names:
-                counts[name] += 1
+            run_part("R1 step")
 
         step += 1
         nimg += batch
