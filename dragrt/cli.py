@@ -353,6 +353,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
     from dragrt.bench import harness, quality
+    from dragrt.runtime import drag
     from dragrt.runtime.config import RuntimeConfig
     from dragrt.zoo import evaluators
 
@@ -408,6 +409,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         config.update(num_inference_steps=args.inference_steps, lora=bool(args.lora))
     if args.method == "draggan":
         config["projection_steps"] = args.projection_steps
+        config["generator_resolution"] = editor.resolution
+        config["radii_px"] = list(drag.draggan_radii(editor.resolution, editor.config.r1, editor.config.r2))
     compile_s = ({"ours": sum(runs["ours"].warmup_s), "reference": sum(runs["reference"].warmup_s)}
                  if warmup else None)
     record = harness.make_record(f"quality-{args.method}", config, runs["ours"].timing(),

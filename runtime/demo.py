@@ -203,8 +203,9 @@ def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> tup
     targets = [p["target"] for p in session.points]
     start = [p["handle"] for p in session.points]
     before = session.image()
-    _draw(before, start, targets).save(out_dir / "before.png")
-    frames = [_draw(before, start, targets)]
+    scale = max(1, DISPLAY_MIN_SIZE // before.width)
+    _draw(before, start, targets, scale).save(out_dir / "before.png")
+    frames = [_draw(before, start, targets, scale)]
     step_ms: list[float] = []
     last = None
     bar = tqdm(total=max_steps, desc="dragging", unit="step", disable=not progress, mininterval=0.5)
@@ -212,14 +213,14 @@ def _drag_session(session, out_dir: Path, max_steps: int, progress: bool) -> tup
         step_ms.append(ev.ms)
         last = ev
         if ev.preview is not None:
-            frames.append(_draw(ev.preview, list(ev.handles.values()), targets))
+            frames.append(_draw(ev.preview, list(ev.handles.values()), targets, scale))
         bar.update(1)
         bar.set_postfix(dist=f"{max(ev.distances.values()):.1f}px")
     bar.close()
     after = session.image()
     final = [p["handle"] for p in session.points]
-    _draw(after, final, targets).save(out_dir / "after.png")
-    frames.append(_draw(after, final, targets))
+    _draw(after, final, targets, scale).save(out_dir / "after.png")
+    frames.append(_draw(after, final, targets, scale))
     frames[0].save(out_dir / "drag.gif", save_all=True, append_images=frames[1:] + [frames[-1]] * 8,
                    duration=120, loop=0)
     session.export(out_dir / "edit")
@@ -253,8 +254,12 @@ def run_stylegan2_random(out_dir: Path, *, seed: int = 0, resolution: int = 256,
 #: The DragGAN demo's default model once it is installed (else the procedural discs).
 DRAGGAN_ZOO_MODEL = "zoo:faces-stylegan2"
 #: The zoo demo's edit: each mouth corner moves out by this fraction of the image and up by ZOO_LIFT (a wider
-#: smile), so the landmark regressor can tell whether the corners landed where they were dragged.
+#: smile), so the landmark regressor can tell whether the corners landed where they were dragged; at least
+#: ZOO_MIN_MOVE_PX pixels each way, so that a small generator's drag is longer than the 2 px stopping distance.
 ZOO_WIDEN, ZOO_LIFT = 0.05, 0.03
+ZOO_MIN_MOVE_PX = (5, 4)
+#: Images of the demo smaller than this are drawn enlarged (nearest neighbour) in before/after.png and drag.gif.
+DISPLAY_MIN_SIZE = 256
 
 
 def _model_input(images: list[Image.Image]) -> torch.Tensor:
@@ -293,6 +298,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     smile), and the same regressor measures where they ended up. Writes before.png, after.png, drag.gif, the
     session export ``edit.*`` and the measurements ``demo.json``. ``model_id`` names the model in the records
     (default: ``model`` when it is a path)."""
+    from dragrt.runtime.engines.draggan import DragGANConfig
     from dragrt.runtime.models.stylegan2_convert import load_generator
     from dragrt.runtime.session import EditSession
     from dragrt.zoo.evaluators import load_landmark_model
@@ -303,18 +309,22 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = RuntimeConfig(device=device)
     landmarks = load_landmark_model()
-    session = EditSession.from_seed(G, seed, runtime=runtime, model_id=model_id)
+    r1, r2 = drag.draggan_floored_radii(int(G.img_resolution))  # DragGAN's radii, not below 256 px's
+    config = DragGANConfig(r1=r1, r2=r2)
+    session = EditSession.from_seed(G, seed, config=config, runtime=runtime, model_id=model_id)
     image = session.image()
     r = image.width
+    widen, lift = max(ZOO_WIDEN * r, ZOO_MIN_MOVE_PX[0]), max(ZOO_LIFT * r, ZOO_MIN_MOVE_PX[1])
     corners, confidence = _mouth_corners(landmarks, image)
     for (x, y), side in zip(corners, (-1, 1)):  # mouth_left is on the image's left
         handle = [min(max(round(x), 0), r - 1), min(max(round(y), 0), r - 1)]
-        target = [min(max(round(x + side * ZOO_WIDEN * r), 0), r - 1), min(max(round(y - ZOO_LIFT * r), 0), r - 1)]
+        target = [min(max(round(x + side * widen), 0), r - 1), min(max(round(y - lift), 0), r - 1)]
         session.add_point(handle, target)
     rec, after = _drag_session(session, out_dir, max_steps, progress)
     measured, confidence_after = _mouth_corners(landmarks, after)
     errors = [math.dist(m, t) for m, t in zip(measured, rec["target_points"])]
-    rec = {"model": model_id, "device": str(runtime.torch_device()), **rec,
+    rec = {"model": model_id, "device": str(runtime.torch_device()), "resolution": r, **rec,
+           "radii_px": list(drag.draggan_radii(r, config.r1, config.r2)),
            "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
            "landmark_confidence_before": confidence, "landmark_confidence_after": confidence_after,
            "measured_error_to_targets_px": errors, "smile_measured_before_after": _measured_smile([image, after])}

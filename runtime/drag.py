@@ -30,6 +30,29 @@ def draggan_radii(image_size: int, r1: float = 3, r2: float = 12) -> tuple[int, 
     return round(r1 / 512 * image_size), round(r2 / 512 * image_size)
 
 
+def draggan_min_radius(image_size: int, pixels: int) -> float:
+    """The smallest radius in 512-px units (``r1`` / ``r2`` of DragGANConfig) that :func:`draggan_radii` rounds to
+    ``pixels`` at ``image_size``: DragGAN's defaults shrink to nothing on small generators (``r1=3`` is 0 px
+    below 86 px, where the motion loss has no pixels at all)."""
+    r = pixels * 512 / image_size
+    return r if round(r / 512 * image_size) == pixels else r + 512 / image_size / 1000
+
+
+#: The smallest DragGAN radii (motion disc, tracking window; image pixels) of dragrt's demo and quality suite:
+#: the reference's at 256 px. Its 3 and 12 pixels at 512 shrink with the image to 0 and 2 px at 64 px.
+MIN_RADII_PX = (2, 6)
+
+
+def draggan_floored_radii(image_size: int) -> tuple[float, float]:
+    """``(r1, r2)`` for DragGANConfig (pixels at 512): the reference's 3 and 12, each raised to
+    :func:`draggan_min_radius` where it would be smaller than :data:`MIN_RADII_PX` at ``image_size`` (generators
+    under 256 px; a deliberate difference of the demo and the quality suite, not of the engine's defaults)."""
+    out = []
+    for r, px, floor in zip((3.0, 12.0), draggan_radii(image_size), MIN_RADII_PX):
+        out.append(r if px >= floor else draggan_min_radius(image_size, floor))
+    return out[0], out[1]
+
+
 def draggan_stop_distance(image_size: int) -> float:
     """Handles within this many pixels of their targets are done: ``max(2 / 512 * H, 2)``."""
     return max(2 / 512 * image_size, 2.0)

@@ -155,6 +155,11 @@ class DragGANEngine:
         self.feature_index = blocks.index(res)
         self.size = (self.resolution, self.resolution)
         self.r1_px, self.r2_px = drag.draggan_radii(self.resolution, cfg.r1, cfg.r2)
+        for name, value, px in (("r1", cfg.r1, self.r1_px), ("r2", cfg.r2, self.r2_px)):
+            if px < 1:  # an empty motion disc (no gradient) or a 1-pixel tracking window (handles never move)
+                raise ValueError(f"{name}={value:g} is {px} px at this generator's {self.resolution} px (radii are "
+                                 f"in pixels at 512, scaled by H / 512 and rounded); use {name} >= "
+                                 f"{drag.draggan_min_radius(self.resolution, 1):g} here (1 px)")
         self.stop_px = drag.draggan_stop_distance(self.resolution)
         if cfg.num_free_ws > self.G.num_ws:
             raise ValueError(f"num_free_ws={cfg.num_free_ws} exceeds this generator's {self.G.num_ws} styles")

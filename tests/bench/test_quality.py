@@ -235,6 +235,22 @@ def test_draggan_editor_starts_from_the_projection(models) -> None:
     assert fast.timings["edit"] > 0 and fast.timings["steps"] >= 1
 
 
+
+def test_draggan_editor_keeps_the_radii_of_256_px_on_a_small_generator(models) -> None:
+    """On the 64 px test generator DragGAN's radii would be 0 and 2 px (an empty motion disc: the engine refuses
+    it); the suite keeps 256 px's 2 and 6 px, unless told otherwise."""
+    from dragrt.runtime.engines.draggan import DragGANEngine
+
+    lm, _ = models
+    G = small_generator()
+    editor = q.draggan_editor(G, "fast", landmark_model=lm, cuda_graph=False)
+    assert (editor.engine.r1_px, editor.engine.r2_px) == (2, 6)
+    assert (editor.config.r1, editor.config.r2) == (16.0, 48.0)
+    assert (q.draggan_editor(G, "fast", landmark_model=lm, r1=8.0, r2=24.0).engine.r1_px) == 1
+    with pytest.raises(ValueError, match="r1=3 is 0 px"):
+        DragGANEngine(G)
+
+
 def test_cli_eval_oracle_writes_a_record(tmp_path, capsys) -> None:
     assert cli.main(["eval", "oracle", "--tasks", "3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -245,6 +261,25 @@ def test_cli_eval_oracle_writes_a_record(tmp_path, capsys) -> None:
     assert rec["ours"]["n"] == 3 and rec["reference"]["n"] == 3
     assert rec["quality"]["equal_within_noise"] is True
     assert rec["quality"]["ours"]["drag_error_px"]["mean"] < 1.0
+
+
+
+def test_cli_eval_draggan_on_a_small_generator_writes_a_record_with_its_radii(tmp_path, capsys) -> None:
+    """`dragrt eval draggan --model PATH` end to end on a 64 px generator in the converted format: both modes run
+    the same task, and the record says at which resolution and with which radii (256 px's 2 and 6 px) they
+    dragged."""
+    from dragrt.runtime.models.stylegan2_convert import save_generator
+
+    save_generator(small_generator(), tmp_path / "g" / "generator")
+    argv = ["eval", "draggan", "--model", str(tmp_path / "g"), "--tasks", "1", "--steps", "2",
+            "--projection-steps", "2", "--warmup", "0", "--no-calibration", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    (path,) = tmp_path.glob("quality-draggan__*.json")
+    rec = json.loads(path.read_text())
+    assert rec["config"]["generator_resolution"] == 64 and rec["config"]["radii_px"] == [2, 6]
+    assert rec["ours"]["n"] == rec["reference"]["n"] == 1
+    for role in ("ours", "reference"):
+        assert math.isfinite(rec["quality"][role]["drag_error_px"]["mean"])
 
 
 @pytest.fixture

@@ -90,6 +90,9 @@ def test_draggan_demo_defaults_to_the_zoo_stylegan2_once_installed(tmp_path, mon
     for name in ("before.png", "after.png", "drag.gif", "edit.json", "edit_w.safetensors"):
         assert (out / name).stat().st_size > 0
     assert rec["steps"] == 3 and len(rec["handle_points"]) == 2 and rec["model"] == "zoo:faces-stylegan2"
+    # DragGAN's radii at 128 px are 1 and 3 px; the demo keeps those of 256 px, and draws the images at 256
+    assert rec["resolution"] == 128 and rec["radii_px"] == [2, 6]
+    assert Image.open(out / "after.png").size == (256, 256)
     for (hx, hy), (x, y) in zip(rec["handle_points"], rec["mouth_corners_measured_before"]):
         assert (hx, hy) == (min(max(round(x), 0), 127), min(max(round(y), 0), 127))  # handles = detected corners
     (t0x, t0y), (t1x, t1y) = rec["target_points"]

@@ -148,6 +148,26 @@ def test_config_rejects_bad_values() -> None:
             e.run(max_steps=bad)
 
 
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_radii_that_round_to_nothing_on_a_small_generator_are_refused(mode) -> None:
+    """DragGAN's r1=3 (pixels at 512) is round(0.375) = 0 px at 64 px: an empty motion disc, a loss of exactly 0
+    and a drag that silently does nothing. The engine says so and names a radius that works; that radius does."""
+    G = small_generator()
+    rt = RuntimeConfig(device="cpu", compile_mode="none")
+    for field, value in (("r1", 3.0), ("r2", 4.0)):
+        cfg = {**BASE, "mode": mode, field: value}
+        with pytest.raises(ValueError, match=rf"{field}={value:g} is 0 px at this generator's 64 px .* "
+                                             rf"use {field} >= 8 here \(1 px\)"):
+            DragGANEngine(G, DragGANConfig(**cfg), rt)
+    e = DragGANEngine(G, DragGANConfig(**{**BASE, "mode": mode, "r1": 8.0, "r2": 8.0}), rt)
+    assert (e.r1_px, e.r2_px) == (1, 1)
+    e.start(e.latent_from_seed(0), HANDLES, TARGETS)
+    w0 = e.w.detach().clone()
+    e.step()
+    assert (e.w.detach() - w0).abs().max() > 0  # a 1 px disc has a gradient
+
+
 @pytest.mark.cuda
 def test_cuda_graph_and_compile_equal_eager_fast_mode() -> None:
     out = {}
