@@ -234,7 +234,7 @@ def test_shipped_configs_fit_the_budget_and_feed_draggan() -> None:
                 res, channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=cfg.num_fp16_res)
         size = sum(t.numel() * (4 if k.endswith(st.FP32_SUFFIXES) else 2) for k, t in gen.state_dict().items())
         assert size <= st.MAX_GENERATOR_BYTES
-        assert 128 in gen.synthesis.block_resolutions  # DragGAN's b128 feature map
+        assert min(res, 128) in gen.synthesis.block_resolutions  # DragGAN's b128 feature map, or the top block
         assert cfg.batch_size % cfg.mbstd_group == 0
         assert list(disc.block_resolutions) == [2**i for i in range(int(math.log2(res)), 2, -1)]
 
@@ -257,7 +257,7 @@ def test_discriminator_shapes_and_minibatch_std() -> None:
 
 
 def test_bad_config_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"resolution=100 .* \(128, 256\)"):
+    with pytest.raises(ValueError, match=r"resolution=100 .* \(64, 128, 256\)"):
         st.TrainConfig.preset(100)
     with pytest.raises(ValueError, match="batch_size=30 .* mbstd_group"):
         st.TrainConfig.preset(256, batch_size=30)
@@ -313,6 +313,22 @@ def test_model_card_command_trains_a_run_like_the_exported_one() -> None:
         "python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution 128 --minutes")
     assert "--resolution 128 --batch 128 --minutes" in st._card_command(st.TrainConfig.preset(128, batch_size=128))
     assert "smoke=True" in st._card_command(st.TrainConfig.preset(smoke=True))
+    cpu = st._card_command(st.TrainConfig.preset(64), "cpu")
+    assert "--resolution 64 --device cpu --minutes 55" in cpu and "--batch" not in cpu
+    assert "--device" not in st._card_command(st.TrainConfig.preset(256), "cuda:0")
+
+
+def test_the_64_px_preset_is_the_cpu_recipe_and_its_card_says_it_is_below_target() -> None:
+    """64 px is a preset of its own (the CPU run: the 32 px recipe of CONTRIBUTING one block up), refused nowhere
+    a resolution is taken; its exported card says that it is below the 128/256 px the zoo asks for."""
+    cfg = st.TrainConfig.preset(64)
+    assert (cfg.resolution, cfg.batch_size, cfg.z_dim, cfg.channel_max, cfg.num_fp16_res, cfg.smoke) == (
+        64, 16, 64, 64, 0, False)
+    assert cfg.r1_gamma == pytest.approx(5 * 2e-4 * 64**2 / 16, rel=0.01)  # 5x NVIDIA's heuristic
+    assert st.TrainConfig.preset(64, batch_size=32).batch_size == 32
+    status = st._card_status(cfg)
+    assert status.startswith("**Below target:** 64 px") and "128" in status
+    assert st._card_status(st.TrainConfig.preset(128)) is None and st._card_status(st.TrainConfig.preset(256)) is None
 
 
 def test_cli_refusals_are_usage_errors_not_tracebacks(tmp_path, capsys) -> None:
