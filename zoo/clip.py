@@ -552,10 +552,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -695,7 +691,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 4.0, device: str = "cu
         name=NAME, step=progress["step"], schedule_steps=progress["schedule_steps"],
         images_rendered=progress["images"], train_seconds=round(progress["seconds"], 1), chunks=progress["chunks"],
         chunk_steps=progress["step"] - start_step,
-        eval_seconds=round(time.monotonic() - t0, 1), device=str(dev), device_name=_device_name(dev), seed=seed,
+        eval_seconds=round(time.monotonic() - t0, 1), device=str(dev), device_name=training.device_name(dev), seed=seed,
         smoke=bool(smoke), params=sum(p.numel() for p in model.parameters()),
         logit_scale=round(float(model.logit_scale.detach().exp()), 2), commit=training.git_commit(),
     )

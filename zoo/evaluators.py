@@ -657,12 +657,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({os.cpu_count()} cores)"
-
-
 # (model, images in [-1, 1], batch on the device, generator on the device) -> (loss, detached tensors to log)
 LossFn = Callable[[nn.Module, Tensor, dict, torch.Generator], tuple[Tensor, dict[str, Tensor]]]
 EvalFn = Callable[..., dict[str, Any]]
@@ -704,7 +698,7 @@ def fit(run_dir: str | os.PathLike, *, kind: str, cfg: FitConfig, loss_fn: LossF
     def save() -> None:
         training.save_checkpoint(run_dir, {
             "kind": kind, "arch": model.config, "smoke": smoke, "model": model.state_dict(),
-            "opt": opt.state_dict(), "device_name": _device_name(dev), "seed": seed, **state})
+            "opt": opt.state_dict(), "device_name": training.device_name(dev), "seed": seed, **state})
 
     workers = _num_workers(cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
@@ -769,7 +763,7 @@ def fit(run_dir: str | os.PathLike, *, kind: str, cfg: FitConfig, loss_fn: LossF
         "progress": progress(),
         "train_seconds": round(state["train_seconds"], 1),
         "device_seconds": round(state["wall_seconds"] + time.monotonic() - t_eval, 1),
-        "device": _device_name(dev),
+        "device": training.device_name(dev),
         "chunks": state["chunk"] + 1,
         "rendered_images": state["images"],
         "steps_per_s": round(state["step"] / max(state["train_seconds"], 1e-9), 2),

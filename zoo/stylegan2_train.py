@@ -1007,7 +1007,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         "kimg": round(nimg / 1000, 3),
         "chunks": chunk + 1,
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "device_name": training.device_name(dev),
         "train_seconds_total": round(train_seconds, 1),
         "chunk_train_seconds": round(chunk_train_seconds, 1),
         "chunk_kimg": round(chunk_kimg, 3),

@@ -125,6 +125,13 @@ def staged_export(export: Callable[..., Path]) -> Callable[..., Path]:
     return wrapper
 
 
+def device_name(device: torch.device) -> str:
+    """What a model card names as the training device: the GPU's name, or the CPU and its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)"
+
+
 def git_commit(default: str = "unknown") -> str:
     """The commit of the checkout (``DRAGRT_BENCH_COMMIT`` wins: the device machine has no .git)."""
     env = os.environ.get("DRAGRT_BENCH_COMMIT")

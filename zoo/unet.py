@@ -553,7 +553,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
         name=NAME, step=progress.step, schedule_steps=progress.schedule_steps, images_seen=progress.images,
         train_seconds=round(progress.seconds, 1), chunks=progress.chunks, chunk_steps=chunk_steps,
         steps_per_second=round(chunk_steps / max(loop_seconds, 1e-6), 2), fill_seconds=round(fill_seconds, 1),
-        eval_seconds=round(time.monotonic() - t0, 1), device=str(dev), device_name=zvae.device_name(dev),
+        eval_seconds=round(time.monotonic() - t0, 1), device=str(dev), device_name=training.device_name(dev),
         seed=seed, smoke=smoke, params=sum(p.numel() for p in unet.parameters()),
         scaling_factor=frozen.scaling_factor, frozen_source=frozen.source, commit=training.git_commit(),
         samples_per_render=round(hp.batch_size / hp.fresh_per_step, 2),

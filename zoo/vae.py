@@ -481,7 +481,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     metrics.update(
         name=NAME, step=progress.step, schedule_steps=progress.schedule_steps, images_seen=progress.images,
         train_seconds=round(progress.seconds, 1), chunks=progress.chunks, eval_seconds=round(time.monotonic() - t0, 1),
-        chunk_steps=progress.step - start_step, device=str(dev), device_name=device_name(dev), seed=seed,
+        chunk_steps=progress.step - start_step, device=str(dev), device_name=training.device_name(dev), seed=seed,
         smoke=smoke, params=sum(p.numel() for p in vae.parameters()), target_psnr_db=28.0,
         compile_mode=compile_mode, steps_per_second=round((progress.step - start_step) / max(chunk_seconds, 1e-6), 2),
         commit=training.git_commit(),
@@ -842,12 +842,6 @@ def autocast_for(device: torch.device):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 def _module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
