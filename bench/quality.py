@@ -76,7 +76,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dragrt.bench import harness
-from dragrt.runtime import drag
 from dragrt.zoo import world
 
 KINDS: tuple[str, ...] = ("mouth_corner", "open_mouth", "raise_eyebrow", "move_eye", "turn_head")
@@ -702,10 +701,6 @@ class DragGANEditor:
     Points map between the task size ``S`` and the generator's resolution ``R`` with pixel centres kept
     (``x_R = (x_S + 0.5) R / S - 0.5``); the mask is resized by nearest neighbour; the result is resized
     back to ``S`` (antialiased bilinear).
-
-    DragGAN's radii (``r1`` 3, ``r2`` 12 pixels at 512, scaled with the image) are kept at least at what they are
-    at 256 px (:func:`~dragrt.runtime.drag.draggan_floored_radii`: 2 and 6 px), so that a small generator's
-    motion disc is not empty; ``r1`` / ``r2`` in ``config`` override that.
     """
 
     def __init__(self, generator: torch.nn.Module, mode: str, *, landmark_model: torch.nn.Module | None = None,
@@ -717,8 +712,7 @@ class DragGANEditor:
 
         self.runtime = runtime or RuntimeConfig()
         self.device = self.runtime.torch_device()
-        r1, r2 = drag.draggan_floored_radii(int(generator.img_resolution))
-        self.config = DragGANConfig(mode=mode, **{"r1": r1, "r2": r2, **config})
+        self.config = DragGANConfig(mode=mode, **config)
         steps = _check_int("projection_steps", projection_steps, 1, 100_000)
         pc = projector_config if projector_config is not None else projector.ProjectorConfig(num_steps=steps)
         if not isinstance(pc, projector.ProjectorConfig):

@@ -186,9 +186,9 @@ _EVAL_EPILOG = (
     "turn head; one and several handles; with and without masks), targets from the renderer's ground truth, scored "
     "by the zoo's landmark regressor (drag error), PSNR/SSIM and an attribute-model feature distance outside the "
     "edited region. Both modes run on the same tasks; one JSON record per run (bench/quality.py explains every "
-    "number). dragdiffusion runs on zoo:faces-sd by default (shipped as a provisional model: its card says how far "
-    "it is from its target); draggan needs --model for now, as the zoo's StyleGAN2 (zoo:faces-stylegan2) is not "
-    "shipped yet (its training did not reach quality). oracle and "
+    "number). dragdiffusion runs on zoo:faces-sd and draggan on zoo:faces-stylegan2 by default (both shipped as "
+    "provisional models: their cards say how far they are from their targets; the StyleGAN2 is 64 px, where "
+    "DragGAN's radii are kept at those of 256 px, 2 and 6 px). oracle and "
     "identity are calibration editors (a perfect edit; no edit). dragbench runs DragDiffusion over a local "
     "DragBench folder (--dragbench DIR, --model an SD1.x) and scores mean distance (DIFT features of --model) and "
     "PSNR/SSIM at 224x224 (bench/dragbench.py).")
@@ -198,7 +198,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("method", choices=_EVAL_METHODS, help="what to score: " + ", ".join(_EVAL_METHODS))
     p.add_argument("--model", default=None, metavar="PATH_OR_ZOO",
                    help="dragdiffusion: a diffusers folder or SD1.x .safetensors (default zoo:faces-sd); draggan: "
-                        "a converted StyleGAN2 (required: zoo:faces-stylegan2 is not shipped yet)")
+                        "a converted StyleGAN2 (default zoo:faces-stylegan2)")
     p.add_argument("--modes", default="fast,reference", metavar="OURS,REFERENCE",
                    help="the two modes compared, ours first (default fast,reference)")
     p.add_argument("--tasks", type=int, default=20, metavar="N",
@@ -410,7 +410,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.method == "draggan":
         config["projection_steps"] = args.projection_steps
         config["generator_resolution"] = editor.resolution
-        config["radii_px"] = list(drag.draggan_radii(editor.resolution, editor.config.r1, editor.config.r2))
+        config["radii_px"] = list(drag.draggan_pixel_radii(editor.resolution, editor.config.r1, editor.config.r2))
     compile_s = ({"ours": sum(runs["ours"].warmup_s), "reference": sum(runs["reference"].warmup_s)}
                  if warmup else None)
     record = harness.make_record(f"quality-{args.method}", config, runs["ours"].timing(),

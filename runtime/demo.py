@@ -298,7 +298,6 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     smile), and the same regressor measures where they ended up. Writes before.png, after.png, drag.gif, the
     session export ``edit.*`` and the measurements ``demo.json``. ``model_id`` names the model in the records
     (default: ``model`` when it is a path)."""
-    from dragrt.runtime.engines.draggan import DragGANConfig
     from dragrt.runtime.models.stylegan2_convert import load_generator
     from dragrt.runtime.session import EditSession
     from dragrt.zoo.evaluators import load_landmark_model
@@ -309,9 +308,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = RuntimeConfig(device=device)
     landmarks = load_landmark_model()
-    r1, r2 = drag.draggan_floored_radii(int(G.img_resolution))  # DragGAN's radii, not below 256 px's
-    config = DragGANConfig(r1=r1, r2=r2)
-    session = EditSession.from_seed(G, seed, config=config, runtime=runtime, model_id=model_id)
+    session = EditSession.from_seed(G, seed, runtime=runtime, model_id=model_id)
     image = session.image()
     r = image.width
     widen, lift = max(ZOO_WIDEN * r, ZOO_MIN_MOVE_PX[0]), max(ZOO_LIFT * r, ZOO_MIN_MOVE_PX[1])
@@ -324,7 +321,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     measured, confidence_after = _mouth_corners(landmarks, after)
     errors = [math.dist(m, t) for m, t in zip(measured, rec["target_points"])]
     rec = {"model": model_id, "device": str(runtime.torch_device()), "resolution": r, **rec,
-           "radii_px": list(drag.draggan_radii(r, config.r1, config.r2)),
+           "radii_px": list(drag.draggan_pixel_radii(r, session.config.r1, session.config.r2)),
            "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
            "landmark_confidence_before": confidence, "landmark_confidence_after": confidence_after,
            "measured_error_to_targets_px": errors, "smile_measured_before_after": _measured_smile([image, after])}

@@ -38,19 +38,26 @@ def draggan_min_radius(image_size: int, pixels: int) -> float:
     return r if round(r / 512 * image_size) == pixels else r + 512 / image_size / 1000
 
 
-#: The smallest DragGAN radii (motion disc, tracking window; image pixels) of dragrt's demo and quality suite:
-#: the reference's at 256 px. Its 3 and 12 pixels at 512 shrink with the image to 0 and 2 px at 64 px.
+#: The smallest default DragGAN radii (motion disc, tracking window; image pixels): the reference's at 256 px.
+#: Its 3 and 12 pixels at 512 shrink with the image, to 0 and 2 px at 64 px.
 MIN_RADII_PX = (2, 6)
 
 
-def draggan_floored_radii(image_size: int) -> tuple[float, float]:
-    """``(r1, r2)`` for DragGANConfig (pixels at 512): the reference's 3 and 12, each raised to
-    :func:`draggan_min_radius` where it would be smaller than :data:`MIN_RADII_PX` at ``image_size`` (generators
-    under 256 px; a deliberate difference of the demo and the quality suite, not of the engine's defaults)."""
+def draggan_default_radii(image_size: int, r1: float | None = None, r2: float | None = None) -> tuple[float, float]:
+    """``(r1, r2)`` in pixels at 512 (DragGANConfig's units) that DragGAN runs with at ``image_size``: a given
+    radius as it is; ``None``: the reference's 3 / 12, raised to :func:`draggan_min_radius` where it would be
+    smaller than :data:`MIN_RADII_PX` at ``image_size`` -- generators under 256 px, where the reference's radii
+    degenerate (every published DragGAN model is 256 px or more, where this is the reference's value)."""
     out = []
-    for r, px, floor in zip((3.0, 12.0), draggan_radii(image_size), MIN_RADII_PX):
-        out.append(r if px >= floor else draggan_min_radius(image_size, floor))
+    for given, r, px, floor in zip((r1, r2), (3.0, 12.0), draggan_radii(image_size), MIN_RADII_PX):
+        out.append(given if given is not None else r if px >= floor else draggan_min_radius(image_size, floor))
     return out[0], out[1]
+
+
+def draggan_pixel_radii(image_size: int, r1: float | None = None, r2: float | None = None) -> tuple[int, int]:
+    """The motion and tracking radii in image pixels that a DragGANConfig's ``r1`` / ``r2`` (maybe ``None``) give at
+    ``image_size``."""
+    return draggan_radii(image_size, *draggan_default_radii(image_size, r1, r2))
 
 
 def draggan_stop_distance(image_size: int) -> float:

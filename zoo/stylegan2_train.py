@@ -1063,8 +1063,8 @@ def _card_status(cfg: TrainConfig) -> str | None:
         return None
     return (f"**Below target:** {cfg.resolution} px, where the zoo asks for 256 px (128 px if 256 px does not "
             "reach quality within the budget). A provisional model, so that `dragrt demo` drags a trained "
-            "StyleGAN2 rather than the procedural discs; DragGAN's radii shrink with the image (`dragrt demo` and "
-            "`dragrt eval draggan` keep those of 256 px: `dragrt.runtime.drag.draggan_floored_radii`). A 128 or "
+            "StyleGAN2 rather than the procedural discs; DragGAN's radii, which shrink with the image, are kept at "
+            "those of 256 px (`dragrt.runtime.drag.draggan_default_radii`). A 128 or "
             "256 px run on a GPU (the same command with `--resolution 128`, no `--device cpu`) replaces it.")
 
 

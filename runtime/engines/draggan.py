@@ -49,6 +49,10 @@ class DragGANConfig:
         num_free_ws: how many leading styles are optimised (reference: 6; the rest stay at ``w0``).
         r1, r2: motion-supervision disc radius and tracking window half-size, in pixels *at 512 px*;
             scaled by ``H / 512`` and rounded, as the reference does (3 / 12 -> 3 / 12 at 512, 6 / 24 at 1024).
+            ``None`` (default): the reference's 3 / 12, except on generators under 256 px, where they would
+            shrink below 2 / 6 px (0 / 2 px at 64: an empty disc) and are kept there
+            (:func:`~dragrt.runtime.drag.draggan_default_radii`; a deliberate difference). A given radius that
+            rounds to 0 px is an error.
         lambda_mask: weight of the fixed-region feature term (gradio and imgui apps: 20).
         tracking_metric: ``"l2"`` (the code) or ``"l1"`` (the paper).
         truncation_psi: truncation of the initial latent from a seed (reference: 0.7).
@@ -65,8 +69,8 @@ class DragGANConfig:
     lr: float = 1e-3
     latent_space: str = "w+"
     num_free_ws: int = 6
-    r1: float = 3.0
-    r2: float = 12.0
+    r1: float | None = None
+    r2: float | None = None
     lambda_mask: float = 20.0
     tracking_metric: str = "l2"
     truncation_psi: float = 0.7
@@ -82,8 +86,9 @@ class DragGANConfig:
         _choice("tracking_metric", self.tracking_metric, ("l2", "l1"))
         _choice("noise_mode", self.noise_mode, ("const", "random", "none"))
         _positive("lr", self.lr)
-        _positive("r1", self.r1)
-        _positive("r2", self.r2)
+        for name in ("r1", "r2"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
         if not (self.lambda_mask >= 0 and math.isfinite(self.lambda_mask)):
             raise ValueError(f"lambda_mask={self.lambda_mask!r} is not allowed; use a number >= 0")
         if not 0.0 <= self.truncation_psi <= 1.0:
@@ -154,8 +159,10 @@ class DragGANEngine:
         self.feature_resolution = res
         self.feature_index = blocks.index(res)
         self.size = (self.resolution, self.resolution)
-        self.r1_px, self.r2_px = drag.draggan_radii(self.resolution, cfg.r1, cfg.r2)
-        for name, value, px in (("r1", cfg.r1, self.r1_px), ("r2", cfg.r2, self.r2_px)):
+        # the radii in the reference's units (pixels at 512) and in this generator's pixels
+        self.r1, self.r2 = drag.draggan_default_radii(self.resolution, cfg.r1, cfg.r2)
+        self.r1_px, self.r2_px = drag.draggan_radii(self.resolution, self.r1, self.r2)
+        for name, value, px in (("r1", self.r1, self.r1_px), ("r2", self.r2, self.r2_px)):
             if px < 1:  # an empty motion disc (no gradient) or a 1-pixel tracking window (handles never move)
                 raise ValueError(f"{name}={value:g} is {px} px at this generator's {self.resolution} px (radii are "
                                  f"in pixels at 512, scaled by H / 512 and rounded); use {name} >= "
@@ -365,7 +372,7 @@ class DragGANEngine:
         cfg, ref = self.config, self._ref
         img, feats = self.G.synthesis(self._ws(), noise_mode=cfg.noise_mode, return_features=True)
         loss, stop = drag.draggan_step_literal(feats[self.feature_index], self.size, ref["state"], ref["points"],
-                                               ref["targets"], ref["mask"], cfg.lambda_mask, cfg.r1, cfg.r2)
+                                               ref["targets"], ref["mask"], cfg.lambda_mask, self.r1, self.r2)
         if not stop:
             ref["optim"].zero_grad()
             loss.backward()

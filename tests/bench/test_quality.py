@@ -238,17 +238,16 @@ def test_draggan_editor_starts_from_the_projection(models) -> None:
 
 def test_draggan_editor_keeps_the_radii_of_256_px_on_a_small_generator(models) -> None:
     """On the 64 px test generator DragGAN's radii would be 0 and 2 px (an empty motion disc: the engine refuses
-    it); the suite keeps 256 px's 2 and 6 px, unless told otherwise."""
-    from dragrt.runtime.engines.draggan import DragGANEngine
+    it); the default keeps 256 px's 2 and 6 px, and given radii are used as given."""
+    from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
 
     lm, _ = models
     G = small_generator()
     editor = q.draggan_editor(G, "fast", landmark_model=lm, cuda_graph=False)
-    assert (editor.engine.r1_px, editor.engine.r2_px) == (2, 6)
-    assert (editor.config.r1, editor.config.r2) == (16.0, 48.0)
+    assert (editor.engine.r1_px, editor.engine.r2_px) == (2, 6) and (editor.engine.r1, editor.engine.r2) == (16, 48)
     assert (q.draggan_editor(G, "fast", landmark_model=lm, r1=8.0, r2=24.0).engine.r1_px) == 1
     with pytest.raises(ValueError, match="r1=3 is 0 px"):
-        DragGANEngine(G)
+        DragGANEngine(G, DragGANConfig(r1=3.0))
 
 
 def test_cli_eval_oracle_writes_a_record(tmp_path, capsys) -> None:

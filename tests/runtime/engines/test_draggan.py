@@ -6,6 +6,7 @@ import pytest
 import torch
 from small_draggan import BASE, HANDLES, TARGETS, small_generator
 
+from dragrt.runtime import drag
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.drag import masked_adam_
 from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
@@ -166,6 +167,12 @@ def test_radii_that_round_to_nothing_on_a_small_generator_are_refused(mode) -> N
     w0 = e.w.detach().clone()
     e.step()
     assert (e.w.detach() - w0).abs().max() > 0  # a 1 px disc has a gradient
+    # unset radii: the reference's from 256 px up (every published model), 256 px's below
+    assert [drag.draggan_pixel_radii(s) for s in (64, 128, 256, 512, 1024)] == [(2, 6), (2, 6), (2, 6), (3, 12),
+                                                                                 (6, 24)]
+    unset = {k: v for k, v in BASE.items() if k not in ("r1", "r2")}
+    e = DragGANEngine(G, DragGANConfig(**unset, mode=mode), rt)
+    assert (e.r1_px, e.r2_px, e.r1, e.r2) == (2, 6, 16, 48)
 
 
 @pytest.mark.cuda
