@@ -58,7 +58,9 @@ class DragGANConfig:
         truncation_psi: truncation of the initial latent from a seed (reference: 0.7).
         noise_mode: StyleGAN noise inputs: ``"const"`` (reference), ``"random"`` or ``"none"``.
         feature_resolution: the block whose output is the feature map. ``None`` = DragGAN's b128 (its
-            hard-coded index 5), or the generator's last block when it is smaller than 128 px.
+            hard-coded index 5); on a generator under 128 px, which has no b128 (the reference fails there), the
+            block at half its resolution, as b128 is on a 256 px model (on the zoo's 64 px StyleGAN2 the top
+            block's features, near RGB, lost the mouth corners in tracking; b32's kept them).
         max_handles: padded size of the handle arrays in fast mode (more handles -> an error, not a recompile).
         max_steps: upper bound of :meth:`DragGANEngine.run` (the reference's gradio loop never stops by
             itself; the engine stops when every handle is within ``max(2 H / 512, 2)`` px, or here).
@@ -153,7 +155,7 @@ class DragGANEngine:
             self.G = copy.deepcopy(generator).to(self.device).train().requires_grad_(True)
         self.resolution = int(self.G.img_resolution)
         blocks = list(self.G.synthesis.block_resolutions)
-        res = cfg.feature_resolution or (128 if 128 in blocks else blocks[-1])
+        res = cfg.feature_resolution or (128 if 128 in blocks else max(blocks[-1] // 2, blocks[0]))
         if res not in blocks:
             raise ValueError(f"feature_resolution={res} is not a block of this generator; choose one of {blocks}")
         self.feature_resolution = res

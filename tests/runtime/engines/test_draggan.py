@@ -173,6 +173,8 @@ def test_radii_that_round_to_nothing_on_a_small_generator_are_refused(mode) -> N
     unset = {k: v for k, v in BASE.items() if k not in ("r1", "r2")}
     e = DragGANEngine(G, DragGANConfig(**unset, mode=mode), rt)
     assert (e.r1_px, e.r2_px, e.r1, e.r2) == (2, 6, 16, 48)
+    # and no b128 at 64 px: the default feature map is the block at half the resolution, as b128 is at 256 px
+    assert DragGANEngine(G, DragGANConfig(mode=mode), rt).feature_resolution == 32
 
 
 @pytest.mark.cuda
