@@ -291,7 +291,7 @@ def _mouth_corners(landmarks: Any, image: Image.Image) -> tuple[list[list[float]
 
 
 def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id: str | None = None, seed: int = 0,
-                      max_steps: int = 60, device: str = "auto", progress: bool = True) -> dict:
+                      max_steps: int = 200, device: str = "auto", progress: bool = True) -> dict:
     """DragGAN on a trained StyleGAN2 of the faces world (``model``: ``zoo:faces-stylegan2`` by default, any path
     :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads, or a loaded generator): the zoo's
     landmark regressor finds the mouth corners of sample ``seed``, they are dragged outwards and up (a wider
@@ -425,7 +425,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=256, help="image size in pixels, 64-1024 (default 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="maximum optimisation steps, 1-10000 (default 400 for discs, 40 for stylegan2-random, "
-                        "60 for a trained StyleGAN2)")
+                        "200 for a trained StyleGAN2)")
     p.add_argument("--resolution", type=int, default=256, help="stylegan2-random: 256, 512 or 1024 (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
@@ -454,7 +454,7 @@ def main(args: argparse.Namespace) -> int:
                              f"{', '.join(DRAGGAN_MODELS)} and not a StyleGAN2 generator ({exc})") from None
         print(f"dragrt demo: DragGAN on {args.model}, widening the smile of sample {args.seed}: the zoo's landmark "
               "regressor finds the mouth corners, then measures where they were dragged to")
-        rec = run_stylegan2_zoo(args.out, model=G, model_id=args.model, seed=args.seed, max_steps=args.steps or 60,
+        rec = run_stylegan2_zoo(args.out, model=G, model_id=args.model, seed=args.seed, max_steps=args.steps or 200,
                                 device=args.device)
         err = ", ".join(f"{e:.1f}" for e in rec["measured_error_to_targets_px"])
         print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the targets in {rec['steps']} steps on "
