@@ -34,8 +34,7 @@ def draggan_min_radius(image_size: int, pixels: int) -> float:
     """The smallest radius in 512-px units (``r1`` / ``r2`` of DragGANConfig) that :func:`draggan_radii` rounds to
     ``pixels`` at ``image_size``: DragGAN's defaults shrink to nothing on small generators (``r1=3`` is 0 px
     below 86 px, where the motion loss has no pixels at all)."""
-    r = pixels * 512 / image_size
-    return r if round(r / 512 * image_size) == pixels else r + 512 / image_size / 1000
+    return pixels * 512 / image_size
 
 
 #: The smallest default DragGAN radii (motion disc, tracking window; image pixels): the reference's at 256 px.
