@@ -422,11 +422,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default {DRAGDIFFUSION_DEFAULT_MODEL})")
     p.add_argument("--out", type=Path, default=Path("dragrt-demo"), help="output folder (default: ./dragrt-demo)")
     p.add_argument("--seed", type=int, default=0, help="scene seed (default 0)")
-    p.add_argument("--size", type=int, default=256, help="image size in pixels, 64-1024 (default 256)")
+    p.add_argument("--size", type=int, default=None, help="discs: image size in pixels, 64-1024 (default 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="maximum optimisation steps, 1-10000 (default 400 for discs, 40 for stylegan2-random, "
                         "200 for a trained StyleGAN2)")
-    p.add_argument("--resolution", type=int, default=256, help="stylegan2-random: 256, 512 or 1024 (default 256)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="stylegan2-random: 256, 512 or 1024 (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
@@ -444,6 +445,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"  wrote {args.out / name}")
         return 0
     args.model = args.model or default_draggan_model()
+    # each size option belongs to one model: a trained generator draws at its own resolution
+    for flag, value, owner in (("--size", args.size, "discs"), ("--resolution", args.resolution, "stylegan2-random")):
+        if value is not None and args.model != owner:
+            raise ValueError(f"{flag} is for --model {owner}, not {args.model} (a trained StyleGAN2 draws at its "
+                             "own resolution)")
     if args.model not in DRAGGAN_MODELS:
         from dragrt.runtime.models.stylegan2_convert import load_generator
 
@@ -467,7 +473,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.model == "stylegan2-random":
         print(f"dragrt demo: {STYLEGAN2_RANDOM_WHAT}")
-        rec = run_stylegan2_random(args.out, seed=args.seed, resolution=args.resolution,
+        rec = run_stylegan2_random(args.out, seed=args.seed, resolution=args.resolution or 256,
                                    max_steps=args.steps or 40, device=args.device)
         print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the targets in {rec['steps']} steps on "
               f"{rec['device']} ({rec['ms_per_step_p50']:.1f} ms per step, including previews every 2 steps)")
@@ -475,7 +481,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"  wrote {args.out / name}")
         return 0
     print(f"dragrt demo: {WHAT_IT_IS}")
-    rec = run_demo(args.out, seed=args.seed, size=args.size, max_steps=args.steps or 400, device=args.device)
+    rec = run_demo(args.out, seed=args.seed, size=args.size or 256, max_steps=args.steps or 400, device=args.device)
     moved = [math.dist(a, b) for a, b in zip(rec["handle_points"], rec["final_points"])]
     print(f"{'reached' if rec['reached_targets'] else 'did not reach'} the targets in {rec['steps']} steps "
           f"on {rec['device']} (handles moved {', '.join(f'{m:.0f}' for m in moved)} px; "

@@ -50,10 +50,16 @@ def test_no_command_prints_help(capsys) -> None:
 
 
 def test_demo_bad_size_is_one_clear_error(capsys, tmp_path) -> None:
-    assert cli.main(["demo", "--size", "7", "--out", str(tmp_path)]) == 2
+    assert cli.main(["demo", "--model", "discs", "--size", "7", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "size=7 is not allowed" in err and "64 to 1024" in err
     assert "Traceback" not in err
+    # a size option of another model is refused, not ignored
+    assert cli.main(["demo", "--model", "stylegan2-random", "--size", "128", "--out", str(tmp_path)]) == 2
+    assert "--size is for --model discs, not stylegan2-random" in capsys.readouterr().err
+    assert cli.main(["demo", "--model", "discs", "--resolution", "512", "--out", str(tmp_path)]) == 2
+    assert "--resolution is for --model stylegan2-random, not discs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 def test_convert_stylegan2_round_trip_through_the_cli(tmp_path, capsys) -> None:
