@@ -46,6 +46,9 @@ def test_dragrt_demo_drags_the_shipped_stylegan2_by_default(tmp_path, capsys) ->
     assert "DragGAN on zoo:faces-stylegan2" in capsys.readouterr().out
     rec = json.loads((out / "demo.json").read_text())
     assert rec["resolution"] == 64 and rec["radii_px"] == [2, 6]
+    # the sample dragged is one whose mouth corners the regressor sees clearly (the handles are its estimates)
+    assert 0 <= rec["seed"] < demo.ZOO_SEED_SEARCH
+    assert min(rec["landmark_confidence_before"]) >= demo.ZOO_MIN_CORNER_CONFIDENCE
     before = torch.tensor(rec["mouth_corners_measured_before"]) - torch.tensor(rec["target_points"], dtype=torch.float)
     after = torch.tensor(rec["measured_error_to_targets_px"])
     assert (after < before.norm(dim=1)).all(), (before.norm(dim=1), after)
