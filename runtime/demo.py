@@ -295,16 +295,15 @@ def _mouth_corners(landmarks: Any, image: Image.Image) -> tuple[list[list[float]
 
 
 def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id: str | None = None,
-                      seed: int | None = None,
-                      max_steps: int = 200, device: str = "auto", progress: bool = True) -> dict:
+                      seed: int | None = None, max_steps: int = 200, device: str = "auto",
+                      progress: bool = True) -> dict:
     """DragGAN on a trained StyleGAN2 of the faces world (``model``: ``zoo:faces-stylegan2`` by default, any path
     :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads, or a loaded generator): the zoo's
     landmark regressor finds the mouth corners of sample ``seed`` (``None``: the first of the first
     ``ZOO_SEED_SEARCH`` samples where it finds both with ``ZOO_MIN_CORNER_CONFIDENCE``; recorded as ``seed``),
-    they are dragged outwards and up (a wider
-    smile), and the same regressor measures where they ended up. Writes before.png, after.png, drag.gif, the
-    session export ``edit.*`` and the measurements ``demo.json``. ``model_id`` names the model in the records
-    (default: ``model`` when it is a path)."""
+    they are dragged outwards and up (a wider smile), and the same regressor measures where they ended up.
+    Writes before.png, after.png, drag.gif, the session export ``edit.*`` and the measurements ``demo.json``.
+    ``model_id`` names the model in the records (default: ``model`` when it is a path)."""
     from dragrt.runtime.models.stylegan2_convert import load_generator
     from dragrt.runtime.session import EditSession
     from dragrt.zoo.evaluators import load_landmark_model
