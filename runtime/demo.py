@@ -304,8 +304,9 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     they are dragged outwards and up (a wider smile), and the same regressor measures where they ended up.
     Writes before.png, after.png, drag.gif, the session export ``edit.*`` and the measurements ``demo.json``.
     ``model_id`` names the model in the records (default: ``model`` when it is a path)."""
+    from dragrt.runtime.engines.draggan import DragGANEngine
     from dragrt.runtime.models.stylegan2_convert import load_generator
-    from dragrt.runtime.session import EditSession
+    from dragrt.runtime.session import EditSession, to_pil
     from dragrt.zoo.evaluators import load_landmark_model
 
     _check_steps(max_steps)
@@ -314,16 +315,18 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = RuntimeConfig(device=device)
     landmarks = load_landmark_model()
+    engine = DragGANEngine(G, None, runtime)  # one engine scores the candidates and then runs the edit
     best = None
     for s in ([seed] if seed is not None else range(ZOO_SEED_SEARCH)):
-        session = EditSession.from_seed(G, s, runtime=runtime, model_id=model_id)
-        image = session.image()
+        w = engine.latent_from_seed(s)
+        image = to_pil(engine.render(w))  # what the session's image() draws for this latent
         corners, confidence = _mouth_corners(landmarks, image)
         if best is None or min(confidence) > min(best[-1]):
-            best = (s, session, image, corners, confidence)
+            best = (s, w, image, corners, confidence)
         if min(confidence) >= ZOO_MIN_CORNER_CONFIDENCE:
             break
-    seed, session, image, corners, confidence = best
+    seed, w, image, corners, confidence = best
+    session = EditSession(engine, w, seed=seed, model_id=model_id)  # as EditSession.from_seed(G, seed) builds it
     r = image.width
     widen, lift = max(ZOO_WIDEN * r, ZOO_MIN_MOVE_PX[0]), max(ZOO_LIFT * r, ZOO_MIN_MOVE_PX[1])
     for (x, y), side in zip(corners, (-1, 1)):  # mouth_left is on the image's left

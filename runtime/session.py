@@ -68,7 +68,7 @@ from dragrt.runtime.models.preview import PreviewDecoder
 from dragrt.runtime.models.sd import SDComponents
 
 __all__ = ["EditSession", "SessionBusyError", "SessionEvent", "model_sha256", "PREVIEW_METHODS", "RECORD_FORMAT",
-           "RECORD_VERSION"]
+           "RECORD_VERSION", "to_pil"]
 
 RECORD_FORMAT = "dragrt-edit-session"
 # Version 1 records of either method: DragDiffusion records add fields (``method`` says which) and change none.
@@ -186,10 +186,10 @@ class _GANBackend:
         return self.engine.handles
 
     def render(self, latent: Tensor) -> Image.Image:
-        return _to_pil(self.engine.render(latent))
+        return to_pil(self.engine.render(latent))
 
     def preview(self, max_size: int) -> Image.Image:
-        return _to_pil(self.engine.render(), max_size)
+        return to_pil(self.engine.render(), max_size)
 
     def model_sha256(self) -> str:
         return model_sha256(self.engine.G)
@@ -276,10 +276,10 @@ class _DiffusionBackend:
         return self.engine.handles  # the engine keeps them on its half-resolution grid, within the image
 
     def render(self, latent: Tensor) -> Image.Image:
-        return _to_pil(self.engine.render(latent))
+        return to_pil(self.engine.render(latent))
 
     def preview(self, max_size: int) -> Image.Image:
-        return _to_pil(self.engine.preview(decoder=self.decoder) * 2 - 1, max_size)  # [0, 1] -> [-1, 1]
+        return to_pil(self.engine.preview(decoder=self.decoder) * 2 - 1, max_size)  # [0, 1] -> [-1, 1]
 
     def model_sha256(self) -> str:
         return self.unet_sha256
@@ -1249,7 +1249,7 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _to_pil(img: Tensor, max_size: int | None = None) -> Image.Image:
+def to_pil(img: Tensor, max_size: int | None = None) -> Image.Image:
     """``[1, C, H, W]`` in about [-1, 1] (C = 1 or 3) -> RGB uint8 image, area-downscaled on the device first
     so that its longer side is at most ``max_size``."""
     _, c, h, w = img.shape
