@@ -82,7 +82,8 @@ class DragDiffusionConfig:
         fuse_qkv: fast mode: self-attention's q, k and v from one matmul with the three weights stacked
             (:class:`~dragrt.runtime.models.attention.AttnProcessor`); the same function. Off until timed
             (``bench/tools/profile_dragdiffusion.py OUT cl cl-fusedqkv``).
-        max_handles: padded size of the fast mode's handle arrays (more handles -> an error, not a recompile).
+        max_handles: padded size of the fast mode's handle arrays on CUDA (more handles -> an error, not a
+            recapture); the most handles an edit may have. On the CPU the arrays hold exactly the edit's handles.
         cuda_graph: replay the fast drag step, the inversion and denoise UNet calls and the LoRA training step
             from CUDA graphs (CUDA only).
         reuse_original_branch: fast mode: keep the original branch's self-attention keys and values of the final
@@ -193,7 +194,7 @@ class _Prepared:
 @dataclass
 class _FastState:
     z: Tensor  # [1, 4, h, w] float32 leaf being optimised
-    handles: Tensor  # [P_max, 2] x, y on the half-resolution grid
+    handles: Tensor  # [slots, 2] x, y on the half-resolution grid (slots: stepping.handle_slots)
     targets: Tensor
     init_handles: Tensor
     active: Tensor  # [P_max] bool
@@ -468,7 +469,8 @@ class DragDiffusionEngine:
 
     def _start_fast(self, handles: Tensor, targets: Tensor, keep: Tensor | None) -> None:
         cfg, p, dev = self.config, self.prepared, self.device
-        n, pmax = len(handles), cfg.max_handles
+        n = len(handles)
+        pmax = stepping.handle_slots(n, cfg.max_handles, dev)
         h_buf = torch.zeros(pmax, 2, device=dev)
         t_buf = torch.zeros(pmax, 2, device=dev)
         h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)
@@ -480,7 +482,7 @@ class DragDiffusionEngine:
             refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
             x_prev0 = (p.a * z + p.b * eps0.float()) if keep is not None else None
         st = self._fast_states.get(keep is not None)
-        if st is None:
+        if st is None or len(st.handles) != pmax:  # on the CPU the buffers are the edit's size
             st = _FastState(
                 z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
                 refs=refs, x_prev0=x_prev0, keep=keep,

@@ -61,7 +61,8 @@ class DragGANConfig:
             hard-coded index 5); on a generator under 128 px, which has no b128 (the reference fails there), the
             block at half its resolution, as b128 is on a 256 px model (on the zoo's 64 px StyleGAN2 the top
             block's features, near RGB, lost the mouth corners in tracking; b32's kept them).
-        max_handles: padded size of the handle arrays in fast mode (more handles -> an error, not a recompile).
+        max_handles: padded size of the handle arrays in fast mode on CUDA (more handles -> an error, not a
+            recapture); the most handles an edit may have. On the CPU the arrays hold exactly the edit's handles.
         max_steps: upper bound of :meth:`DragGANEngine.run` (the reference's gradio loop never stops by
             itself; the engine stops when every handle is within ``max(2 H / 512, 2)`` px, or here).
         cuda_graph: replay the fast step from a captured CUDA graph (CUDA only; captured at the first step).
@@ -114,7 +115,7 @@ def _positive(name: str, value: float) -> None:
 class _FastState:
     w: Tensor  # the optimised styles (the engine's ``w``), a leaf
     w0: Tensor  # [1, num_ws, w_dim] the start latent (fixed styles come from it)
-    handles: Tensor  # [P_max, 2] x, y (image px), integers after tracking
+    handles: Tensor  # [slots, 2] x, y (image px), integers after tracking (slots: stepping.handle_slots)
     targets: Tensor  # [P_max, 2]
     active: Tensor  # [P_max] bool
     refs: Tensor  # [P_max, C] float32: feature at each initial handle
@@ -222,6 +223,9 @@ class DragGANEngine:
             w0 = w.detach().clone()
             free = w.detach().clone() if cfg.latent_space == "w+" else w[:, 0, :].detach().clone()
             reuse = self._fast_states.get(fixed is not None) if cfg.mode == "fast" else None
+            if reuse is not None and len(reuse.handles) != stepping.handle_slots(len(handles), cfg.max_handles,
+                                                                                 self.device):
+                reuse = None  # on the CPU the buffers are the edit's size: another count builds new ones
             if reuse is None:
                 self.w0, self.w = w0, free.requires_grad_(True)
             else:  # the buffers a captured graph reads: refill them
@@ -299,7 +303,8 @@ class DragGANEngine:
 
     def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None, reuse: _FastState | None) -> None:
         cfg, dev = self.config, self.device
-        n, pmax = len(handles), cfg.max_handles
+        n = len(handles)
+        pmax = stepping.handle_slots(n, cfg.max_handles, dev)
         pad = torch.zeros(pmax, 2, device=dev)
         h_buf, t_buf = pad.clone(), pad.clone()
         h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)

@@ -355,6 +355,24 @@ def test_a_new_start_refills_the_same_buffers_and_matches_a_fresh_engine(sd, wit
     torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
 
 
+def test_a_new_start_with_another_handle_count_builds_buffers_of_its_size_on_the_cpu(sd):
+    """On the CPU the fast buffers hold exactly the edit's handles (no padding rows to track and sample): a
+    one-handle edit after a two-handle one gets one-row buffers and equals a fresh engine's."""
+    rt = RuntimeConfig(device="cpu", dtype="float32", compile_mode="none")
+    reused, fresh = (DragDiffusionEngine(sd, DragDiffusionConfig(**BASE), rt) for _ in range(2))
+    for e in (reused, fresh):
+        e.prepare(_image(), PROMPT)
+    reused.start(HANDLES, TARGETS)
+    assert len(reused._fast.handles) == 2
+    list(reused.run(max_steps=2))
+    reused.start(HANDLES[:1], TARGETS[:1])
+    assert len(reused._fast.handles) == 1
+    got = [r.handles for r in reused.run(max_steps=3)]
+    fresh.start(HANDLES[:1], TARGETS[:1])
+    assert got == [r.handles for r in fresh.run(max_steps=3)]
+    torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
+
+
 def test_a_new_image_of_the_same_size_keeps_the_fast_state_and_matches_a_fresh_engine(sd):
     """prepare() of another image (same size) refills the prompt embedding in place and keeps the fast state, whose
     captured graphs read it: the edit must equal a fresh engine's, prompt included."""

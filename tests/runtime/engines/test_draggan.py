@@ -214,3 +214,21 @@ def test_a_new_start_refills_the_same_buffers_and_matches_a_fresh_engine(device,
     want = [r.handles for r in fresh.run(max_steps=3)]
     assert got == want
     torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
+
+
+def test_a_new_start_with_another_handle_count_matches_a_fresh_engine(device) -> None:
+    """The fast buffers are max_handles rows on CUDA (refilled) and the edit's own size on the CPU (rebuilt when
+    the count changes): either way a one-handle edit after a two-handle one is a fresh one-handle edit."""
+    reused = engines(device)["fast"]
+    fresh = engines(device)["fast"]
+    w = reused.latent_from_seed(3)
+    reused.start(w, HANDLES, TARGETS)
+    list(reused.run(max_steps=3))
+    rows = {"cpu": 1, "cuda": reused.config.max_handles}[torch.device(device).type]
+    reused.start(w, HANDLES[:1], TARGETS[:1])
+    assert len(reused._fast.handles) == rows
+    got = [r.handles for r in reused.run(max_steps=3)]
+    fresh.start(w, HANDLES[:1], TARGETS[:1])
+    want = [r.handles for r in fresh.run(max_steps=3)]
+    assert got == want and len(got[0]) == 1
+    torch.testing.assert_close(reused.latent(), fresh.latent(), rtol=0, atol=0)
