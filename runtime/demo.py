@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -449,7 +450,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags every demo shares, named as the user typed them (the ``run_*`` functions name their parameters);
+    nothing is created before every check passed."""
+    if args.steps is not None and not 1 <= args.steps <= 10000:
+        raise ValueError(f"--steps={args.steps} is not allowed; use an integer from 1 to 10000")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed={args.seed} is not allowed; use an integer from 0 to 2**32 - 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a folder (it is created when missing)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is not a writable folder")
+
+
 def main(args: argparse.Namespace) -> int:
+    _check_flags(args)
     if args.method == "dragdiffusion":
         model = args.model or DRAGDIFFUSION_DEFAULT_MODEL
         print(f"dragrt demo: DragDiffusion on {model}, dragging a mouth corner of a face from the zoo's world "

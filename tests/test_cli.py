@@ -62,6 +62,22 @@ def test_demo_bad_size_is_one_clear_error(capsys, tmp_path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--steps", "-3"], "--steps=-3 is not allowed; use an integer from 1 to 10000"),
+    (["--steps", "10001"], "--steps=10001 is not allowed"),
+    (["--seed", "-1"], "--seed=-1 is not allowed; use an integer from 0 to 2**32 - 1"),
+    (["--out", "FILE"], "is a file; give a folder"),
+])
+def test_demo_bad_shared_flags_are_named_as_typed(flags, message, capsys, tmp_path) -> None:
+    (tmp_path / "FILE").write_text("keep me")
+    flags = [str(tmp_path / f) if f == "FILE" else f for f in flags]
+    out = [] if "--out" in flags else ["--out", str(tmp_path / "new")]
+    assert cli.main(["demo", "--model", "discs", *flags, *out]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"] and (tmp_path / "FILE").read_text() == "keep me"
+
+
 def test_convert_stylegan2_round_trip_through_the_cli(tmp_path, capsys) -> None:
     """dragrt convert stylegan2 reads a rosinality-layout .pt and writes safetensors + JSON."""
     from dragrt.runtime.models import stylegan2_convert as conv
