@@ -517,6 +517,7 @@ def train_image_lora(
                 warm = None
             if warm is not None and cuda_graph and _is_square(pixels, config.resolution):
                 return _train_warm(warm, components, pixels, emb, config, progress, callback)
+            kept = None
             try:
                 layers = _inject(unet, config, device)
                 params = [w for _, layer in layers
@@ -530,13 +531,16 @@ def train_image_lora(
                                            autocast_dtype, cuda_graph, keep=reuse_graph)
                     if kept is not None:
                         kept.paths, kept.key = [path for path, _ in layers], key
-                        kept.pointers = _pointers(unet)
-                        _WARM[unet] = kept
                 weights = _weights_of(layers)
             finally:
                 _strip(unet)
                 if not had_peft_config and hasattr(unet, "peft_config"):
                     del unet.peft_config
+            if kept is not None:
+                # The UNet's weights as usable() will see them, without the peft layers: unet.parameters() lists
+                # theirs while they are injected, and pointers taken then never matched again (an H200 test).
+                kept.pointers = _pointers(unet)
+                _WARM[unet] = kept
     finally:
         unet.train(was_training)
         for q, flag in grad_flags:

@@ -470,6 +470,27 @@ def test_a_kept_step_is_keyed_by_the_settings_and_the_weights_where_they_are(tin
     assert lora._is_square(np.zeros((128, 128, 3)), 64)  # resized to the crop size: nothing to crop
 
 
+def test_the_next_training_finds_the_kept_step_usable(tiny, pixels, monkeypatch) -> None:
+    """A kept step records the UNet's own weight pointers, taken once the peft layers are stripped, so that the
+    next training with the same settings replays it (on the CPU no step is captured: a stand-in is kept here,
+    and the CUDA test below checks the replay itself)."""
+    lora.release_lora_graphs(tiny.unet)
+    empty = dict(graph=None, loss=None, params=[], opt=None, scaler=None, mean=None, std=None, emb=None,
+                 add_noise=None)
+    monkeypatch.setattr(lora, "_train_fast", lambda *a, **k: lora._Warm(**empty) if k["keep"] else None)
+    replays = []
+    monkeypatch.setattr(lora, "_train_warm", lambda warm, *a: replays.append(warm) or {})
+    cfg = lora.LoRAConfig(rank=4, steps=1, batch_size=1, resolution=64)
+    lora.train_image_lora(tiny, pixels, PROMPT, cfg, progress=False)
+    kept = lora._WARM[tiny.unet]
+    assert kept.pointers == lora._pointers(tiny.unet) and kept.paths
+    lora.train_image_lora(tiny, pixels, PROMPT, cfg, progress=False)
+    assert replays == [kept]
+    lora.train_image_lora(tiny, pixels, PROMPT, cfg, progress=False, reuse_graph=False)
+    assert replays == [kept] and tiny.unet not in lora._WARM
+    lora.release_lora_graphs(tiny.unet)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 
 
