@@ -733,7 +733,8 @@ def _log(msg: str) -> None:
 def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", seed: int = 0, smoke: bool = False,
           resolution: int | None = None, max_steps: int | None = None, evaluate_metrics: bool = True,
           config_overrides: Mapping[str, Any] | None = None, reals: Iterator[Tensor] | None = None,
-          compile_mode: str | None = None, cuda_graphs: bool = False) -> dict[str, Any]:
+          compile_mode: str | None = None, cuda_graphs: bool = False,
+          channels_last: bool = False) -> dict[str, Any]:
     """Train (or resume) the faces StyleGAN2 in ``run_dir`` for at most ``minutes`` of wall-clock time.
 
     Args:
@@ -759,6 +760,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             launching ~30 k kernels from Python every iteration. CUDA only; combines with ``compile_mode``
             ``'default'`` or ``'max-autotune-no-cudagraphs'`` (``'reduce-overhead'`` makes graphs of its own).
             Not part of the run, like ``compile_mode``.
+        channels_last: G's and D's convolution weights and the real batch in channels-last (NHWC) memory, so that
+            cuDNN runs NHWC kernels without converting layouts. Measured on an H200 at 128 px, batch 64, graphed,
+            NCHW: 161 ms of GPU time a step, 6% of it in cuDNN's NCHW<->NHWC conversions and 44% in an sm80
+            "indexed" implicit-GEMM convolution. Same maths; not part of the run (a resumed chunk may choose).
 
     Returns:
         The metrics (also written to ``run_dir/metrics.json``).
@@ -775,6 +780,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     dev = _device(device)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}")
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be True or False, got {channels_last!r}")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = training.load_checkpoint(run_dir, map_location="cpu")
@@ -822,7 +830,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         eval_seconds_last = ckpt.get("eval_seconds_last")
         history = list(ckpt.get("history", []))
     for m in (gen, disc, g_ema):
-        m.to(dev)
+        m.to(dev, memory_format=layout)  # (only 4-D tensors, the convolution weights, change layout)
     for opt in (opt_g, opt_d):  # optimizer state follows its parameters (capturable: the step count too)
         for group in opt.param_groups:
             group["capturable"] = cuda_graphs  # a loaded state brings the saving chunk's choice
@@ -878,7 +886,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     # Every iteration: the G step and the D step, plus the lazy regularisers every pl_interval / r1_interval
     # steps. Each part reads the real batch from one static buffer and updates its state in place, so that it
     # can be replayed from a CUDA graph (``cuda_graphs``).
-    real = torch.empty([batch, 3, cfg.resolution, cfg.resolution], device=dev)
+    real = torch.empty([batch, 3, cfg.resolution, cfg.resolution], device=dev).contiguous(memory_format=layout)
 
     def g_main() -> None:  # G: non-saturating loss
         disc.requires_grad_(False)
@@ -1017,6 +1025,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         "generator_params": sum(p.numel() for p in g_ema.state_dict().values()),
         "compile_mode": compile_mode,
         "cuda_graphs": cuda_graphs,
+        "channels_last": channels_last,
         "replayed_parts": sorted(what for what, ps in parts.items() if ps.graph is not None),
         "config": cfg.to_dict(),
         **{f"last_chunk_{k}": v for k, v in summary.items()},
@@ -1263,6 +1272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each part of an iteration from a CUDA graph (CUDA only; not with "
                              "--compile reduce-overhead)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="G's and D's convolutions in channels-last (NHWC) memory (for cuDNN's NHWC kernels)")
     parser.add_argument("--no-train", action="store_true", help="only evaluate/export an existing run")
     parser.add_argument("--evaluate", action="store_true", help="with --no-train: re-evaluate the run")
     parser.add_argument("--export", type=Path, default=None, help="write the shipped generator to this folder")
@@ -1272,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
                             resolution=args.resolution, compile_mode=args.compile, cuda_graphs=args.cuda_graphs,
-                            config_overrides=overrides)
+                            channels_last=args.channels_last, config_overrides=overrides)
         except (ValueError, FileNotFoundError) as exc:  # a setting or a path the trainer refused: say which
             parser.error(str(exc))
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -34,7 +34,8 @@ BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
                   ("lr", "--lr", ("faces-vae",), "lr"),
                   ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"),
-                  ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2",), "cuda_graphs"))
+                  ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2",), "cuda_graphs"),
+                  ("channels_last", "--channels-last", ("faces-stylegan2",), "channels_last"))
 
 
 def trainer(name: str):
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
                         help="faces-stylegan2: replay each part of an iteration (G, D, path length, R1) from a CUDA "
                              "graph (CUDA only; not with --compile reduce-overhead)")
+    parser.add_argument("--channels-last", action="store_const", const=True, default=None,
+                        help="faces-stylegan2: G's and D's convolutions in channels-last (NHWC) memory")
     args = parser.parse_args(argv)
     module = trainer(args.name)
     extra = {}

@@ -6,6 +6,7 @@ Usage:
     python bench/tools/profile_zoo.py {vae,unet,sg2} OUT    # GPU machine: a real training loop, hooked
     python bench/tools/profile_zoo.py sg2-128 OUT            # the same, StyleGAN2 at 128 px (preset batch)
     python bench/tools/profile_zoo.py sg2-128-graphs OUT     # ... with every part replayed from a CUDA graph
+    python bench/tools/profile_zoo.py sg2-128-graphs-cl OUT  # ... and the networks in channels-last memory
 
 ``vae``/``unet``/``sg2`` run the trainer's own ``train`` and hook its once-per-step EMA update: the step rate
 between steps 60 and 160 (one synchronise at each end), then a torch.profiler window of 10 steps
@@ -73,7 +74,8 @@ def hooked_run(what: str, out: Path) -> dict:
     hook = StepHook(out, what, result)
     if what.startswith("sg2"):
         kw = {"resolution": 128} if "128" in what else {}
-        kw["cuda_graphs"] = what.endswith("-graphs")
+        kw["cuda_graphs"] = "-graphs" in what
+        kw["channels_last"] = what.endswith("-cl")
         module, name = sg2t, "_update_ema"
         run = lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)  # noqa: E731
     else:
@@ -165,7 +167,7 @@ def main(argv: list[str]) -> int:
     if what == "flops":
         print(json.dumps(flops()))
         return 0
-    if what not in ("loader", "vae", "unet", "sg2", "sg2-128", "sg2-128-graphs") or len(argv) != 2:
+    if what not in ("loader", "vae", "unet", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl") or len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[1])

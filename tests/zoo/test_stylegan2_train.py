@@ -351,8 +351,32 @@ def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) 
     assert "config_overrides" not in calls[1] and "cuda_graphs" not in calls[1]
     assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--cuda-graphs"]) == 0
     assert calls[2]["cuda_graphs"] is True
+    assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--channels-last"]) == 0
+    assert calls[3]["channels_last"] is True and "channels_last" not in calls[2]
     with pytest.raises(SystemExit):  # the other trainers do not take it
         zoo_train.main(["faces-vae", "--run-dir", str(tmp_path), "--cuda-graphs"])
+
+
+def test_channels_last_trains_as_the_nchw_loop(tmp_path: Path) -> None:
+    """channels_last only changes where the convolution weights and the real batch live in memory: a smoke run
+    from the same seed gives the NCHW run's losses and weights up to the convolution algorithms' rounding."""
+    runs = {}
+    for cl in (False, True):
+        run = tmp_path / f"cl{cl}"
+        m = st.train(run, minutes=2, device="cpu", seed=0, smoke=True, max_steps=4, evaluate_metrics=False,
+                     channels_last=cl)
+        runs[cl] = (m, training.load_checkpoint(run)["G"])
+    (nchw, g_nchw), (nhwc, g_nhwc) = runs[False], runs[True]
+    assert nhwc["channels_last"] is True and nchw["channels_last"] is False and nhwc["nonfinite_losses"] == 0
+    for k in ("loss_G", "loss_D", "r1", "pl", "D_real", "D_fake"):
+        assert nhwc[f"last_chunk_{k}"] == pytest.approx(nchw[f"last_chunk_{k}"], rel=1e-3, abs=1e-5), k
+    convs = [k for k, v in g_nhwc.items() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1]
+    assert convs and all(g_nhwc[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    assert not any(g_nhwc[k].is_contiguous() for k in convs)
+    for k, v in g_nchw.items():
+        torch.testing.assert_close(g_nhwc[k].contiguous(), v, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        st.train(tmp_path / "bad", minutes=1, device="cpu", smoke=True, max_steps=1, channels_last="yes")
 
 
 def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path: Path) -> None:
