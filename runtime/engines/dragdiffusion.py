@@ -197,8 +197,8 @@ class _FastState:
     handles: Tensor  # [slots, 2] x, y on the half-resolution grid (slots: stepping.handle_slots)
     targets: Tensor
     init_handles: Tensor
-    active: Tensor  # [P_max] bool
-    refs: Tensor  # [P_max, C] features at the initial handles (from F0)
+    active: Tensor  # [slots] bool (False: a padding row)
+    refs: Tensor  # [slots, C] features at the initial handles (from F0)
     x_prev0: Tensor | None  # [1, 4, h, w] initial x_{t-1} (mask term)
     keep: Tensor | None  # [1, 1, h, w] 1 - mask at latent resolution
     exp_avg: Tensor
@@ -470,11 +470,11 @@ class DragDiffusionEngine:
     def _start_fast(self, handles: Tensor, targets: Tensor, keep: Tensor | None) -> None:
         cfg, p, dev = self.config, self.prepared, self.device
         n = len(handles)
-        pmax = stepping.handle_slots(n, cfg.max_handles, dev)
-        h_buf = torch.zeros(pmax, 2, device=dev)
-        t_buf = torch.zeros(pmax, 2, device=dev)
+        slots = stepping.handle_slots(n, cfg.max_handles, dev)
+        h_buf = torch.zeros(slots, 2, device=dev)
+        t_buf = torch.zeros(slots, 2, device=dev)
         h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)
-        active = torch.zeros(pmax, dtype=torch.bool, device=dev)
+        active = torch.zeros(slots, dtype=torch.bool, device=dev)
         active[:n] = True
         z = self._z_start.clone().to(dev)
         with torch.no_grad():
@@ -482,7 +482,7 @@ class DragDiffusionEngine:
             refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
             x_prev0 = (p.a * z + p.b * eps0.float()) if keep is not None else None
         st = self._fast_states.get(keep is not None)
-        if st is None or len(st.handles) != pmax:  # on the CPU the buffers are the edit's size
+        if st is None or len(st.handles) != slots:  # on the CPU the buffers are the edit's size
             st = _FastState(
                 z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
                 refs=refs, x_prev0=x_prev0, keep=keep,

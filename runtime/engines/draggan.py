@@ -116,9 +116,9 @@ class _FastState:
     w: Tensor  # the optimised styles (the engine's ``w``), a leaf
     w0: Tensor  # [1, num_ws, w_dim] the start latent (fixed styles come from it)
     handles: Tensor  # [slots, 2] x, y (image px), integers after tracking (slots: stepping.handle_slots)
-    targets: Tensor  # [P_max, 2]
-    active: Tensor  # [P_max] bool
-    refs: Tensor  # [P_max, C] float32: feature at each initial handle
+    targets: Tensor  # [slots, 2]
+    active: Tensor  # [slots] bool (False: a padding row)
+    refs: Tensor  # [slots, C] float32: feature at each initial handle
     feat0: Tensor | None  # [1, C, h, w] features of the first step (for the mask term)
     fixed: Tensor | None  # [1, 1, H, W] 1 = fixed region, or None
     exp_avg: Tensor
@@ -304,11 +304,11 @@ class DragGANEngine:
     def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None, reuse: _FastState | None) -> None:
         cfg, dev = self.config, self.device
         n = len(handles)
-        pmax = stepping.handle_slots(n, cfg.max_handles, dev)
-        pad = torch.zeros(pmax, 2, device=dev)
+        slots = stepping.handle_slots(n, cfg.max_handles, dev)
+        pad = torch.zeros(slots, 2, device=dev)
         h_buf, t_buf = pad.clone(), pad.clone()
         h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)
-        active = torch.zeros(pmax, dtype=torch.bool, device=dev)
+        active = torch.zeros(slots, dtype=torch.bool, device=dev)
         active[:n] = True
         with torch.no_grad():
             feat0 = self._features(self._ws())
