@@ -217,14 +217,35 @@ def patch_track(feat: Tensor, ref_vectors: Tensor, centers: Tensor, radius: int,
     base = torch.floor(centers.float() + 0.5)  # [P, 2]
     cand = base[:, None, :] + window_offsets(radius, feat.device)[None]  # [P, K, 2]
     inside = (cand[..., 0] >= 0) & (cand[..., 0] <= gw - 1) & (cand[..., 1] >= 0) & (cand[..., 1] <= gh - 1)
-    n_p, k = cand.shape[:2]
-    vals = _sample_acc(feat, cand.reshape(-1, 2), (gh, gw))[0].float().reshape(n_p, k, -1)  # [P, K, C]
+    vals = _window_values(feat, base, radius, (gh, gw)).float()  # [P, K, C]
     diff = vals - ref_vectors.float()[:, None, :]
     dist = diff.abs().sum(-1) if metric == "l1" else torch.linalg.vector_norm(diff, dim=-1)
     dist = torch.where(inside, dist, torch.full_like(dist, float("inf")))
     best = torch.argmin(dist, dim=1)  # first minimum
     new = torch.gather(cand, 1, best[:, None, None].expand(-1, 1, 2))[:, 0]
     return new.to(centers.dtype)
+
+
+def _window_values(feat: Tensor, base: Tensor, radius: int, size: tuple[int, int]) -> Tensor:
+    """``[P, K, C]``: the sampling grid's values at each window pixel ``base[j] + [dx, dy]`` (``K = (2r + 1)^2``,
+    row-major with ``dy`` outer, as :func:`window_offsets`), which is :func:`_sample_acc` at those points, computed
+    per axis. A window's pixels are whole grid pixels, so those of one row share their four native row taps and
+    those of one column their four column taps: rows are blended once per ``(handle, dy)``, then columns, instead
+    of a 16-tap gather per candidate (float32 sums in another order; ~4x faster on a CPU for DragGAN's 5 handles,
+    radius 6, 64 channels). Float32, float64 for float64 maps.
+    """
+    (gh, gw), (_, c, h, w) = size, feat.shape
+    acc = torch.float64 if feat.dtype == torch.float64 else torch.float32
+    offsets = torch.arange(-radius, radius + 1, device=feat.device, dtype=base.dtype)
+    xs, ys = base[:, :1] + offsets, base[:, 1:] + offsets  # [P, S], S = 2r + 1
+    ix, wx = upsampled_taps_1d(xs, gw, w)  # [P, S, 4]
+    iy, wy = upsampled_taps_1d(ys, gh, h)
+    n_p, s = xs.shape
+    rows = feat[0][:, iy.reshape(-1)].to(acc).reshape(c, n_p, s, 4, w)  # [C, P, S (dy), 4, W]
+    rows = (rows * wy.to(acc)[None, :, :, :, None]).sum(3)  # [C, P, S, W]
+    cols = torch.gather(rows, 3, ix.reshape(1, n_p, 1, s * 4).expand(c, n_p, s, s * 4))  # [C, P, S, S*4]
+    vals = (cols.reshape(c, n_p, s, s, 4) * wx.to(acc)[None, :, None]).sum(-1)  # [C, P, S (dy), S (dx)]
+    return vals.permute(1, 2, 3, 0).reshape(n_p, s * s, c)
 
 
 # --- masked_blend -----------------------------------------------------------------------------------------

@@ -236,6 +236,22 @@ def test_patch_track_equals_literal(device, metric, size, radius) -> None:
         torch.testing.assert_close(got.cpu(), expected, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("size,radius", [((44, 52), 5), (None, 3), ((26, 33), 0)])
+def test_patch_track_window_values_are_the_sampled_grid(dtype, size, radius) -> None:
+    """The reference's per-axis window (rows blended once per handle and dy) is _sample_acc at the window's pixels,
+    borders and outside pixels included, for any memory format."""
+    feat = torch.randn(1, 23, 11, 13, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gh, gw = size or (11, 13)
+    base = torch.tensor([[3.0, 4.0], [gw - 1, gh - 1], [0.0, 0.0], [gw + 2.0, -1.0]])
+    got = reference._window_values(feat, base, radius, (gh, gw))
+    cand = (base[:, None, :] + reference.window_offsets(radius)[None]).reshape(-1, 2)
+    want = reference._sample_acc(feat, cand, (gh, gw))[0].reshape(len(base), (2 * radius + 1) ** 2, -1)
+    assert got.dtype == want.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-6  # float32 weights either way (integer window pixels): _sample_acc rounds their products wy * wx
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
 def test_patch_track_ties_go_to_the_first_candidate(device) -> None:
     feat = torch.ones(1, 5, 9, 9, device=device)
     refs = torch.zeros(3, 5, device=device)
