@@ -3,8 +3,8 @@
 An engine's ``step()`` returns device tensors ``(handles [P, 2], done [], loss [])`` without waiting for the
 device. :func:`pipelined_run` turns steps into :class:`StepResult` s while keeping the GPU busy: the host copies
 step ``k``'s tensors into pinned buffers (:class:`PinnedReadback`) and reads them only after it has queued step
-``k + 1``, which makes no update once the edit is done. ``step_result`` converts the read values (the engine's
-coordinates) into a result in image pixels.
+``k + 1``, which makes no update once the edit is done (on the CPU and in reference modes each step is read at
+once). ``step_result`` converts the read values (the engine's coordinates) into a result in image pixels.
 """
 
 from __future__ import annotations
@@ -91,21 +91,39 @@ def run_limit(max_steps: Any, default: int) -> int:
 
 def pipelined_run(step: Callable[[], tuple[Tensor, Tensor, Tensor]], snapshot: Callable[..., tuple],
                   result: Callable[[int, tuple, float], StepResult], limit: int) -> Iterator[StepResult]:
-    """Steps until a result says ``done`` or ``limit`` steps; yields one result per step, reading step ``k`` after
-    step ``k + 1`` was queued."""
-    pending: tuple[int, Any] | None = None
+    """Steps until a result says ``done`` or ``limit`` steps; yields one result per step.
+
+    A snapshot with a device event (a fast mode on CUDA) is read after step ``k + 1`` was queued, so the GPU never
+    waits for the host; the step after the last one makes no update. A host snapshot (the CPU, or a reference
+    mode, which reads values back as the published code does) is read at once: there is nothing to overlap, and
+    such a run takes no step past the one that finished the edit, as the published loops stop there (a reference
+    mode doing one more step than its paper would flatter our ratios).
+    """
     t_last = time.perf_counter()
+
+    def read(item: tuple[int, Any]) -> StepResult:
+        nonlocal t_last
+        r = result(item[0], item[1], t_last)
+        t_last = time.perf_counter()
+        return r
+
+    pending: tuple[int, Any] | None = None
     for k in range(limit):
         snap = snapshot(*step())
         if pending is not None:
-            r = result(pending[0], pending[1], t_last)
-            t_last = time.perf_counter()
+            r, pending = read(pending), None
             yield r
             if r.done:
                 return
-        pending = (k, snap)
+        if snap[-1] is not None:
+            pending = (k, snap)
+            continue
+        r = read((k, snap))
+        yield r
+        if r.done:
+            return
     if pending is not None:
-        yield result(pending[0], pending[1], t_last)
+        yield read(pending)
 
 
 def check_points(name: str, points: Any, max_handles: int) -> Tensor:
