@@ -831,13 +831,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         history = list(ckpt.get("history", []))
     for m in (gen, disc, g_ema):
         m.to(dev, memory_format=layout)  # (only 4-D tensors, the convolution weights, change layout)
-    for opt in (opt_g, opt_d):  # optimizer state follows its parameters (capturable: the step count too)
+    for opt in (opt_g, opt_d):  # optimizer state follows its parameters (capturable: the step count too; layout)
         for group in opt.param_groups:
             group["capturable"] = cuda_graphs  # a loaded state brings the saving chunk's choice
         for state in opt.state.values():
             for k, v in state.items():
                 if isinstance(v, Tensor) and k != "step":
-                    state[k] = v.to(dev)
+                    state[k] = v.to(dev, memory_format=layout) if v.dim() == 4 else v.to(dev)
                 elif isinstance(v, Tensor) and cuda_graphs:
                     state[k] = v.to(dev, torch.float32)
     pl_mean = pl_mean.to(dev)

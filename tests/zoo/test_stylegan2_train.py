@@ -375,6 +375,10 @@ def test_channels_last_trains_as_the_nchw_loop(tmp_path: Path) -> None:
     assert not any(g_nhwc[k].is_contiguous() for k in convs)
     for k, v in g_nchw.items():
         torch.testing.assert_close(g_nhwc[k].contiguous(), v, rtol=1e-3, atol=1e-5)
+    # a chunk may choose its layout: the NCHW run resumes in channels-last (Adam's moments follow their weights)
+    again = st.train(tmp_path / "clFalse", minutes=2, device="cpu", seed=0, smoke=True, max_steps=2,
+                     evaluate_metrics=False, channels_last=True)
+    assert again["steps"] == 6 and again["nonfinite_losses"] == 0 and again["channels_last"] is True
     with pytest.raises(ValueError, match="channels_last must be True or False"):
         st.train(tmp_path / "bad", minutes=1, device="cpu", smoke=True, max_steps=1, channels_last="yes")
 
