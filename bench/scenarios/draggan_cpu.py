@@ -13,7 +13,7 @@ import torch
 
 from dragrt.bench import harness
 from dragrt.bench.scenarios import register
-from dragrt.bench.scenarios.draggan import _points
+from dragrt.bench.scenarios.draggan import far_points
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
 
@@ -34,7 +34,7 @@ def draggan_cpu(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     records = []
     for n in (1, 2) if quick else (1, 2, 5):
-        handles, targets = _points(n, res, gen)
+        handles, targets = far_points(n, res, gen)
         engines = {m: DragGANEngine(G, DragGANConfig(mode=m), RuntimeConfig(device="cpu"))
                    for m in ("fast", "reference")}
         w = engines["fast"].latent_from_seed(0)
