@@ -98,9 +98,13 @@ def _draw(img: torch.Tensor | Image.Image, handles, targets, scale: int = 1) -> 
     return pil
 
 
+#: The most optimisation steps a demo takes (``max_steps`` / ``--steps``).
+MAX_DEMO_STEPS = 10000
+
+
 def _check_steps(max_steps: int) -> None:
-    if not 1 <= max_steps <= 10000:
-        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 10000")
+    if not 1 <= max_steps <= MAX_DEMO_STEPS:
+        raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to {MAX_DEMO_STEPS}")
 
 
 def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 400, lr: float = 1.0,
@@ -443,8 +447,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "landmark regressor sees clearly)")
     p.add_argument("--size", type=int, default=None, help="discs: image size in pixels, 64-1024 (default 256)")
     p.add_argument("--steps", type=int, default=None,
-                   help="maximum optimisation steps, 1-10000 (default 400 for discs, 40 for stylegan2-random, "
-                        "200 for a trained StyleGAN2)")
+                   help=f"maximum optimisation steps, 1-{MAX_DEMO_STEPS} (default 400 for discs, 40 for "
+                        "stylegan2-random, 200 for a trained StyleGAN2)")
     p.add_argument("--resolution", type=int, default=None,
                    help="stylegan2-random: 256, 512 or 1024 (default 256)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -453,8 +457,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_flags(args: argparse.Namespace) -> None:
     """The flags every demo shares, named as the user typed them (the ``run_*`` functions name their parameters);
     nothing is created before every check passed."""
-    if args.steps is not None and not 1 <= args.steps <= 10000:
-        raise ValueError(f"--steps={args.steps} is not allowed; use an integer from 1 to 10000")
+    if args.steps is not None and not 1 <= args.steps <= MAX_DEMO_STEPS:
+        raise ValueError(f"--steps={args.steps} is not allowed; use an integer from 1 to {MAX_DEMO_STEPS}")
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed={args.seed} is not allowed; use an integer from 0 to 2**32 - 1")
     out = Path(args.out)

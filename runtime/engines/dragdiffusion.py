@@ -481,8 +481,8 @@ class DragDiffusionEngine:
             feat0, eps0 = self._features(z, full=keep is not None)
             refs = bilinear_sample(feat0, h_buf, self.size)[0].float().contiguous()
             x_prev0 = (p.a * z + p.b * eps0.float()) if keep is not None else None
-        st = self._fast_states.get(keep is not None)
-        if st is None or len(st.handles) != slots:  # on the CPU the buffers are the edit's size
+        st = stepping.kept_state(self._fast_states, keep is not None, slots)
+        if st is None:
             st = _FastState(
                 z=z.requires_grad_(True), handles=h_buf, targets=t_buf, init_handles=h_buf.clone(), active=active,
                 refs=refs, x_prev0=x_prev0, keep=keep,

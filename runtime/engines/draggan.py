@@ -222,10 +222,8 @@ class DragGANEngine:
         with self._on_engine_stream():
             w0 = w.detach().clone()
             free = w.detach().clone() if cfg.latent_space == "w+" else w[:, 0, :].detach().clone()
-            reuse = self._fast_states.get(fixed is not None) if cfg.mode == "fast" else None
-            if reuse is not None and len(reuse.handles) != stepping.handle_slots(len(handles), cfg.max_handles,
-                                                                                 self.device):
-                reuse = None  # on the CPU the buffers are the edit's size: another count builds new ones
+            slots = stepping.handle_slots(len(handles), cfg.max_handles, self.device)
+            reuse = stepping.kept_state(self._fast_states, fixed is not None, slots) if cfg.mode == "fast" else None
             if reuse is None:
                 self.w0, self.w = w0, free.requires_grad_(True)
             else:  # the buffers a captured graph reads: refill them
@@ -236,7 +234,7 @@ class DragGANEngine:
             if cfg.mode == "reference":
                 self._start_reference(handles, targets, fixed)
             else:
-                self._start_fast(handles, targets, fixed, reuse)
+                self._start_fast(handles, targets, fixed, reuse, slots)
 
     def _check_latent(self, w: Tensor) -> Tensor:
         return check_latent("w", w, self.G.num_ws, self.G.w_dim).to(self.device)
@@ -301,10 +299,10 @@ class DragGANEngine:
                                    stop_after=self.feature_resolution)
         return feats[-1]
 
-    def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None, reuse: _FastState | None) -> None:
-        cfg, dev = self.config, self.device
+    def _start_fast(self, handles: Tensor, targets: Tensor, fixed: Tensor | None, reuse: _FastState | None,
+                    slots: int) -> None:
+        dev = self.device
         n = len(handles)
-        slots = stepping.handle_slots(n, cfg.max_handles, dev)
         pad = torch.zeros(slots, 2, device=dev)
         h_buf, t_buf = pad.clone(), pad.clone()
         h_buf[:n], t_buf[:n] = handles.to(dev), targets.to(dev)

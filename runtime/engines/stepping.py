@@ -151,6 +151,13 @@ def handle_slots(n: int, max_handles: int, device: torch.device) -> int:
     return max_handles if device.type == "cuda" else n
 
 
+def kept_state(states: dict, key: Any, slots: int) -> Any:
+    """The fast state an engine kept under ``key`` if its handle buffers have ``slots`` rows (refill it: a captured
+    graph reads those buffers), else ``None`` (build one: on the CPU, an edit with another number of handles)."""
+    st = states.get(key)
+    return st if st is not None and len(st.handles) == slots else None
+
+
 @contextlib.contextmanager
 def on_stream(stream: torch.cuda.Stream | None, device: torch.device) -> Iterator[None]:
     """Run the block on a fast engine's own CUDA stream, ordered after and before the caller's stream by
