@@ -8,7 +8,10 @@
 # VAE_MINUTES (default 3.5) goes to the VAE; the UNet gets the rest up to END_S seconds after the start
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
-# DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile; not measured yet on a GPU).
+# DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile). Measured on an H100 (2026-12-05,
+# bench/tools/zoo_step_variants.py): the VAE step 67.5 -> 42.3 ms after ~60 s of compiling, the UNet step (replayed)
+# 74 -> 37 ms after ~145 s: within one call's minutes the compile costs about what it saves, so it stays off.
+# DRAGRT_ZOO_GRAPHS=0 drops the UNet's --cuda-graphs (on by default: its step 166 -> 74 ms, ~20 s to capture).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
 # through, stays bit for bit; worth it while bench/tools/vae_decoder_bound.py finds the decoder far better on
@@ -41,6 +44,8 @@ export DRAGRT_SKIP_INSTALL=1 PYTHONPATH="/tmp/dragrt-site${PYTHONPATH:+:$PYTHONP
 [ -d "$root/.assets" ] && export DRAGRT_ASSETS=${DRAGRT_ASSETS:-$root/.assets}
 compile=()
 [ -n "${DRAGRT_ZOO_COMPILE:-}" ] && compile=(--compile "$DRAGRT_ZOO_COMPILE")
+graphs=(--cuda-graphs)
+[ "${DRAGRT_ZOO_GRAPHS:-1}" = 0 ] && graphs=()
 mse=()
 [ -n "${DRAGRT_VAE_MSE:-}" ] && mse=(--mse-weight "$DRAGRT_VAE_MSE")
 stamp=$(date +%Y%m%dT%H%M%S)
@@ -55,7 +60,7 @@ echo "faces-vae exit $? at $(el) s"
 minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
 echo "faces-sd (UNet) from $(el) s, $minutes min"
 DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
-  --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" --export >"$logs/faces-sd.log" 2>&1
+  --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" --export >"$logs/faces-sd.log" 2>&1
 echo "faces-sd exit $? at $(el) s"
 (cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)
 

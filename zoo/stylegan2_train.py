@@ -770,16 +770,10 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     """
     budget = training.Budget(minutes)
     training.check_compile_mode(compile_mode)
-    if not isinstance(cuda_graphs, bool):
-        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-    if cuda_graphs and compile_mode == "reduce-overhead":
-        raise ValueError("cuda_graphs=True and compile_mode='reduce-overhead' both make CUDA graphs; use "
-                         "compile_mode 'default' or 'max-autotune-no-cudagraphs' with cuda_graphs, or drop cuda_graphs")
     if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
         raise ValueError(f"max_steps={max_steps!r} is not allowed; use None or an integer >= 0")
     dev = _device(device)
-    if cuda_graphs and dev.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}")
+    training.check_cuda_graphs(cuda_graphs, compile_mode, dev)
     if not isinstance(channels_last, bool):
         raise ValueError(f"channels_last must be True or False, got {channels_last!r}")
     layout = torch.channels_last if channels_last else torch.contiguous_format

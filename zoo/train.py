@@ -34,7 +34,7 @@ BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
                   ("lr", "--lr", ("faces-vae",), "lr"),
                   ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"),
-                  ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2",), "cuda_graphs"),
+                  ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2", "faces-sd"), "cuda_graphs"),
                   ("channels_last", "--channels-last", ("faces-stylegan2",), "channels_last"))
 
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                              "default, reduce-overhead or max-autotune-no-cudagraphs; off by default)")
     parser.add_argument("--cuda-graphs", action="store_const", const=True, default=None,
                         help="faces-stylegan2: replay each part of an iteration (G, D, path length, R1) from a CUDA "
-                             "graph (CUDA only; not with --compile reduce-overhead)")
+                             "graph; faces-sd: the training step (CUDA only; not with --compile reduce-overhead)")
     parser.add_argument("--channels-last", action="store_const", const=True, default=None,
                         help="faces-stylegan2: G's and D's convolutions in channels-last (NHWC) memory")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,18 @@ def check_compile_mode(mode: str | None) -> None:
         raise ValueError(f"compile_mode={mode!r} is not allowed; choose one of {', '.join(COMPILE_MODES)} or None")
 
 
+def check_cuda_graphs(cuda_graphs: Any, compile_mode: str | None, device: torch.device) -> None:
+    """``ValueError`` unless a trainer's ``cuda_graphs`` can run: a bool, on a CUDA device, and not together
+    with ``compile_mode='reduce-overhead'`` (which makes graphs of its own)."""
+    if not isinstance(cuda_graphs, bool):
+        raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+    if cuda_graphs and compile_mode == "reduce-overhead":
+        raise ValueError("cuda_graphs=True and compile_mode='reduce-overhead' both make CUDA graphs; use "
+                         "compile_mode 'default' or 'max-autotune-no-cudagraphs' with cuda_graphs, or drop cuda_graphs")
+    if cuda_graphs and torch.device(device).type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={str(device)!r}")
+
+
 def compile_forwards(modules: list[nn.Module], mode: str | None) -> None:
     """Compile each module's ``forward`` in place (an instance attribute: parameter names and state dicts stay
     as they are, so checkpoints and exports do not change), with static shapes; nothing when ``mode`` is None."""
@@ -201,17 +213,21 @@ class ReplayedStep:
     (parameters, optimiser states, accumulators) and never wait for the device. ``before_capture`` runs just
     before the capture, outside it (e.g. ``zero_grad(set_to_none=True)``, so that no gradient of another
     graph is freed inside this one). A capture that fails is reported through ``on_fallback`` and the step
-    runs eagerly from then on.
+    runs eagerly from then on. ``generators``: the CUDA generators ``fn`` draws from other than the device's
+    default one (which every capture follows by itself); each is registered with the graph, so that a replay
+    advances it as an eager call would.
     """
 
     def __init__(self, fn: Callable[[], None], *, cuda_graph: bool = False, device: torch.device | None = None,
                  before_capture: Callable[[], None] | None = None,
-                 on_fallback: Callable[[str], None] | None = None) -> None:
+                 on_fallback: Callable[[str], None] | None = None,
+                 generators: Sequence[torch.Generator] = ()) -> None:
         if cuda_graph and (device is None or torch.device(device).type != "cuda"):
             raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device!r}")
         self.fn, self.cuda_graph = fn, cuda_graph
         self.device = torch.device(device) if device is not None else None
         self.before_capture, self.on_fallback = before_capture, on_fallback
+        self.generators = tuple(generators)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
 
@@ -239,6 +255,8 @@ class ReplayedStep:
             self.before_capture()
         graph = torch.cuda.CUDAGraph()
         try:
+            for generator in self.generators:
+                graph.register_generator_state(generator)
             # thread_local: a DataLoader's pin-memory thread may touch CUDA while this thread captures
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.fn()  # recorded, not run: the caller replays it

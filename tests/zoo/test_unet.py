@@ -425,3 +425,67 @@ def test_adopt_vae_takes_a_new_encoder_and_keeps_the_samples(exported, tmp_path,
     with pytest.raises(SystemExit):
         zunet.main(["adopt-vae", str(new_decoder), "--pipeline", str(pipe)])
     assert "decoder tensors differ" in capsys.readouterr().err
+
+
+def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device, got device='cpu'"):
+        zunet.train(tmp_path / "a", minutes=1, device="cpu", smoke=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        zunet.train(tmp_path / "b", minutes=1, device="cpu", smoke=True, cuda_graphs=True,
+                    compile_mode="reduce-overhead")
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False"):
+        zunet.train(tmp_path / "c", minutes=1, device="cpu", smoke=True, cuda_graphs="yes")
+    assert not any((tmp_path / d).exists() for d in "abc")  # refused before anything was written
+
+
+def test_zoo_train_command_passes_cuda_graphs_to_faces_sd(monkeypatch, tmp_path):
+    from dragrt.zoo import train as zoo_train
+
+    calls = []
+    monkeypatch.setattr(zunet, "train", lambda run_dir, **kw: calls.append(kw) or {"step": 0})
+    assert zoo_train.main(["faces-sd", "--run-dir", str(tmp_path), "--cuda-graphs", "--compile", "default"]) == 0
+    assert calls[0]["cuda_graphs"] is True and calls[0]["compile_mode"] == "default"
+    assert zoo_train.main(["faces-sd", "--run-dir", str(tmp_path)]) == 0
+    assert "cuda_graphs" not in calls[1]
+
+
+def test_learning_rate_on_the_device_is_one_tensor_filled_in_place():
+    """A replayed AdamW keeps the tensors of its capture: the rate must change in place, in every group; a
+    checkpoint gets plain floats back."""
+    params = [nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))]
+    opt = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:]}], lr=1.0)
+    lr = zunet._LearningRate(opt, 0.5, torch.device("cpu"), on_device=True)
+    held = opt.param_groups[0]["lr"]
+    assert isinstance(held, torch.Tensor) and opt.param_groups[1]["lr"] is held and float(held) == 0.5
+    lr.set(0.25)
+    assert opt.param_groups[0]["lr"] is held and float(held) == 0.25 and lr.value == 0.25
+    lr.restore_float()
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+    plain = zunet._LearningRate(opt, 0.1, torch.device("cpu"), on_device=False)
+    plain.set(0.3)
+    assert [g["lr"] for g in opt.param_groups] == [0.3, 0.3] and plain.tensor is None
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_train_as_the_eager_loop(smoke_run, tmp_path):
+    """The training step replayed from a CUDA graph (compiled blocks or not) trains the UNet the eager loop trains
+    from the same seed: the same draws from the trainer's own generator (registered with the graph), the same
+    learning-rate schedule (a device tensor the replay reads), up to cuDNN's choice of algorithms."""
+    runs = {}
+    for graphs in (False, True):
+        run = tmp_path / f"graphs{graphs}"
+        m = zunet.train(run, minutes=5, device="cuda", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
+                        clip_path=smoke_run.root / "clip", cuda_graphs=graphs)
+        runs[graphs] = (m, training.load_checkpoint(run))
+    (eager, ck_eager), (graphed, ck_graphed) = runs[False], runs[True]
+    assert graphed["replayed_step"] is True and eager["replayed_step"] is False
+    assert graphed["step"] == eager["step"] == zunet.SMOKE_HPARAMS.fixed_steps
+    for k in ("loss_first", "loss_last"):
+        assert graphed[k] == pytest.approx(eager[k], rel=2e-3, abs=1e-4), k
+    torch.manual_seed(0)  # the trainer's initial weights, as it draws them
+    init = zunet.build_unet(ck_eager["config"]).state_dict()
+    for k, v in ck_eager["model"].items():
+        moved = (v.float() - init[k].float()).norm()
+        apart = (ck_graphed["model"][k].float() - v.float()).norm()
+        assert apart <= 0.02 * moved + 1e-5, (k, float(apart), float(moved))
+    assert all(isinstance(g["lr"], float) for g in ck_graphed["optimizer"]["param_groups"])
