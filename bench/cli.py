@@ -91,15 +91,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     budget = args.budget_ms if args.budget_ms is not None else (QUICK_BUDGET_MS if args.quick else 200.0)
     status = 0
     for s in chosen:
+        written = 0
         try:
-            records = s(budget, args.quick)
+            for rec in s(budget, args.quick):  # each record is written as it comes (a generator yields as it goes)
+                path = harness.write_record(rec, args.out)
+                written += 1
+                print(_summary(rec, path), flush=True)
         except Exception:
-            print(f"error: scenario {s.name} failed:\n{traceback.format_exc()}", file=sys.stderr)
+            kept = f" (after writing {written} record(s))" if written else ""
+            print(f"error: scenario {s.name} failed{kept}:\n{traceback.format_exc()}", file=sys.stderr)
             status = EXIT_SCENARIO_FAILED
-            continue
-        for rec in records:
-            path = harness.write_record(rec, args.out)
-            print(_summary(rec, path))
     return status
 
 

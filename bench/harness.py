@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -355,6 +356,15 @@ def profile_summary(prof: Any, calls: int, seconds: float,
                                     + ka.table(sort_by="self_cpu_time_total", row_limit=25))
     return {"prof_wall_ms": round(1000 * seconds / calls, 3), "kernels_per_call": sum(e.count for e in kernels) / calls,
             "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / calls, 3)}
+
+
+_PROGRESS_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One line on stderr, flushed, with the seconds since this process imported the harness: what a long
+    scenario is doing, so that a run cut off at a device call's limit still says where it got to."""
+    print(f"[bench +{time.monotonic() - _PROGRESS_T0:.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def measure_compile(fn: Callable[[], Any]) -> float:

@@ -1,21 +1,23 @@
 """The scenario registry.
 
-A scenario is a function ``(budget_ms: float, quick: bool) -> list[dict]`` returning records built with
-:func:`dragrt.bench.harness.make_record`; ``budget_ms`` is the timing budget per measured callable, in
-ms, and ``quick`` asks for a smaller sweep. Register one with :func:`register`. Every module in this
-package is imported the first time the registry is read, so a new ``scenarios/<name>.py`` needs no edit
-here; a module that fails to import is reported by :func:`load_errors` instead of breaking the others.
+A scenario is a function ``(budget_ms: float, quick: bool) -> Iterable[dict]`` returning (a list) or yielding
+(a generator) records built with :func:`dragrt.bench.harness.make_record`; ``budget_ms`` is the timing budget
+per measured callable, in ms, and ``quick`` asks for a smaller sweep. ``dragrt bench run`` writes each record as
+soon as it comes, so a long scenario that yields keeps what it measured when it is cut off or fails later.
+Register one with :func:`register`. Every module in this package is imported the first time the registry is
+read, so a new ``scenarios/<name>.py`` needs no edit here; a module that fails to import is reported by
+:func:`load_errors` instead of breaking the others.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-ScenarioFn = Callable[[float, bool], list[dict[str, Any]]]
+ScenarioFn = Callable[[float, bool], Iterable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Scenario:
     needs_cuda: bool = True
     description: str = ""
 
-    def __call__(self, budget_ms: float, quick: bool) -> list[dict[str, Any]]:
+    def __call__(self, budget_ms: float, quick: bool) -> Iterable[dict[str, Any]]:
         return self.fn(budget_ms, quick)
 
 

@@ -308,6 +308,32 @@ def test_cli_run_cpu_scenario_writes_records(
     assert (tmp_path / "p.png").exists()
 
 
+def test_cli_run_writes_each_yielded_record_before_a_later_failure(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A scenario that yields keeps what it measured: the first record is on disk when the second part fails
+    (as a cold DragDiffusion LoRA run cut off at a device call's limit keeps its LoRA record)."""
+    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    x = torch.ones(8)
+
+    def two_parts(budget_ms: float, quick: bool):
+        t = harness.time_cuda(lambda: x + x, warmup_ms=0, budget_ms=1, min_reps=2)
+        yield harness.make_record("two-parts.first", {}, t, t)
+        harness.progress("second part")
+        raise RuntimeError("the second part broke")
+
+    monkeypatch.setitem(scenarios._REGISTRY, "two-parts",
+                        scenarios.Scenario("two-parts", two_parts, needs_cuda=False))
+    out = tmp_path / "out"
+    assert cli.main(["run", "two-parts", "--out", str(out)]) == cli.EXIT_SCENARIO_FAILED
+    written = harness.load_records(out)
+    assert [r["scenario"] for r in written] == ["two-parts.first"]
+    captured = capsys.readouterr()
+    assert "two-parts.first" in captured.out
+    assert "scenario two-parts failed (after writing 1 record(s))" in captured.err
+    assert "the second part broke" in captured.err and "] second part" in captured.err
+
+
 def test_cli_readme_rewrites_only_marked_section(tmp_path: Path) -> None:
     results = tmp_path / "results"
     harness.write_record(rec("readme-scenario"), results)
