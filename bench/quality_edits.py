@@ -186,14 +186,21 @@ def _predict(images: Tensor, attribute_model: torch.nn.Module) -> tuple[np.ndarr
             {n: np.concatenate([p[n] for p in probs]) for n in world.CATEGORICAL})
 
 
+#: Readings that spread less than this (times ``max(1, |mean|)``) are constant: the attribute readers compute in
+#: float32, whose batched layers round the rows of one batch apart by a few 1e-9, and an R^2 of that is noise.
+_CONSTANT_SPREAD = 1e-6
+
+
 def _fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None]:
-    """Least-squares ``y ~ slope * x + intercept``: (slope, intercept, R^2 or None when y is constant)."""
+    """Least-squares ``y ~ slope * x + intercept``: (slope, intercept, R^2 or None when y is constant to the
+    readers' float32 resolution, :data:`_CONSTANT_SPREAD`)."""
     xm, ym = x.mean(), y.mean()
     slope = float(((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum())
     intercept = float(ym - slope * xm)
     ss_tot = float(((y - ym) ** 2).sum())
     ss_res = float(((y - (slope * x + intercept)) ** 2).sum())
-    return slope, intercept, (1.0 - ss_res / ss_tot if ss_tot > 0 else None)
+    constant = float(y.max() - y.min()) <= _CONSTANT_SPREAD * max(1.0, abs(float(ym)))
+    return slope, intercept, (None if constant else 1.0 - ss_res / ss_tot)
 
 
 def score_slider(images: Tensor, scales: Sequence[float], attribute: str,

@@ -61,13 +61,14 @@ def test_identity_slider_scores_zero(model) -> None:
     images, _ = qe.oracle_slider(H[0], "head_yaw", [0.0, 1.0])
     same = images[:1].repeat(4, 1, 1, 1)
     r = qe.score_slider(same, [2.0, -1.0, 0.5, 1.0], "head_yaw", model)
-    assert r["slope"] == pytest.approx(0.0, abs=1e-9)
+    # The readers' batched float32 layers round rows of one batch apart (~1e-9 on one CPU, a few 1e-9 on another):
+    # a slope or drift of that size is rounding; any real effect of a slider is orders of magnitude larger.
+    assert r["slope"] == pytest.approx(0.0, abs=1e-7)
     assert r["r2"] is None  # the predictions do not vary: R^2 is undefined
     assert r["reference_scale"] == 0.5  # the scale closest to 0
-    # (the detail reader's batched layers round rows of one batch apart by ~1e-9)
     assert r["mean_drift"] == pytest.approx(0.0, abs=1e-7) and r["max_drift"] == pytest.approx(0.0, abs=1e-7)
     assert r["categorical_kept"] == 1.0
-    assert r["intercept"] == pytest.approx(r["values"][0], abs=1e-9)
+    assert r["intercept"] == pytest.approx(r["values"][0], abs=1e-7)
 
 
 @pytest.mark.parametrize("face, target", [(0, {"hat": "cap"}), (3, {"glasses": "round"}),
