@@ -64,6 +64,21 @@ def _fixed_seeds() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def grad_calls(monkeypatch):
+    """A list that grows by one on every ``torch.autograd.grad`` call of the test (clear it between phases):
+    tells whether a step took its backward."""
+    calls: list[int] = []
+    real = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests (opt in with ``pytestmark = pytest.mark.usefixtures(...)``).

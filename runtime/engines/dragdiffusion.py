@@ -525,6 +525,10 @@ class DragDiffusionEngine:
         if st.keep is not None:
             x_prev = p.a * st.z + p.b * eps.float()
             loss = loss + cfg.lambda_mask * ((x_prev - st.x_prev0) * st.keep).abs().sum()
+        if stepping.finished_on_host(self.device, st.done):  # no update to make (nor a scale to halve): no backward
+            st.loss.copy_(loss.detach())
+            st.step.add_(1.0)
+            return
         (grad,) = torch.autograd.grad(loss * st.scale, st.z)
         with torch.no_grad():
             grad = grad / st.scale

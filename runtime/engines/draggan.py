@@ -348,6 +348,9 @@ class DragGANEngine:
         loss = drag.draggan_motion_loss(feat, st.handles, st.targets, st.active, self.size, self.r1_px)
         if st.fixed is not None:
             loss = loss + drag.draggan_mask_loss(feat, st.feat0, st.fixed, self.size, cfg.lambda_mask)
+        if stepping.finished_on_host(self.device, st.done):  # no update to make: no backward
+            st.loss.copy_(loss.detach())
+            return
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
             st.loss.copy_(loss.detach())

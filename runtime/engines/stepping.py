@@ -151,6 +151,13 @@ def handle_slots(n: int, max_handles: int, device: torch.device) -> int:
     return max_handles if device.type == "cuda" else n
 
 
+def finished_on_host(device: torch.device, done: Tensor) -> bool:
+    """Whether a fast step is done and the host may know it for free: on the CPU. The masked Adam would then make
+    no update, so the fast bodies skip their backward (about half a step), as the references' loops do; on CUDA a
+    step never waits for the host and the masked update decides on the device."""
+    return device.type == "cpu" and bool(done)
+
+
 def kept_state(states: dict, key: Any, slots: int) -> Any:
     """The fast state an engine kept under ``key`` if its handle buffers have ``slots`` rows (refill it: a captured
     graph reads those buffers), else ``None`` (build one: on the CPU, an edit with another number of handles)."""

@@ -9,6 +9,7 @@ from small_draggan import BASE, HANDLES, TARGETS, small_generator
 from dragrt.runtime import drag
 from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.drag import masked_adam_
+from dragrt.runtime.engines import stepping
 from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
 
 
@@ -97,6 +98,34 @@ def test_stops_when_handles_reach_targets(device) -> None:
     results = list(e.run(max_steps=10))
     assert len(results) == 1 and results[0].done
     torch.testing.assert_close(e.latent(), w)  # no update was made
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_a_finished_cpu_step_skips_the_backward_and_reports_the_same_loss(monkeypatch, grad_calls, mask) -> None:
+    """On the CPU a fast step whose handles are all within the stop distance makes no update, so it takes no
+    backward through the generator (as the reference's loop); its loss is the one the step with the backward (and
+    the masked update that skips) reports."""
+    fixed = None
+    if mask:
+        fixed = torch.zeros(64, 64)
+        fixed[:16] = 1
+    handles = [[20, 20], [30, 30]]
+    results = {}
+    for finished, skip in ((False, None), (True, None), (True, False)):
+        e = engines("cpu")["fast"]
+        # the path a step takes where the host cannot know (CUDA): backward, no update
+        monkeypatch.setattr(stepping, "finished_on_host",
+                            (lambda device, done: False) if skip is False else stepping.finished_on_host)
+        w = e.latent_from_seed(0)
+        e.start(w, handles, [[21.5, 20], [30, 31.5]] if finished else [[28, 20], [30, 40]], mask=fixed)
+        grad_calls.clear()
+        _, done, loss = e.step()
+        assert bool(done) is finished
+        assert len(grad_calls) == (0 if (finished and skip is None) else 1)
+        if finished:
+            torch.testing.assert_close(e.latent(), w, rtol=0, atol=0)  # no update either way
+        results[(finished, skip)] = float(loss)
+    assert results[(True, None)] == results[(True, False)] and results[(True, None)] > 0
 
 
 def test_masked_adam_equals_torch_adam() -> None:
