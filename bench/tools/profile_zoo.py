@@ -4,6 +4,7 @@ Usage:
     python bench/tools/profile_zoo.py flops                 # any machine: FLOPs, saved activations, op counts
     python bench/tools/profile_zoo.py loader OUT            # GPU machine: renders/s of the loader
     python bench/tools/profile_zoo.py {vae,unet,sg2} OUT    # GPU machine: a real training loop, hooked
+    python bench/tools/profile_zoo.py unet-graphs OUT        # ... faces-sd with its step replayed (--cuda-graphs)
     python bench/tools/profile_zoo.py sg2-128 OUT            # the same, StyleGAN2 at 128 px (preset batch)
     python bench/tools/profile_zoo.py sg2-128-graphs OUT     # ... with every part replayed from a CUDA graph
     python bench/tools/profile_zoo.py sg2-128-graphs-cl OUT  # ... and the networks in channels-last memory
@@ -81,7 +82,8 @@ def hooked_run(what: str, out: Path) -> dict:
     else:
         module, name = zvae.Ema, "update"
         trainer = zvae if what == "vae" else zunet
-        run = lambda: trainer.train(out / "run", minutes=3)  # noqa: E731
+        kw = {"cuda_graphs": True} if what == "unet-graphs" else {}
+        run = lambda: trainer.train(out / f"run-{what}", minutes=3, **kw)  # noqa: E731
     original = getattr(module, name)
 
     def hooked(*args, **kwargs):
@@ -167,7 +169,8 @@ def main(argv: list[str]) -> int:
     if what == "flops":
         print(json.dumps(flops()))
         return 0
-    if what not in ("loader", "vae", "unet", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl") or len(argv) != 2:
+    if what not in ("loader", "vae", "unet", "unet-graphs", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl") \
+            or len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[1])
