@@ -11,7 +11,8 @@
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile). Measured on an H100 (2026-12-05,
 # bench/tools/zoo_step_variants.py): the VAE step 67.5 -> 42.3 ms after ~60 s of compiling, the UNet step (replayed)
 # 74 -> 37 ms after ~145 s: within one call's minutes the compile costs about what it saves, so it stays off.
-# DRAGRT_ZOO_GRAPHS=0 drops the UNet's --cuda-graphs (on by default: its step 166 -> 74 ms, ~20 s to capture).
+# DRAGRT_ZOO_GRAPHS=0 drops the UNet's --cuda-graphs (on by default: its step 166 -> 74 ms, ~20 s to capture; the
+# call first runs the CUDA test that holds the graphed step to the eager one, ~1 min, and trains eagerly if it fails).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
 # through, stays bit for bit; worth it while bench/tools/vae_decoder_bound.py finds the decoder far better on
@@ -46,6 +47,12 @@ compile=()
 [ -n "${DRAGRT_ZOO_COMPILE:-}" ] && compile=(--compile "$DRAGRT_ZOO_COMPILE")
 graphs=(--cuda-graphs)
 [ "${DRAGRT_ZOO_GRAPHS:-1}" = 0 ] && graphs=()
+if [ ${#graphs[@]} -gt 0 ]; then  # the graphed step must train as the eager one (same draws): checked here first
+  timeout 240 $py -m pytest -q -p no:cacheprovider -m cuda --require-cuda tests/zoo/test_unet.py -k cuda_graphs \
+    >"$logs/graphs-test.log" 2>&1 \
+    || { echo "the CUDA-graph test failed (logs/graphs-test.log): faces-sd trains without --cuda-graphs"; graphs=(); }
+  echo "CUDA-graph test done at $(el) s"
+fi
 mse=()
 [ -n "${DRAGRT_VAE_MSE:-}" ] && mse=(--mse-weight "$DRAGRT_VAE_MSE")
 stamp=$(date +%Y%m%dT%H%M%S)
