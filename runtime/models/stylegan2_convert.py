@@ -771,13 +771,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=SOURCE_FORMATS, default="auto", help="source format (default: auto)")
     parser.add_argument("--key", default=None, help="network to take (default: G_ema / g_ema)")
     args = parser.parse_args(argv)
+    if not Path(args.input).is_file():
+        print(f"{parser.prog}: error: input {args.input}: no such file (a NVIDIA .pkl or rosinality .pt)",
+              file=sys.stderr)
+        return 1
     try:
         record = convert(args.input, args.output, source_format=args.format, key=args.key)
     except UnsafeCheckpointError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: refused: {exc}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
     st_path, json_path = output_paths(args.output)
     cfg = record["config"]

@@ -502,6 +502,10 @@ def test_cli_main(tmp_path, capsys) -> None:
     evil.write_bytes(pickle.dumps({"G_ema": _SystemCall(str(tmp_path / "pwned"))}))
     assert conv.main([str(evil), str(tmp_path / "e")]) == 2
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "e.safetensors").exists()
+    assert "dragrt convert stylegan2: refused:" in capsys.readouterr().err
+    assert conv.main([str(tmp_path / "missing.pkl"), str(tmp_path / "m")]) == 1
+    assert f"input {tmp_path / 'missing.pkl'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
