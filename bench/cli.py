@@ -17,6 +17,8 @@ from dragrt.bench import harness, report, scenarios
 README = Path(__file__).resolve().parent / "README.md"
 EXIT_SCENARIO_FAILED = 1
 EXIT_USAGE = 2
+#: The largest timing budget per measured callable ``--budget-ms`` takes: ten minutes.
+MAX_BUDGET_MS = 600_000.0
 EXIT_NO_CUDA = 3
 QUICK_BUDGET_MS = 50.0
 
@@ -77,6 +79,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         chosen = [scenarios.get(n) for n in args.scenario]
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.budget_ms is not None and not 0 <= args.budget_ms <= MAX_BUDGET_MS:
+        print(f"error: --budget-ms={args.budget_ms:g} is not allowed; use 0 to {MAX_BUDGET_MS:g} ms (0: the minimum "
+              "repetitions only)", file=sys.stderr)
         return EXIT_USAGE
     if not harness.cuda_available():
         need = [s.name for s in chosen if s.needs_cuda]

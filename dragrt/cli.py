@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     if argv and argv[0] == "convert":
         return _cmd_convert(argparse.Namespace(kind=argv[1] if len(argv) > 1 else None, rest=argv[2:]))
+    if argv and argv[0] in _NOT_LANDED:  # whatever follows ("-h" too), the answer is that it has not landed
+        return _not_landed(argv[0], *_NOT_LANDED[argv[0]])
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -38,8 +38,9 @@ def test_info_text_explains_refusals(capsys, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("command", ["export", "serve"])
-def test_unfinished_commands_say_so_and_fail(command, capsys) -> None:
-    assert cli.main([command]) == cli.EXIT_NOT_AVAILABLE
+@pytest.mark.parametrize("rest", [[], ["--help"], ["-h"], ["model", "--flag"]])
+def test_unfinished_commands_say_so_and_fail(command, rest, capsys) -> None:
+    assert cli.main([command, *rest]) == cli.EXIT_NOT_AVAILABLE
     err = capsys.readouterr().err
     assert "not available yet" in err and "issue" in err
 

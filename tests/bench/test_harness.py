@@ -283,6 +283,9 @@ def test_cli_run_without_cuda_fails(
     assert "CUDA" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert cli.main(["run", "no-such-scenario"]) != 0
+    for bad in ("-5", "nan", "1e9"):
+        assert cli.main(["run", "device-copy", "--budget-ms", bad, "--out", str(tmp_path / "out")]) == cli.EXIT_USAGE
+        assert "--budget-ms" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_cli_run_cpu_scenario_writes_records(
