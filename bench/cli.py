@@ -17,10 +17,10 @@ from dragrt.bench import harness, report, scenarios
 README = Path(__file__).resolve().parent / "README.md"
 EXIT_SCENARIO_FAILED = 1
 EXIT_USAGE = 2
-#: The largest timing budget per measured callable ``--budget-ms`` takes: ten minutes.
-MAX_BUDGET_MS = 600_000.0
 EXIT_NO_CUDA = 3
 QUICK_BUDGET_MS = 50.0
+#: The largest timing budget per measured callable ``--budget-ms`` takes: ten minutes.
+MAX_BUDGET_MS = 600_000.0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -525,21 +525,20 @@ class DragDiffusionEngine:
         if st.keep is not None:
             x_prev = p.a * st.z + p.b * eps.float()
             loss = loss + cfg.lambda_mask * ((x_prev - st.x_prev0) * st.keep).abs().sum()
-        if stepping.finished_on_host(self.device, st.done):  # no update to make (nor a scale to halve): no backward
+        with torch.no_grad():
             st.loss.copy_(loss.detach())
             st.step.add_(1.0)
+        if stepping.finished_on_host(self.device, st.done):  # no update to make (nor a scale to halve): no backward
             return
         (grad,) = torch.autograd.grad(loss * st.scale, st.z)
         with torch.no_grad():
             grad = grad / st.scale
             finite = torch.isfinite(grad).all()
-            st.loss.copy_(loss.detach())
             # GradScaler: a non-finite gradient skips the update and halves the scale (its growth interval, 2000
             # good steps, is never reached within a drag).
             drag.masked_adam_(st.z, torch.nan_to_num(grad), st.exp_avg, st.exp_avg_sq, st.adam_t,
                               st.done | ~finite, cfg.lr)
             st.scale.copy_(torch.where(finite | st.done, st.scale, st.scale * 0.5))
-            st.step.add_(1.0)
 
     def _step_fast(self) -> tuple[Tensor, Tensor, Tensor]:
         st = self._fast

@@ -348,12 +348,11 @@ class DragGANEngine:
         loss = drag.draggan_motion_loss(feat, st.handles, st.targets, st.active, self.size, self.r1_px)
         if st.fixed is not None:
             loss = loss + drag.draggan_mask_loss(feat, st.feat0, st.fixed, self.size, cfg.lambda_mask)
+        st.loss.copy_(loss.detach())
         if stepping.finished_on_host(self.device, st.done):  # no update to make: no backward
-            st.loss.copy_(loss.detach())
             return
         (grad,) = torch.autograd.grad(loss, w)
         with torch.no_grad():
-            st.loss.copy_(loss.detach())
             drag.masked_adam_(w, grad, st.exp_avg, st.exp_avg_sq, st.t, st.done, cfg.lr)
 
     def _step_fast(self) -> tuple[Tensor, Tensor, Tensor]:
