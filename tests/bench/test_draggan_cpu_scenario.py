@@ -19,4 +19,7 @@ def test_draggan_cpu_scenario_times_both_modes_on_the_zoo_model() -> None:
         assert r["ours"]["n"] >= 10 and r["reference"]["n"] >= 10
         assert r["extra"]["max_tracked_point_diff_px_5_steps"] == 0.0
         assert r["extra"]["converged_while_timed"] == {"fast": False, "reference": False}
+        finished = r["extra"]["finished_step"]
+        assert set(finished) == {"fast", "reference"}
+        assert all(f["still_done"] and f["p50_ms"] > 0 for f in finished.values())
         assert r["speedup"] > 0
