@@ -169,11 +169,14 @@ def same_files(a: Path, b: Path) -> bool:
 
 def share_identical(weights_dir: Path | None = None) -> list[str]:
     """Store each :data:`SHARED` model once: where ``NAME``'s files equal those of its part of another model, they
-    are replaced by an alias file (the card stays). Returns the names turned into aliases."""
+    are replaced by an alias file (the card stays). A folder holding both an alias and weight files of its own (an
+    export untarred over it) drops the stale alias first. Returns the names turned into aliases."""
     root = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     done = []
     for name, part in SHARED.items():
         folder, target = root / name, root / part
+        if alias_target(folder) is not None and _holds_weights(folder):
+            unshare(folder)  # an export unpacked over the alias (from another machine): its own files win
         if alias_target(folder) is not None or not _holds_weights(target) or not same_files(folder, target):
             continue
         files = sorted(f.name for f in target.iterdir() if f.is_file() and f.suffix != ".json")

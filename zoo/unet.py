@@ -998,8 +998,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     metrics = training.read_metrics(run_dir)
     progress = state["progress"]
     keys = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
-            "classifier_on_renders", "classifier_on_vae_round_trips", "main_guidance", "eval_samples",
-            "eval_ddim_steps", "attribute_note")
+            "classifier_on_renders", "classifier_on_vae_round_trips", "caption_agreement",
+            "caption_agreement_per_attribute", "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips",
+            "main_guidance", "eval_samples", "eval_ddim_steps", "attribute_note")
     training.write_card(
         dest, name=NAME,
         summary=("Text-to-image latent diffusion in Stable Diffusion 1.5's pipeline shape (diffusers "
@@ -1012,7 +1013,10 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
               "fly by the frozen VAE and text tower; evaluation on held-out seeds 2_000_000_000 + i."),
         training={
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
-            "train seconds": round(progress["seconds"], 1), "device": metrics.get("device_name", "?"),
+            "train seconds": round(progress["seconds"], 1),
+            "steps per second": f"{metrics.get('steps_per_second', '?')} (last chunk; "
+                                + ("the step replayed from one CUDA graph)" if metrics.get("cuda_graphs") else "eager)"),
+            "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
             "started from": ("the UNet of " if state["hparams"].get("init") else "")
                             + training.card_start(state["hparams"]),

@@ -77,6 +77,20 @@ def test_a_model_identical_to_a_part_of_another_is_stored_once(weights):
     assert "faces-vae" not in registry.available()  # card only until the export writes its files
 
 
+def test_an_export_unpacked_over_an_alias_replaces_it(weights):
+    vae = {"config.json": '{"a": 1}', "w.safetensors": "old decoder"}
+    _folder(weights / "faces-sd" / "vae", vae)
+    _folder(weights / "faces-vae", {**vae, "MODEL_CARD.md": "card"})
+    assert registry.share_identical(weights) == ["faces-vae"]
+    _folder(weights / "faces-vae", {**vae, "w.safetensors": "new decoder"})  # a tar from the device, alias left over
+    assert registry.share_identical(weights) == []
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-vae"  # its own, newer files
+    assert not (weights / "faces-vae" / registry.ALIAS_FILE).exists()
+    _folder(weights / "faces-sd" / "vae", {"w.safetensors": "new decoder"})  # faces-sd exported on them: stored once
+    assert registry.share_identical(weights) == ["faces-vae"]
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-sd" / "vae"
+
+
 def test_different_files_are_not_shared(weights):
     _folder(weights / "faces-vae", {"config.json": '{"a": 1}', "w.safetensors": "new decoder"})
     _folder(weights / "faces-sd" / "vae", {"config.json": '{"a": 1}', "w.safetensors": "old decoder"})
