@@ -24,7 +24,10 @@ are endless, rendered on the fly from seeds, so nothing is memorised and no augm
 
 Runs are resumable in chunks (each ``train`` call stops on its wall-clock budget, leaving time for the
 evaluation). The state is two files, ``checkpoint.pt`` and ``checkpoint_d.pt``, each under 16 MiB (see
-:func:`_save`), so a run directory can be copied off a device machine and carried to the next one.
+:func:`_save`), so a run directory can be copied off a device machine and carried to the next one. An export
+ships the discriminator beside the generator (fp16), so that a new run can also continue from the shipped model
+itself (``--init zoo:faces-stylegan2``, :func:`shipped_start`) when the run directory is gone: a new session
+starts from the repository, not from the last session's ignored folders.
 Metrics after every chunk: the Frechet distance between generated samples (truncation 1) and held-out
 renders in the attribute classifier's feature space, and the landmark regressor's mean confidence on
 samples and on renders (see :func:`evaluate`); in the log and the metrics (``last_chunk_diversity``), how much
@@ -75,8 +78,15 @@ DEFAULT_RESOLUTION = 256
 GENERATOR_FILE = "generator.safetensors"
 GENERATOR_RECORD = "generator.json"
 SAMPLES_FILE = "samples.png"
-#: The shipped generator must stay below this many bytes (fp16 weights).
+#: The discriminator shipped beside the generator (fp16), so that a later run can continue from the export
+#: (``--init``); the editing runtime never loads it.
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+#: The shipped generator must stay below this many bytes (fp16 weights); the discriminator too.
 MAX_GENERATOR_BYTES = 8 * 1024 * 1024
+MAX_DISCRIMINATOR_BYTES = 8 * 1024 * 1024
+#: TrainConfig fields that fix the networks' shapes: a run started from an export keeps the export's.
+ARCHITECTURE_FIELDS = ("resolution", "z_dim", "w_dim", "mapping_layers", "channel_base", "channel_max", "conv_clamp",
+                       "mbstd_group", "smoke")
 MAX_SAMPLES_PNG_BYTES = 300 * 1024
 #: Zoo names of the evaluators (``dragrt.zoo.evaluators``).
 ATTRIBUTE_MODEL = "zoo:faces-attributes"
@@ -115,6 +125,8 @@ class TrainConfig:
         mbstd_group: minibatch-std group size of D.
         total_kimg: stop training after this many thousand real images (the wall-clock budget usually ends
             a chunk first).
+        init: the export (folder or ``zoo:`` name) a new run started from (``--init``); ``""``: random weights.
+        init_history: what ``init`` was when the run started (:func:`dragrt.zoo.training.describe_start`).
         num_workers: DataLoader workers rendering faces.
         eval_samples, eval_reals: samples and held-out renders for the metrics.
     """
@@ -146,6 +158,8 @@ class TrainConfig:
     eval_samples: int = 2000
     eval_reals: int = 2000
     smoke: bool = False
+    init: str = ""
+    init_history: str = ""
 
     def __post_init__(self) -> None:
         res = self.resolution
@@ -456,6 +470,70 @@ def build_networks(cfg: TrainConfig, seed: int) -> tuple[Generator, Discriminato
     return gen, disc
 
 
+@dataclass
+class ShippedStart:
+    """A new run's start from an export (:func:`shipped_start`): its configuration, G (the shipped EMA
+    generator, for both G and its EMA), D (``None`` when the export has none: D starts from random weights)
+    and the counters of the run that wrote it."""
+
+    config: TrainConfig
+    generator: dict[str, Tensor]
+    discriminator: dict[str, Tensor] | None
+    step: int
+    nimg: int
+    chunk: int
+    train_seconds: float
+    pl_mean: float
+
+
+def shipped_start(init: str | os.PathLike, resolution: int | None = None, smoke: bool = False,
+                  config_overrides: Mapping[str, Any] | None = None) -> ShippedStart:
+    """Read the export ``init`` (a folder written by :func:`export`, or ``zoo:faces-stylegan2``) as the start
+    of a new run. The networks keep the export's shapes (``resolution`` and the :data:`ARCHITECTURE_FIELDS` of
+    ``config_overrides`` must agree with it); the training settings may change (``config_overrides``). As
+    NVIDIA's ``--resume`` from a network pickle: G, its EMA and D continue, Adam starts afresh, and so do
+    this run's chunks of data. Unlike it, G starts from the shipped EMA weights (the raw G is not shipped).
+    ``ValueError`` naming ``init`` for anything else."""
+    from safetensors.torch import load_file
+
+    from dragrt.runtime.models import stylegan2_convert as conv
+
+    folder = training.resolve_zoo_path(init, "init")
+    if not (folder / GENERATOR_RECORD).is_file():
+        raise ValueError(f"init={str(init)!r}: {folder} has no {GENERATOR_RECORD}; give a folder written by "
+                         "--export (or zoo:faces-stylegan2)")
+    shipped = conv.load_generator(folder)
+    source = shipped.checkpoint_record.get("source", {})
+    if source.get("format") != "dragrt-zoo" or "train_config" not in source:
+        raise ValueError(f"init={str(init)!r}: {folder / GENERATOR_RECORD} does not come from this trainer's "
+                         "--export (no train_config in its source); a converted checkpoint cannot be trained on")
+    cfg = TrainConfig.from_dict(source["train_config"])
+    overrides = dict(config_overrides or {})
+    if resolution is not None:
+        overrides.setdefault("resolution", resolution)
+    overrides.setdefault("smoke", smoke)
+    clash = sorted(k for k in ARCHITECTURE_FIELDS if k in overrides and overrides[k] != getattr(cfg, k))
+    if clash:
+        raise ValueError(f"init={str(init)!r} is a {'smoke ' if cfg.smoke else ''}{cfg.resolution} px network; "
+                         f"{', '.join(f'{k}={overrides[k]!r}' for k in clash)} would change its shape "
+                         f"(its {', '.join(f'{k}={getattr(cfg, k)!r}' for k in clash)}): start a new run without "
+                         "init for another architecture")
+    history = training.describe_start(init)
+    d_path = folder / DISCRIMINATOR_FILE
+    if not d_path.is_file():
+        history += "; a new discriminator (the export has none)"
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS},
+                              init=str(init), init_history=history)
+    disc = None
+    if d_path.is_file():
+        disc = {k: v.float() for k, v in load_file(str(d_path)).items()}
+    return ShippedStart(
+        config=cfg, generator={k: v.float() for k, v in shipped.state_dict().items()}, discriminator=disc,
+        step=int(source.get("steps", 0)), nimg=round(float(source.get("kimg", 0.0)) * 1000),
+        chunk=int(source.get("chunks", 1)), train_seconds=float(source.get("train_seconds", 0.0)),
+        pl_mean=float(source.get("pl_mean", 0.0)))
+
+
 def _adam(params: Iterator[nn.Parameter], cfg: TrainConfig, interval: int | None,
           capturable: bool = False) -> torch.optim.Adam:
     """Adam with NVIDIA's lazy-regularisation correction: with a regulariser every ``interval`` steps the
@@ -734,7 +812,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
           resolution: int | None = None, max_steps: int | None = None, evaluate_metrics: bool = True,
           config_overrides: Mapping[str, Any] | None = None, reals: Iterator[Tensor] | None = None,
           compile_mode: str | None = None, cuda_graphs: bool = False,
-          channels_last: bool = False) -> dict[str, Any]:
+          channels_last: bool = False, init: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train (or resume) the faces StyleGAN2 in ``run_dir`` for at most ``minutes`` of wall-clock time.
 
     Args:
@@ -764,6 +842,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             cuDNN runs NHWC kernels without converting layouts. Measured on an H200 at 128 px, batch 64, graphed,
             NCHW: 161 ms of GPU time a step, 6% of it in cuDNN's NCHW<->NHWC conversions and 44% in an sm80
             "indexed" implicit-GEMM convolution. Same maths; not part of the run (a resumed chunk may choose).
+        init: start a new run from an export (a folder written by :func:`export`, or ``zoo:faces-stylegan2``)
+            instead of random weights: its networks, counters and configuration (``config_overrides`` may change
+            the training settings, not the shapes); see :func:`shipped_start`. A new run only.
 
     Returns:
         The metrics (also written to ``run_dir/metrics.json``).
@@ -780,7 +861,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = training.load_checkpoint(run_dir, map_location="cpu")
+    start = None
     if ckpt is not None:
+        training.refuse_init_on_resume(run_dir, init is not None)
         cfg = TrainConfig.from_dict(ckpt["config"])
         if resolution is not None and resolution != cfg.resolution:
             raise ValueError(f"resolution={resolution} does not match the run in {run_dir} ({cfg.resolution} px); "
@@ -792,6 +875,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         if differ:
             raise ValueError(f"config_overrides {', '.join(differ)} differ from the run in {run_dir}; a resumed run "
                              "keeps its configuration (use another --run-dir)")
+    elif init is not None:
+        start = shipped_start(init, resolution, smoke, config_overrides)
+        cfg = start.config
     else:
         cfg = TrainConfig.preset(resolution, smoke, **dict(config_overrides or {}))
 
@@ -823,6 +909,14 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
         train_seconds = float(ckpt["train_seconds"])
         eval_seconds_last = ckpt.get("eval_seconds_last")
         history = list(ckpt.get("history", []))
+    elif start is not None:
+        for m in (gen, g_ema):
+            m.load_state_dict(start.generator)
+        if start.discriminator is not None:
+            disc.load_state_dict(start.discriminator)
+        step, nimg, chunk = start.step, start.nimg, start.chunk
+        pl_mean = torch.tensor(start.pl_mean)
+        train_seconds = start.train_seconds
     for m in (gen, disc, g_ema):
         m.to(dev, memory_format=layout)  # (only 4-D tensors, the convolution weights, change layout)
     for opt in (opt_g, opt_d):  # optimizer state follows its parameters (capturable: the step count too; layout)
@@ -856,7 +950,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     start_step, start_nimg = step, nimg
     t_start = time.monotonic()
     t_log = t_ckpt = t_start
-    _log(f"{'resuming' if ckpt else 'starting'} at step {step} ({nimg / 1000:.1f} kimg), chunk {chunk}, "
+    how = "resuming" if ckpt else f"starting from {cfg.init_history}" if start else "starting"
+    _log(f"{how} at step {step} ({nimg / 1000:.1f} kimg), chunk {chunk}, "
          f"{cfg.resolution} px, batch {batch}, device {dev}, budget {budget.seconds:.0f} s "
          f"(training {train_limit:.0f} s)")
 
@@ -1049,14 +1144,18 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
     """The command that trains a run like ``cfg``'s on ``device`` (the trainer's own CLI: it takes the
     resolution; a CPU has no 10-minute limit per call, so its chunks are longer)."""
     if cfg.smoke:
-        return "dragrt.zoo.stylegan2_train.train(RUN, minutes=M, device='cpu', smoke=True) (a test run)"
+        init = f", init={cfg.init!r}" if cfg.init else ""
+        return f"dragrt.zoo.stylegan2_train.train(RUN, minutes=M, device='cpu', smoke=True{init}) (a test run)"
     preset = TrainConfig.preset(cfg.resolution)
     batch = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
+    start = f" --init {cfg.init}" if cfg.init else ""
     if device == "cpu":
-        how = "--device cpu --minutes 55 (repeated)"
+        how = "--device cpu --minutes 55 (repeated"
     else:
-        how = "--minutes 8.5 (repeated; --cuda-graphs or --compile MODE only change the speed)"
-    return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{batch} {how} "
+        how = "--minutes 8.5 (repeated"
+    how += ", without --init" if start else ""
+    how += ")" if device == "cpu" else "; --cuda-graphs or --compile MODE only change the speed)"
+    return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{batch}{start} {how} "
             "--export DEST")
 
 
@@ -1159,10 +1258,11 @@ def ema_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def shipped_state_dict(gen: Generator) -> dict[str, Tensor]:
-    """The generator's tensors as shipped: fp16, except :data:`FP32_SUFFIXES` (float32), contiguous, CPU."""
+def shipped_state_dict(net: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A network's tensors (G's or D's, or their state dict) as shipped: fp16, except :data:`FP32_SUFFIXES`
+    (float32), contiguous, CPU."""
     out = {}
-    for k, v in gen.state_dict().items():
+    for k, v in (net.state_dict() if isinstance(net, nn.Module) else net).items():
         v = v.detach().cpu()
         if v.is_floating_point():
             v = v.float() if k.endswith(FP32_SUFFIXES) else v.half()
@@ -1174,7 +1274,8 @@ def shipped_state_dict(gen: Generator) -> dict[str, Tensor]:
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the EMA generator of ``run_dir`` to ``dest``: ``generator.safetensors`` (fp16) +
     ``generator.json`` (the record :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads,
-    source format ``dragrt-zoo``), ``samples.png`` and ``MODEL_CARD.md``.
+    source format ``dragrt-zoo``), ``samples.png`` and ``MODEL_CARD.md``; and the discriminator
+    (``discriminator.safetensors``, fp16), from which a later run continues (``init``, :func:`shipped_start`).
 
     Returns:
         ``dest/generator.json`` (what ``load_generator`` takes).
@@ -1194,17 +1295,27 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     if size > MAX_GENERATOR_BYTES:
         raise ValueError(f"the generator takes {size} bytes in fp16; the zoo allows at most {MAX_GENERATOR_BYTES}")
+    d_tensors = shipped_state_dict(_load_part(run_dir, ckpt)["D"])
+    d_size = sum(t.numel() * t.element_size() for t in d_tensors.values())
+    if d_size > MAX_DISCRIMINATOR_BYTES:
+        raise ValueError(f"the discriminator takes {d_size} bytes in fp16; the zoo allows at most "
+                         f"{MAX_DISCRIMINATOR_BYTES}")
 
     dest.mkdir(parents=True, exist_ok=True)
     json_path = dest / GENERATOR_RECORD
     metrics = training.read_metrics(run_dir)
     conv.write_generator(
         tensors, cfg.generator_config(), json_path,
-        source={"format": "dragrt-zoo", "zoo_name": NAME, "trainer": __name__, "network": "G_ema",
-                "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
-                "train_seconds": round(float(ckpt["train_seconds"]), 1), "commit": ckpt.get("commit"),
-                "train_config": cfg.to_dict()},
+        source={"format": "dragrt-zoo", "zoo_name": NAME, "trainer": "dragrt.zoo.stylegan2_train",
+                "network": "G_ema", "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
+                "chunks": int(ckpt["chunk"]) + 1, "train_seconds": round(float(ckpt["train_seconds"]), 1),
+                "pl_mean": float(ckpt["pl_mean"]), "commit": ckpt.get("commit"), "train_config": cfg.to_dict(),
+                "discriminator": DISCRIMINATOR_FILE},
         notes=["fp16 weights; resample filters and mapping.w_avg in float32"])
+    from safetensors.torch import save_file
+
+    save_file(d_tensors, str(dest / DISCRIMINATOR_FILE), metadata={"network": "D", "trainer": NAME})
+    os.chmod(dest / DISCRIMINATOR_FILE, 0o644)  # (safetensors writes 0600; package data is shared)
 
     # The grid is drawn by the shipped (fp16-rounded) weights, loaded the way the runtime loads them.
     shipped = conv.load_generator(json_path)
@@ -1219,7 +1330,8 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                  f"{cfg.generator_config().num_ws} styles; NVIDIA's parameter names) trained from scratch on "
                  "the toy-faces renders: the default model of `dragrt demo` (DragGAN). Load it with "
                  "`dragrt.runtime.models.stylegan2_convert.load_generator`. `samples.png`: 16 samples of the "
-                 "shipped weights, truncation 1, const noise."),
+                 f"shipped weights, truncation 1, const noise. `{DISCRIMINATOR_FILE}`: the discriminator, from "
+                 "which a new run continues training (`--init`); the editing runtime does not load it."),
         data=("Endless stream of procedurally rendered cartoon faces (`dragrt.zoo.world`), rendered on the fly "
               "from training seeds in [0, 2e9) by DataLoader workers; held-out seeds 2e9 + i are used only for "
               "the metrics."),
@@ -1234,9 +1346,10 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                   "optimizer": f"Adam lr {cfg.lr} betas ({cfg.beta1}, {cfg.beta2}) (lazy-reg corrected)",
                   "precision": f"fp16 in the top {cfg.num_fp16_res} resolutions on CUDA, conv_clamp {cfg.conv_clamp}",
                   "commit": ckpt.get("commit") or training.git_commit(),
+                  "started from": cfg.init_history or cfg.init or "random initialisation",
                   "command": _card_command(cfg, str(metrics.get("device", "cuda")))},
         metrics=shown or {"note": "no metrics recorded"},
-        files=[GENERATOR_FILE, GENERATOR_RECORD, SAMPLES_FILE, training.CARD],
+        files=[GENERATOR_FILE, GENERATOR_RECORD, SAMPLES_FILE, DISCRIMINATOR_FILE, training.CARD],
         status=_card_status(cfg),
     )
     return json_path
@@ -1245,7 +1358,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dragrt.zoo.stylegan2_train --run-dir DIR [--minutes M] [--resolution 256|128|64] [--batch N]
-    [--export DEST]``: the zoo CLI plus the choice of resolution and batch for a new run (``python -m
+    [--init EXPORT] [--export DEST]``: the zoo CLI plus the choice of resolution and batch for a new run (``python -m
     dragrt.zoo.train faces-stylegan2`` trains the 256 px preset)."""
     import argparse
 
@@ -1268,6 +1381,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--compile reduce-overhead)")
     parser.add_argument("--channels-last", action="store_true",
                         help="G's and D's convolutions in channels-last (NHWC) memory (for cuDNN's NHWC kernels)")
+    parser.add_argument("--init", default=None, metavar="PATH",
+                        help="start a new run from an export (a folder written by --export, or zoo:faces-stylegan2): "
+                             "its G, G's EMA, D and counters; fresh Adam states")
     parser.add_argument("--no-train", action="store_true", help="only evaluate/export an existing run")
     parser.add_argument("--evaluate", action="store_true", help="with --no-train: re-evaluate the run")
     parser.add_argument("--export", type=Path, default=None, help="write the shipped generator to this folder")
@@ -1277,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
                             resolution=args.resolution, compile_mode=args.compile, cuda_graphs=args.cuda_graphs,
-                            channels_last=args.channels_last, config_overrides=overrides)
+                            channels_last=args.channels_last, config_overrides=overrides, init=args.init)
         except (ValueError, FileNotFoundError) as exc:  # a setting or a path the trainer refused: say which
             parser.error(str(exc))
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -25,7 +25,7 @@ TRAINERS: dict[str, str] = {
 }
 
 #: Trainers that can start a new run from exported weights (``--init``).
-INIT_TRAINERS = ("faces-vae", "faces-sd")
+INIT_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
 #: Trainers whose steps can be compiled (``--compile MODE``).
 COMPILE_TRAINERS = ("faces-vae", "faces-sd", "faces-stylegan2")
 #: Trainers whose new runs take another batch size (``--batch N``).

@@ -185,6 +185,81 @@ def test_export_round_trip_gives_the_same_images(smoke_run: dict, tmp_path: Path
     assert engine.render().shape == (1, 3, 16, 16)
 
 
+def test_a_new_run_continues_from_an_export(smoke_run: dict, tmp_path: Path) -> None:
+    """``init``: a new run starts from an export's shipped networks (G and its EMA from the shipped EMA, D from
+    discriminator.safetensors, fp16-rounded) and counters, with fresh Adam states; its card says where it started."""
+    from safetensors.torch import load_file
+
+    dest = st.export(smoke_run["run"], tmp_path / "export").parent
+    record = json.loads((dest / st.GENERATOR_RECORD).read_text())["source"]
+    ckpt = training.load_checkpoint(smoke_run["run"])
+    assert (record["steps"], record["chunks"], record["trainer"]) == (ckpt["step"], ckpt["chunk"] + 1,
+                                                                       "dragrt.zoo.stylegan2_train")
+    shipped_d = load_file(str(dest / st.DISCRIMINATOR_FILE))
+    d_ckpt = st._load_part(smoke_run["run"], ckpt)["D"]
+    assert shipped_d.keys() == d_ckpt.keys()
+    assert all(shipped_d[k].dtype == (torch.float32 if k.endswith(st.FP32_SUFFIXES) else torch.float16)
+               for k in shipped_d)
+    torch.testing.assert_close(shipped_d["b16.conv0.weight"].float(), d_ckpt["b16.conv0.weight"], atol=2e-3, rtol=1e-3)
+
+    run = tmp_path / "continued"
+    st.train(run, minutes=1, device="cpu", smoke=True, max_steps=0, evaluate_metrics=False, init=dest,
+             config_overrides={"lr": 0.001})
+    new = training.load_checkpoint(run)
+    assert (new["step"], new["nimg"], new["chunk"]) == (ckpt["step"], ckpt["nimg"], ckpt["chunk"] + 1)
+    shipped_g = conv.load_generator(dest).state_dict()
+    for k, v in new["G"].items():
+        assert torch.equal(v, shipped_g[k].float()), k
+    assert all(d.abs().max() == 0 for d in new["G_ema_delta"].values())  # the EMA starts at G
+    part = st._load_part(run, new)
+    for k, v in part["D"].items():
+        assert torch.equal(v, shipped_d[k].float()), k
+    assert part["opt_G"]["state"] == {} and part["opt_D"]["state"] == {}  # Adam starts afresh
+    cfg = st.TrainConfig.from_dict(new["config"])
+    assert (cfg.lr, cfg.init, cfg.batch_size) == (0.001, str(dest), 4)
+    assert cfg.init_history.startswith(str(dest)) and "new discriminator" not in cfg.init_history
+
+    # It trains on from there and its export says so; a resumed run keeps going without init.
+    st.train(run, minutes=1, device="cpu", smoke=True, max_steps=1, evaluate_metrics=False)
+    card = (st.export(run, tmp_path / "export2").parent / training.CARD).read_text()
+    assert f"- started from: {cfg.init_history}" in card and f"init={str(dest)!r}" in card
+    assert f"- `{st.DISCRIMINATOR_FILE}`" in card
+    with pytest.raises(ValueError, match="holds a run already"):
+        st.train(run, minutes=1, device="cpu", smoke=True, max_steps=0, init=dest)
+
+
+def test_an_export_without_a_discriminator_starts_a_new_one_and_bad_starts_are_clear_errors(
+        smoke_run: dict, tmp_path: Path) -> None:
+    dest = st.export(smoke_run["run"], tmp_path / "export").parent
+    (dest / st.DISCRIMINATOR_FILE).unlink()  # an export of an earlier version
+    start = st.shipped_start(dest, smoke=True)
+    assert start.discriminator is None
+    assert start.config.init_history.endswith("a new discriminator (the export has none)")
+    with pytest.raises(ValueError, match=r"is a smoke 16 px network; resolution=32 would change its shape"):
+        st.shipped_start(dest, resolution=32, smoke=True)
+    with pytest.raises(ValueError, match=r"channel_max=32 would change its shape \(its channel_max=16\)"):
+        st.shipped_start(dest, smoke=True, config_overrides={"channel_max": 32})
+    with pytest.raises(ValueError, match="has no generator.json"):
+        st.shipped_start(tmp_path, smoke=True)
+    with pytest.raises(FileNotFoundError, match="init: .* does not exist"):
+        st.shipped_start(tmp_path / "nowhere")
+    record = json.loads((dest / st.GENERATOR_RECORD).read_text())
+    del record["source"]["train_config"]  # a converted NVIDIA checkpoint has no trainer config
+    (dest / st.GENERATOR_RECORD).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="does not come from this trainer's --export"):
+        st.shipped_start(dest, smoke=True)
+
+
+def test_the_shipped_model_can_be_continued() -> None:
+    """zoo:faces-stylegan2 is a valid start of a new run (its record holds the trainer's config)."""
+    start = st.shipped_start("zoo:faces-stylegan2")
+    assert start.config.resolution == 64 and start.step > 0 and start.nimg > 0
+    gen, disc = st.build_networks(start.config, seed=0)
+    gen.load_state_dict(start.generator)
+    if start.discriminator is not None:
+        disc.load_state_dict(start.discriminator)
+
+
 def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: dict,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     evaluators = pytest.importorskip("dragrt.zoo.evaluators")
@@ -316,6 +391,8 @@ def test_model_card_command_trains_a_run_like_the_exported_one() -> None:
     cpu = st._card_command(st.TrainConfig.preset(64), "cpu")
     assert "--resolution 64 --device cpu --minutes 55" in cpu and "--batch" not in cpu
     assert "--device" not in st._card_command(st.TrainConfig.preset(256), "cuda:0")
+    cont = st._card_command(st.TrainConfig.preset(64, init="zoo:faces-stylegan2"), "cpu")
+    assert "--resolution 64 --init zoo:faces-stylegan2 --device cpu --minutes 55 (repeated, without --init)" in cont
 
 
 def test_the_64_px_preset_is_the_cpu_recipe_and_its_card_says_it_is_below_target() -> None:
@@ -353,6 +430,10 @@ def test_zoo_train_command_passes_the_batch_to_a_new_run(monkeypatch, tmp_path) 
     assert calls[2]["cuda_graphs"] is True
     assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--channels-last"]) == 0
     assert calls[3]["channels_last"] is True and "channels_last" not in calls[2]
+    assert zoo_train.main(["faces-stylegan2", "--run-dir", str(tmp_path), "--init", "zoo:faces-stylegan2"]) == 0
+    assert calls[4]["init"] == "zoo:faces-stylegan2" and "init" not in calls[3]
+    assert st.main(["--run-dir", str(tmp_path), "--init", "zoo:faces-stylegan2"]) == 0  # the trainer's own CLI
+    assert calls[5]["init"] == "zoo:faces-stylegan2"
     with pytest.raises(SystemExit):  # the other trainers do not take it
         zoo_train.main(["faces-vae", "--run-dir", str(tmp_path), "--cuda-graphs"])
 
