@@ -5,7 +5,7 @@
 #
 #   bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]
 #
-# VAE_MINUTES (default 3.5) goes to the VAE; the UNet gets the rest up to END_S seconds after the start
+# VAE_MINUTES (default 3.5; 0 skips the VAE round) goes to the VAE; the UNet gets the rest up to END_S seconds after the start
 # (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile). Measured on an H100 (2026-12-05,
@@ -21,7 +21,9 @@
 # `python -m dragrt.zoo.registry`, which stores zoo:faces-vae once, as faces-sd's vae/, when identical), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
 # Measured on one H200 (2026-12-04): two calls took faces-vae from 25.0 to 26.1 dB and faces-sd from 0.49 to
-# 0.56 of sampled attributes (decoder 17 steps/s at batch 32, UNet 4.7 steps/s at batch 256).
+# 0.56 of sampled attributes (decoder 17 steps/s at batch 32, UNet 4.7 steps/s at batch 256). On an H100
+# (2026-12-05), with --cuda-graphs: UNet 10.2-10.65 steps/s; faces-sd 0.556 -> 0.725 (this script, encoder
+# round first) -> 0.783 (a UNet-only call of ~6 min); faces-vae's encoder 26.59 -> 26.69 dB.
 set -uo pipefail
 out=${1:?usage: bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]}
 vae_minutes=${2:-3.5}
@@ -58,11 +60,16 @@ mse=()
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 
-echo "faces-vae ($part) from $(el) s"
-DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-  --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${mse[@]}" --export >"$logs/faces-vae.log" 2>&1
-echo "faces-vae exit $? at $(el) s"
-(cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
+if [ "$vae_minutes" = 0 ]; then  # the UNet alone (VAE_MINUTES 0)
+  echo "faces-vae skipped (VAE_MINUTES 0)"
+else
+  echo "faces-vae ($part) from $(el) s"
+  DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
+    --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${mse[@]}" --export \
+    >"$logs/faces-vae.log" 2>&1
+  echo "faces-vae exit $? at $(el) s"
+  (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
+fi
 
 minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
 echo "faces-sd (UNet) from $(el) s, $minutes min"
