@@ -1149,12 +1149,11 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
     preset = TrainConfig.preset(cfg.resolution)
     batch = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
     start = f" --init {cfg.init}" if cfg.init else ""
+    again = ", without --init" if start else ""
     if device == "cpu":
-        how = "--device cpu --minutes 55 (repeated"
+        how = f"--device cpu --minutes 55 (repeated{again})"
     else:
-        how = "--minutes 8.5 (repeated"
-    how += ", without --init" if start else ""
-    how += ")" if device == "cpu" else "; --cuda-graphs or --compile MODE only change the speed)"
+        how = f"--minutes 8.5 (repeated{again}; --cuda-graphs or --compile MODE only change the speed)"
     return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{batch}{start} {how} "
             "--export DEST")
 
@@ -1292,14 +1291,12 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     g_ema.load_state_dict(ema_state_dict(ckpt))
     tensors = shipped_state_dict(g_ema)
     conv.check_state_dict(cfg.generator_config(), tensors, str(run_dir))
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    if size > MAX_GENERATOR_BYTES:
-        raise ValueError(f"the generator takes {size} bytes in fp16; the zoo allows at most {MAX_GENERATOR_BYTES}")
     d_tensors = shipped_state_dict(_load_part(run_dir, ckpt)["D"])
-    d_size = sum(t.numel() * t.element_size() for t in d_tensors.values())
-    if d_size > MAX_DISCRIMINATOR_BYTES:
-        raise ValueError(f"the discriminator takes {d_size} bytes in fp16; the zoo allows at most "
-                         f"{MAX_DISCRIMINATOR_BYTES}")
+    for what, shipped_tensors, limit in (("generator", tensors, MAX_GENERATOR_BYTES),
+                                         ("discriminator", d_tensors, MAX_DISCRIMINATOR_BYTES)):
+        size = sum(t.numel() * t.element_size() for t in shipped_tensors.values())
+        if size > limit:
+            raise ValueError(f"the {what} takes {size} bytes in fp16; the zoo allows at most {limit}")
 
     dest.mkdir(parents=True, exist_ok=True)
     json_path = dest / GENERATOR_RECORD
