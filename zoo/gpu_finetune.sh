@@ -5,8 +5,8 @@
 #
 #   bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]
 #
-# VAE_MINUTES (default 3.5; 0 skips the VAE round) goes to the VAE; the UNet gets the rest up to END_S seconds after the start
-# (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
+# VAE_MINUTES (default 3.5; 0 skips the VAE round) goes to the VAE; the UNet gets the rest up to END_S seconds
+# after the start (default 540, inside the device's 600 s per command; its evaluation and export included). Run it again in a
 # later call (after committing what came back) for another round: the model cards record the chain of runs.
 # DRAGRT_ZOO_COMPILE=MODE passes --compile MODE to both trainers (torch.compile). Measured on an H100 (2026-12-05,
 # bench/tools/zoo_step_variants.py): the VAE step 67.5 -> 42.3 ms after ~60 s of compiling, the UNet step (replayed)
