@@ -520,13 +520,13 @@ def shipped_start(init: str | os.PathLike, resolution: int | None = None, smoke:
                          "init for another architecture")
     history = training.describe_start(init)
     d_path = folder / DISCRIMINATOR_FILE
-    if not d_path.is_file():
-        history += "; a new discriminator (the export has none)"
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS},
-                              init=str(init), init_history=history)
     disc = None
     if d_path.is_file():
         disc = {k: v.float() for k, v in load_file(str(d_path)).items()}
+    else:
+        history += "; a new discriminator (the export has none)"
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in ARCHITECTURE_FIELDS},
+                              init=str(init), init_history=history)
     return ShippedStart(
         config=cfg, generator={k: v.float() for k, v in shipped.state_dict().items()}, discriminator=disc,
         step=int(source.get("steps", 0)), nimg=round(float(source.get("kimg", 0.0)) * 1000),

@@ -1015,7 +1015,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "steps": progress["step"], "renders seen": progress["images"], "chunks": progress["chunks"],
             "train seconds": round(progress["seconds"], 1),
             "steps per second": f"{metrics.get('steps_per_second', '?')} (last chunk; " + (
-                "the step replayed from one CUDA graph)" if metrics.get("cuda_graphs") else "eager)"),
+                "the step replayed from one CUDA graph)" if metrics.get("replayed_step") else "eager)"),
             "device": metrics.get("device_name", "?"),
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
             "started from": ("the UNet of " if state["hparams"].get("init") else "")
