@@ -106,6 +106,11 @@ def _check_layout(config: Mapping[str, Any]) -> None:
                              f"block layout), got {config[key]!r}")
 
 
+#: First held-out seed of the validation captions: settings (the CFG scale) are chosen on these, never on the
+#: evaluation's captions (seeds ``0..eval_samples-1``, ``eval_samples`` at most 100 000), which report them.
+VALIDATION_START = 1_000_000
+
+
 @dataclass(frozen=True)
 class UNetHParams:
     """Training and evaluation settings of faces-sd (stored in the checkpoint; a resumed run keeps them).
@@ -615,15 +620,20 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
 
 def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales: Sequence[float] = (5.0,),
                     samples: int = HPARAMS.eval_samples, steps: int = HPARAMS.eval_steps, device: str = "cpu",
-                    attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES, seed: int = 0) -> dict[str, Any]:
+                    attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES, seed: int = 0,
+                    caption_start: int = 0) -> dict[str, Any]:
     """:func:`evaluate` of an exported pipeline folder (default the shipped ``zoo:faces-sd``) at each CFG scale
     of ``guidance_scales``: the same held-out captions and sampling seed as a training run's evaluation
-    (``seed`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16 on a GPU)."""
+    (``seed`` 0, ``caption_start`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16
+    on a GPU). Choose settings (the CFG scale) on other captions, e.g. ``caption_start=VALIDATION_START``, and
+    report them on the card's."""
     from diffusers import UNet2DConditionModel
 
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
+    if not 0 <= caption_start <= VALIDATION_START:
+        raise ValueError(f"caption_start must be in [0, {VALIDATION_START}], got {caption_start}")
     dev = torch.device(device)
     hp = replace(HPARAMS, guidance_scales=scales, main_guidance=scales[0], eval_samples=samples, eval_steps=steps,
                  eval_batch=max(1, min(HPARAMS.eval_batch if dev.type == "cuda" else 64, samples)))
@@ -633,7 +643,7 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
                                                 local_files_only=True)
     unet.to(dev).eval().requires_grad_(False)
     frozen = load_frozen_folder(folder).to(dev)
-    out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed)
+    out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start)
     out.update(folder=str(folder), device=str(dev))
     return out
 
@@ -714,6 +724,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--guidance", type=float, nargs="+", default=[HPARAMS.main_guidance], metavar="SCALE")
     ev.add_argument("--samples", type=int, default=HPARAMS.eval_samples, help="held-out captions (default 256)")
     ev.add_argument("--steps", type=int, default=HPARAMS.eval_steps, help="DDIM steps (default 50)")
+    ev.add_argument("--caption-start", type=int, default=0, metavar="I",
+                    help=f"first held-out seed of the captions (default 0, the card's; {VALIDATION_START}: the "
+                         "validation captions to choose settings on)")
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ad = sub.add_parser("adopt-vae", help="give the pipeline an autoencoder with the same decoder (a new encoder)")
     ad.add_argument("vae", nargs="?", default=DEFAULT_VAE, help="exported AutoencoderKL folder or zoo:NAME")
@@ -734,11 +747,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         m = evaluate_folder(args.folder, guidance_scales=args.guidance, samples=args.samples, steps=args.steps,
-                            device=args.device)
+                            device=args.device, caption_start=args.caption_start)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    keys = ("folder", "device", "eval_samples", "eval_ddim_steps", "attribute_accuracy_by_guidance",
+    keys = ("folder", "device", "eval_samples", "caption_start", "eval_ddim_steps", "attribute_accuracy_by_guidance",
             "attribute_accuracy_per_attribute", "classifier_on_renders", "classifier_on_vae_round_trips",
+            "classifier_on_vae_round_trips_per_attribute",
             "attribute_note", "caption_agreement_by_guidance", "caption_agreement_per_attribute",
             "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips", "caption_agreement_note")
     print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
@@ -796,21 +810,22 @@ def generate(pipe, captions: Sequence[str], *, steps: int, guidance: float, seed
     return torch.cat(out)
 
 
-def heldout_captions(n: int) -> tuple[list[str], torch.Tensor]:
-    """The captions of held-out seeds ``0..n-1`` and their categorical attributes ``[n, M]`` (no rendering)."""
+def heldout_captions(n: int, start: int = 0) -> tuple[list[str], torch.Tensor]:
+    """The captions of held-out seeds ``start..start+n-1`` and their categorical attributes ``[n, M]`` (no
+    rendering)."""
     from dragrt.zoo import world
 
-    params = [world.sample_params(s) for s in world.held_out_seeds(n)]
+    params = [world.sample_params(s) for s in world.held_out_seeds(n, start)]
     cats = torch.from_numpy(np.stack([p.categorical() for p in params]))
     return [world.caption(p) for p in params], cats
 
 
-def heldout_caption_bins(n: int) -> list[dict[str, str]]:
-    """What the captions of held-out seeds ``0..n-1`` say of each continuous attribute they describe
+def heldout_caption_bins(n: int, start: int = 0) -> list[dict[str, str]]:
+    """What the captions of held-out seeds ``start..start+n-1`` say of each continuous attribute they describe
     (:func:`dragrt.zoo.world.caption_bins`; ``""``: nothing)."""
     from dragrt.zoo import world
 
-    return [world.caption_bins(world.sample_params(s).attributes()) for s in world.held_out_seeds(n)]
+    return [world.caption_bins(world.sample_params(s).attributes()) for s in world.held_out_seeds(n, start)]
 
 
 @torch.no_grad()
@@ -888,20 +903,21 @@ def _load_attribute_model(path: str | os.PathLike | None, device: torch.device) 
 @torch.no_grad()
 def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
              attributes_path: str | os.PathLike | None, seed: int = 0,
-             grid_path: Path | None = None) -> dict[str, Any]:
-    """Sample held-out captions through ``StableDiffusionPipeline`` (DDIM ``eval_steps``, each CFG scale) and
-    score the samples with the attribute model; see the module docstring."""
+             grid_path: Path | None = None, caption_start: int = 0) -> dict[str, Any]:
+    """Sample held-out captions (seeds ``caption_start`` on) through ``StableDiffusionPipeline`` (DDIM
+    ``eval_steps``, each CFG scale) and score the samples with the attribute model; see the module docstring."""
     device = next(unet.parameters()).device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    captions, target = heldout_captions(hp.eval_samples)
+    captions, target = heldout_captions(hp.eval_samples, caption_start)
     size = hp.image_size
     model, note = _load_attribute_model(attributes_path, device)
     # the continuous attributes captions describe (smile, gaze, ...) need the attribute reader (details model)
     from dragrt.zoo.evaluators import AttributeReader
 
-    bins = heldout_caption_bins(hp.eval_samples) if isinstance(model, AttributeReader) else None
+    bins = heldout_caption_bins(hp.eval_samples, caption_start) if isinstance(model, AttributeReader) else None
     pipe = make_pipeline(unet, frozen, dtype)
-    out: dict[str, Any] = {"eval_samples": len(captions), "eval_ddim_steps": hp.eval_steps,
+    out: dict[str, Any] = {"eval_samples": len(captions), "caption_start": caption_start,
+                           "eval_ddim_steps": hp.eval_steps,
                            "guidance_scales": list(hp.guidance_scales), "main_guidance": hp.main_guidance}
     by_scale: dict[str, Any] = {}
     agree_by_scale: dict[str, Any] = {}
@@ -925,12 +941,13 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
                attribute_accuracy_by_guidance={k: v["mean"] for k, v in by_scale.items()},
                attribute_target=0.8, meets_target=main["mean"] >= 0.8)
     # The ceiling: the classifier on the renders of the same captions, and on their VAE round trips.
-    renders_u8 = zvae.heldout_images(hp.eval_samples, size)
+    renders_u8 = zvae.heldout_images(hp.eval_samples, size, caption_start)
     renders = renders_u8.float() / 127.5 - 1
     on_renders = score(model, renders, target, bins)
     on_round_trips = score(model, zvae.round_trips(frozen.vae, renders_u8), target, bins)
     out["classifier_on_renders"] = on_renders[0]["mean"]
     out["classifier_on_vae_round_trips"] = on_round_trips[0]["mean"]
+    out["classifier_on_vae_round_trips_per_attribute"] = on_round_trips[0]["per_attribute"]
     if bins is None:
         out["caption_agreement"] = None
         out["caption_agreement_note"] = ("the continuous attributes captions describe need the attribute reader "
@@ -1034,7 +1051,8 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "DEFAULT_ATTRIBUTES", "DEFAULT_CLIP", "DEFAULT_VAE", "HPARAMS", "NAME", "SMOKE_HPARAMS", "Frozen", "LatentBuffer",
+    "DEFAULT_ATTRIBUTES", "DEFAULT_CLIP", "DEFAULT_VAE", "HPARAMS", "NAME", "SMOKE_HPARAMS", "VALIDATION_START",
+    "Frozen", "LatentBuffer",
     "UNetHParams", "attribute_accuracy", "build_unet", "diffusion_loss", "evaluate", "export", "generate",
     "heldout_captions", "load_frozen", "load_frozen_folder", "load_text_tower", "make_pipeline", "train",
     "unet_config",
