@@ -11,7 +11,8 @@ are endless, rendered on the fly from seeds, so nothing is memorised and no augm
 - generator: :class:`dragrt.runtime.models.stylegan2.Generator` (NVIDIA's parameter names), small:
   z/w 256, 4 mapping layers, ``channel_base`` 8192 and ``channel_max`` 128 (128 channels up to b64,
   64 at b128 -- DragGAN's feature map --, 32 at b256), fp16 with ``conv_clamp`` 256 in the top four
-  resolutions on CUDA, as NVIDIA trains; about 2.5 M parameters, 4.9 MB in fp16;
+  resolutions on CUDA, as NVIDIA trains; about 2.5 M parameters, 4.9 MB in fp16 (at 128 px,
+  :data:`GPU_PRESET_128`: ``channel_max`` 96, batch 32; at 64 px, the CPU run, :data:`CPU_PRESET_64`);
 - discriminator: :class:`Discriminator`, StyleGAN2's residual D (FromRGB, residual blocks with FIR-blurred
   stride-2 downsampling, minibatch standard deviation, epilogue), same channel rule and fp16 blocks;
 - losses: non-saturating logistic; lazy R1 on reals every 16 steps (``gamma`` 1 at 256 px); lazy path
@@ -72,6 +73,13 @@ NAME = "faces-stylegan2"
 CPU_PRESET_64: dict[str, Any] = dict(resolution=64, z_dim=64, w_dim=64, mapping_layers=4, channel_base=2048,
                                      channel_max=64, num_fp16_res=0, batch_size=16, r1_gamma=0.256,
                                      ema_kimg=1.0, ema_rampup=0.05)
+#: The 128 px run, the zoo's next generator (a GPU, ``--cuda-graphs``, in 8.5-minute chunks continued across
+#: sessions with ``--init``): NVIDIA's one-GPU auto config at 128 px takes batch 32 (``min(4096 // res, 32)``),
+#: and a step at batch 32 learns about as much as one at 64 for half the work (the GAN learns per step:
+#: CONTRIBUTING.md); R1 at 5x the heuristic, as at 64 px. ``channel_max`` 96 (96 channels up to b64, 64 at
+#: b128) keeps G + D at 5.1 MB in fp16, where 128 would take 8.0 MB: the zoo's 32 MB must also hold the 64 px
+#: generator until this one beats it, and a faces-vae that differs from faces-sd's copy (2.5 MB more).
+GPU_PRESET_128: dict[str, Any] = dict(resolution=128, channel_max=96, batch_size=32, r1_gamma=0.5)
 RESOLUTIONS = (64, 128, 256)
 DEFAULT_RESOLUTION = 256
 #: Shipped generator files (in ``dest`` of :func:`export`).
@@ -210,13 +218,8 @@ class TrainConfig:
                         eval_reals=24, smoke=True)
         else:
             res = DEFAULT_RESOLUTION if resolution is None else resolution
-            if res == 64:
-                base = dict(CPU_PRESET_64)
-            else:
-                # 128 px: twice the batch (NVIDIA's auto config doubles it when the resolution halves) and a
-                # smaller R1 weight (gamma scales with the number of pixels in NVIDIA's heuristic).
-                base = dict(resolution=res, batch_size=32 if res == 256 else 64,
-                            r1_gamma=1.0 if res == 256 else 0.5)
+            presets = {64: CPU_PRESET_64, 128: GPU_PRESET_128}
+            base = dict(presets.get(res, {"resolution": res}))
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
@@ -1367,7 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=None,
                         help=f"new runs only (default {DEFAULT_RESOLUTION})")
     parser.add_argument("--batch", type=int, default=None, metavar="N",
-                        help="images per step for a new run (default: the preset's, 32 at 256 px, 64 at 128 px); "
+                        help="images per step for a new run (default: the preset's, 32 at 256 and 128 px); "
                              "a multiple of 4 (the minibatch-std group). A larger batch trains more images a second "
                              "(eager steps are bound by Python dispatch) but the GAN learns per step: batch 128 "
                              "learned far less than 16 from the same number of images (CONTRIBUTING.md)")

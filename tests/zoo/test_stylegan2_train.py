@@ -408,6 +408,24 @@ def test_the_64_px_preset_is_the_cpu_recipe_and_its_card_says_it_is_below_target
     assert st._card_status(st.TrainConfig.preset(128)) is None and st._card_status(st.TrainConfig.preset(256)) is None
 
 
+def test_the_128_px_preset_fits_the_zoo_beside_the_shipped_models() -> None:
+    """The next generator (128 px) ships G and D beside everything shipped now (the 64 px generator stays until
+    the 128 px one beats it), a sample grid, and room for a faces-vae that is no longer faces-sd's copy."""
+    from dragrt.zoo import registry
+
+    cfg = st.TrainConfig.preset(128)
+    assert (cfg.resolution, cfg.batch_size, cfg.channel_max, cfg.z_dim) == (128, 32, 96, 256)
+    assert cfg.r1_gamma == pytest.approx(5 * 2e-4 * 128**2 / 32, rel=0.03)  # 5x NVIDIA's heuristic, as at 64 px
+    with torch.device("meta"):
+        gen, disc = Generator.from_config(cfg.generator_config()), st.Discriminator(
+            128, channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=cfg.num_fp16_res)
+    new = sum(t.numel() * (4 if k.endswith(st.FP32_SUFFIXES) else 2)
+              for net in (gen, disc) for k, t in net.state_dict().items())
+    shipped = sum(f.stat().st_size for f in registry.WEIGHTS_DIR.rglob("*") if f.is_file())
+    vae_copy = sum(f.stat().st_size for f in (registry.WEIGHTS_DIR / "faces-sd" / "vae").rglob("*") if f.is_file())
+    assert 4_000_000 < new and shipped + new + vae_copy + st.MAX_SAMPLES_PNG_BYTES <= registry.BUDGET_BYTES
+
+
 def test_cli_refusals_are_usage_errors_not_tracebacks(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         st.main(["--run-dir", str(tmp_path / "run"), "--device", "cpu", "--cuda-graphs", "--minutes", "0.1"])
