@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dragrt.zoo import training
+from dragrt.zoo import training, world
 from dragrt.zoo import unet as zunet
 from dragrt.zoo import vae as zvae
 
@@ -291,6 +291,12 @@ def test_heldout_captions_match_the_renderer():
     captions, cats = zunet.heldout_captions(3)
     face = world.render_seed(world.held_out_seeds(3)[2], 32)
     assert captions[2] == face.caption and cats[2].tolist() == face.categorical.tolist()
+    # validation captions (settings are chosen on them) are other faces than the card's evaluation captions
+    val, val_cats = zunet.heldout_captions(2, zunet.VALIDATION_START)
+    face = world.render_seed(world.held_out_seeds(1, zunet.VALIDATION_START + 1)[0], 32)
+    assert val[1] == face.caption and val_cats[1].tolist() == face.categorical.tolist()
+    assert zunet.heldout_captions(2, 1)[0] == captions[1:3] and not set(val) & set(zunet.heldout_captions(64)[0])
+    assert zunet.heldout_caption_bins(2, 1) == zunet.heldout_caption_bins(3)[1:]
 
 
 def test_diffusion_loss_weights():
@@ -367,11 +373,17 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
     run_accuracy = smoke_run.metrics["attribute_accuracy"]  # 4 samples x 9 attributes: fp16 weights may flip one
     assert m["attribute_accuracy_by_guidance"]["5.0"] == pytest.approx(run_accuracy, abs=0.03)
     assert 0.0 <= m["classifier_on_vae_round_trips"] <= 1.0 and m["eval_samples"] == 4
+    per = m["classifier_on_vae_round_trips_per_attribute"]
+    assert list(per) == list(world.CATEGORICAL) and m["caption_start"] == 0
+    assert sum(per.values()) / len(per) == pytest.approx(m["classifier_on_vae_round_trips"], abs=1e-3)
     with pytest.raises(ValueError, match="guidance_scales must be one or more finite numbers >= 1"):
         zunet.evaluate_folder(exported, guidance_scales=(0.5,), device="cpu")
     with pytest.raises(SystemExit):
         zunet.main(["evaluate", str(exported), "--guidance", "0", "--device", "cpu"])
     assert "guidance_scales must be one or more finite numbers >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        zunet.main(["evaluate", str(exported), "--caption-start", "-1", "--device", "cpu"])
+    assert "caption_start must be in [0, 1000000], got -1" in capsys.readouterr().err
 
 
 def _vae_variant(exported, folder, change):
