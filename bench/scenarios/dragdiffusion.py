@@ -262,14 +262,15 @@ def _lora_record(sh: dict[str, Any], quick: bool) -> dict[str, Any]:
                                       "ours_fresh_capture_p50_ms": lora_recapture.p50_ms})
 
 
-def _edit_lora_record(sh: dict[str, Any]) -> dict[str, Any]:
+def _edit_lora_record(sh: dict[str, Any], scenario: str) -> dict[str, Any]:
     """``dragdiffusion.512.edit-lora``: the whole edit with its LoRA trained (not cached), ours against the
     reference. Ours is the engine's second edit (the first, cold, compiles and captures; its time goes in
-    ``compile_s``), whose LoRA stage replays the training step the first kept."""
+    ``compile_s``), whose LoRA stage replays the training step the first kept. ``scenario`` names the progress
+    lines."""
     from dragrt.runtime.cache.store import TensorCache
 
     sd, image, runtime = sh["sd"], sh["image"], sh["runtime"]
-    harness.progress("dragdiffusion-lora: the edit with LoRA (a cold edit first: this engine's graphs)")
+    harness.progress(f"{scenario}: the edit with LoRA (a cold edit first: this engine's graphs)")
     fast_l = DragDiffusionEngine(sd, DragDiffusionConfig(mode="fast", lora=True), runtime, cache=TensorCache("bl"))
     ref_l = DragDiffusionEngine(sd, DragDiffusionConfig(mode="reference", lora=True), runtime)
 
@@ -278,7 +279,7 @@ def _edit_lora_record(sh: dict[str, Any]) -> dict[str, Any]:
         return fast_l.edit(image, PROMPT, HANDLES, TARGETS)
 
     cold = harness.measure_compile(edit_lora_fast)
-    harness.progress(f"dragdiffusion-lora: cold edit with LoRA {cold:.0f} s; timing ours, then the reference")
+    harness.progress(f"{scenario}: cold edit with LoRA {cold:.0f} s; timing ours, then the reference")
     with _counting_kept_step_replays() as edit_replays:
         ours_l, res_l = _wall(edit_lora_fast, 1)
     fast_l.close()
@@ -301,7 +302,7 @@ def dragdiffusion_lora(budget_ms: float, quick: bool) -> Iterator[dict[str, Any]
     measures the second alone)."""
     sh = _lora_shared()
     yield _lora_record(sh, quick)
-    yield _edit_lora_record(sh)
+    yield _edit_lora_record(sh, "dragdiffusion-lora")
 
 
 @register("dragdiffusion-edit-lora", needs_cuda=True,
@@ -310,7 +311,7 @@ def dragdiffusion_edit_lora(budget_ms: float, quick: bool) -> Iterator[dict[str,
     """``dragdiffusion-lora``'s second record without its first: a cold run fits one device call (on an H100,
     2026-12-05, both records together did not: ~25 s building, ~90 s compiling the inversion, ~200 s the LoRA
     training's blocks, then the cold edit's drag-step compile)."""
-    yield _edit_lora_record(_lora_shared())
+    yield _edit_lora_record(_lora_shared(), "dragdiffusion-edit-lora")
 
 
 @register("dragdiffusion-layout", needs_cuda=True,
