@@ -1015,9 +1015,10 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     metrics = training.read_metrics(run_dir)
     progress = state["progress"]
     keys = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
-            "classifier_on_renders", "classifier_on_vae_round_trips", "caption_agreement",
-            "caption_agreement_per_attribute", "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips",
-            "main_guidance", "eval_samples", "eval_ddim_steps", "attribute_note")
+            "classifier_on_renders", "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute",
+            "caption_agreement", "caption_agreement_per_attribute", "caption_agreement_on_renders",
+            "caption_agreement_on_vae_round_trips", "main_guidance", "eval_samples", "eval_ddim_steps",
+            "attribute_note")
     training.write_card(
         dest, name=NAME,
         summary=("Text-to-image latent diffusion in Stable Diffusion 1.5's pipeline shape (diffusers "
