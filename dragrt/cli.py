@@ -430,7 +430,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _not_landed(name: str, issue: str, what: str) -> int:
-    print(f"dragrt {name}: not available yet. It will {what}; it lands with issue {issue}.", file=sys.stderr)
+    print(f"dragrt {name}: not available yet. It will {what}; it lands with {issue}.", file=sys.stderr)
     return EXIT_NOT_AVAILABLE
 
 

@@ -193,9 +193,9 @@ def run_demo(out_dir: Path, *, seed: int = 0, size: int = 256, max_steps: int = 
 
 
 STYLEGAN2_RANDOM_WHAT = (
-    "DragGAN engine on a full-size StyleGAN2 config-f generator with RANDOM weights (the model zoo, issue #7, "
-    "has not landed and no real StyleGAN2 weights can be had here): the drag, the tracking and the timings are "
-    "real; the pictures are what an untrained generator draws."
+    "DragGAN engine on a full-size StyleGAN2 config-f generator with RANDOM weights (no real StyleGAN2 weights "
+    "can be had here; the zoo's trained generator is small: zoo:faces-stylegan2, the demo's default): the drag, "
+    "the tracking and the timings are real; the pictures are what an untrained generator draws."
 )
 
 
