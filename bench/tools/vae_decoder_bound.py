@@ -18,34 +18,48 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 
 import torch
 
 from dragrt.zoo import vae as zvae
 
 
+def optimise_latents(vae, images_u8: torch.Tensor, steps: int, lr: float = 0.02,
+                     every: int = 50) -> Iterator[tuple[int, torch.Tensor]]:
+    """Latents optimised against ``vae``'s frozen decoder for ``images_u8`` (Adam from the encoder's posterior
+    means, mean squared error: PSNR's own loss): ``(step, latents)`` at step 0, every ``every`` steps and at the
+    last."""
+    target = images_u8.float() / 127.5 - 1
+    z = zvae.posterior_means(vae, images_u8).requires_grad_(True)
+    yield 0, z.detach().clone()
+    opt = torch.optim.Adam([z], lr=lr)
+    for i in range(1, steps + 1):
+        opt.zero_grad(set_to_none=True)
+        (vae.decode(z).sample - target).square().mean().backward()
+        opt.step()
+        if i % every == 0 or i == steps:
+            yield i, z.detach().clone()
+
+
 def decoder_bound(vae, images_u8: torch.Tensor, steps: int, lr: float = 0.02) -> dict:
     """PSNR (dB) of ``vae``'s round trips of ``images_u8`` and of its decoder on latents optimised for them."""
-    target = images_u8.float() / 127.5 - 1
-    z_enc = zvae.posterior_means(vae, images_u8)
 
     def psnr(z: torch.Tensor) -> list[float]:
         with torch.no_grad():
             return [round(v, 3) for v in zvae.psnr(zvae.to_uint8(vae.decode(z).sample), images_u8).tolist()]
 
-    out = {"encoder_latents_psnr": psnr(z_enc), "optimised": []}
-    z = z_enc.clone().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
+    out: dict = {"encoder_latents_psnr": None, "optimised": []}
     t0 = time.monotonic()
-    for i in range(1, steps + 1):
-        opt.zero_grad(set_to_none=True)
-        (vae.decode(z).sample - target).square().mean().backward()
-        opt.step()
-        if i % 50 == 0 or i == steps:
-            p = psnr(z.detach())
-            out["optimised"].append({"step": i, "psnr": p, "mean": round(sum(p) / len(p), 3),
-                                     "latent_change": round(((z - z_enc).norm() / z_enc.norm()).item(), 4),
-                                     "seconds": round(time.monotonic() - t0, 1)})
+    for i, z in optimise_latents(vae, images_u8, steps, lr):
+        p = psnr(z)
+        if i == 0:
+            z_enc = z
+            out["encoder_latents_psnr"] = p
+            continue
+        out["optimised"].append({"step": i, "psnr": p, "mean": round(sum(p) / len(p), 3),
+                                 "latent_change": round(((z - z_enc).norm() / z_enc.norm()).item(), 4),
+                                 "seconds": round(time.monotonic() - t0, 1)})
     enc = out["encoder_latents_psnr"]
     out["encoder_latents_mean"] = round(sum(enc) / len(enc), 3)
     return out

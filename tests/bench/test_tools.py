@@ -1,0 +1,47 @@
+"""The measuring helpers of bench/tools (the VAE and attribute-ceiling studies) against what they must compute."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "tools"))
+import attribute_ceilings as ceil  # noqa: E402
+import vae_decoder_bound as bound  # noqa: E402
+
+
+def test_gaussian_blur_is_a_normalised_gaussian_and_down_up_keeps_flat_images() -> None:
+    impulse = torch.zeros(1, 2, 15, 15)
+    impulse[:, :, 7, 7] = 1.0
+    out = ceil.gaussian_blur(impulse, 1.0)
+    t = torch.arange(-3, 4, dtype=torch.float32)
+    g = torch.exp(-t**2 / 2)
+    g = g / g.sum()
+    torch.testing.assert_close(out[0, 1, 4:11, 4:11], g[:, None] * g[None, :])
+    assert abs(out.sum().item() - 2.0) < 1e-5  # two channels, each summing to 1
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    torch.testing.assert_close(ceil.gaussian_blur(flat, 2.0), flat)
+    torch.testing.assert_close(ceil.down_up(flat, 4), flat)
+    assert ceil.down_up(torch.rand(2, 3, 16, 16), 2).shape == (2, 3, 16, 16)
+
+
+def test_optimised_latents_start_at_the_encoder_and_fit_the_decoder_better() -> None:
+    from dragrt.zoo import vae as zvae
+
+    torch.manual_seed(0)
+    vae = zvae.build_vae(zvae.SMOKE_CONFIG).eval().requires_grad_(False)
+    images = (torch.rand(2, 3, 32, 32) * 255).to(torch.uint8)
+    target = images.float() / 127.5 - 1
+    seen = list(bound.optimise_latents(vae, images, steps=30, lr=0.05, every=10))
+    assert [s for s, _ in seen] == [0, 10, 20, 30]
+    torch.testing.assert_close(seen[0][1], zvae.posterior_means(vae, images))
+
+    def mse(z: torch.Tensor) -> float:
+        with torch.no_grad():
+            return (vae.decode(z).sample - target).square().mean().item()
+
+    assert mse(seen[-1][1]) < 0.9 * mse(seen[0][1])
+    report = bound.decoder_bound(vae, images, steps=30, lr=0.05)
+    assert report["optimised"][-1]["mean"] > report["encoder_latents_mean"]
