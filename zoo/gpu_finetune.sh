@@ -14,6 +14,7 @@
 # DRAGRT_ZOO_GRAPHS=0 drops the UNet's --cuda-graphs (on by default: its step 166 -> 74 ms, ~20 s to capture; the
 # call first runs the CUDA test that holds the graphed step to the eager one, ~1 min, and trains eagerly if it fails).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
+# DRAGRT_VAE_LR=LR gives the VAE fine-tune another peak learning rate (--lr; default 3e-4 from shipped weights).
 # DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
 # through, stays bit for bit; worth it while bench/tools/vae_decoder_bound.py finds the decoder far better on
 # optimised latents than on the encoder's). Default: decoder.
@@ -55,8 +56,9 @@ if [ ${#graphs[@]} -gt 0 ]; then  # the graphed step must train as the eager one
     || { echo "the CUDA-graph test failed (logs/graphs-test.log): faces-sd trains without --cuda-graphs"; graphs=(); }
   echo "CUDA-graph test done at $(el) s"
 fi
-mse=()
-[ -n "${DRAGRT_VAE_MSE:-}" ] && mse=(--mse-weight "$DRAGRT_VAE_MSE")
+vae_opts=()
+[ -n "${DRAGRT_VAE_MSE:-}" ] && vae_opts=(--mse-weight "$DRAGRT_VAE_MSE")
+[ -n "${DRAGRT_VAE_LR:-}" ] && vae_opts+=(--lr "$DRAGRT_VAE_LR")
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 
@@ -65,7 +67,7 @@ if [ "$vae_minutes" = 0 ]; then  # the UNet alone (VAE_MINUTES 0)
 else
   echo "faces-vae ($part) from $(el) s"
   DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-    --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${mse[@]}" --export \
+    --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${vae_opts[@]}" --export \
     >"$logs/faces-vae.log" 2>&1
   echo "faces-vae exit $? at $(el) s"
   (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
