@@ -632,8 +632,9 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
-    if not 0 <= caption_start <= VALIDATION_START:
-        raise ValueError(f"caption_start must be in [0, {VALIDATION_START}], got {caption_start}")
+    if isinstance(caption_start, bool) or not isinstance(caption_start, int) \
+            or not 0 <= caption_start <= VALIDATION_START:
+        raise ValueError(f"caption_start must be an integer in [0, {VALIDATION_START}], got {caption_start!r}")
     dev = torch.device(device)
     hp = replace(HPARAMS, guidance_scales=scales, main_guidance=scales[0], eval_samples=samples, eval_steps=steps,
                  eval_batch=max(1, min(HPARAMS.eval_batch if dev.type == "cuda" else 64, samples)))

@@ -383,7 +383,9 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
     assert "guidance_scales must be one or more finite numbers >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         zunet.main(["evaluate", str(exported), "--caption-start", "-1", "--device", "cpu"])
-    assert "caption_start must be in [0, 1000000], got -1" in capsys.readouterr().err
+    assert "caption_start must be an integer in [0, 1000000], got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"caption_start must be an integer in \[0, 1000000\], got 2.5"):
+        zunet.evaluate_folder(exported, caption_start=2.5, device="cpu")
 
 
 def _vae_variant(exported, folder, change):
