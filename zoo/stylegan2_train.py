@@ -1161,15 +1161,26 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
             "--export DEST")
 
 
-def _card_status(cfg: TrainConfig) -> str | None:
-    """The card's status of a run below the resolution the zoo issue asks for (256 px, or 128 px)."""
-    if cfg.smoke or cfg.resolution >= 128:
+def _card_status(cfg: TrainConfig, name: str = NAME) -> str | None:
+    """The card's status of a run below the resolution the zoo issue asks for (256 px, or 128 px), or of one
+    exported beside the demo's model (zoo model ``name`` other than :data:`NAME`: a run still in training)."""
+    if cfg.smoke:
         return None
-    return (f"**Below target:** {cfg.resolution} px, where the zoo asks for 256 px (128 px if 256 px does not "
+    parts = []
+    if cfg.resolution < 128:
+        parts.append(
+            f"**Below target:** {cfg.resolution} px, where the zoo asks for 256 px (128 px if 256 px does not "
             "reach quality within the budget). A provisional model, so that `dragrt demo` drags a trained "
-            "StyleGAN2 rather than the procedural discs; DragGAN's radii, which shrink with the image, are kept at "
-            "those of 256 px (`dragrt.runtime.drag.draggan_default_radii`). A 128 or "
+            "StyleGAN2 rather than the procedural discs; DragGAN's radii, which shrink with the image, are kept "
+            "at those of 256 px (`dragrt.runtime.drag.draggan_default_radii`). A 128 or "
             "256 px run on a GPU (the same command with `--resolution 128`, no `--device cpu`) replaces it.")
+    if name != NAME:
+        parts.append(
+            f"**In training:** a run continued chunk by chunk across sessions (`python -m "
+            f"dragrt.zoo.stylegan2_train --run-dir RUN --init zoo:{name} --cuda-graphs --minutes 8.5 --export "
+            f"zoo/weights/{name}`, a new RUN each session), shipped so that it can be continued. `dragrt demo` "
+            f"keeps zoo:{NAME} until this one draws better faces; `dragrt demo --model zoo:{name}` drags it now.")
+    return "\n\n".join(parts) or None
 
 
 def _diversity(means: Mapping[str, float]) -> float:
@@ -1273,23 +1284,31 @@ def shipped_state_dict(net: nn.Module | Mapping[str, Tensor]) -> dict[str, Tenso
 
 
 @training.staged_export
-def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
+def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, final_dest: str | os.PathLike | None = None) -> Path:
     """Write the EMA generator of ``run_dir`` to ``dest``: ``generator.safetensors`` (fp16) +
     ``generator.json`` (the record :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads,
     source format ``dragrt-zoo``), ``samples.png`` and ``MODEL_CARD.md``; and the discriminator
     (``discriminator.safetensors``, fp16), from which a later run continues (``init``, :func:`shipped_start`).
+    Exported into the zoo under another name than the demo's model (``zoo/weights/faces-stylegan2-128``), the
+    card and record carry that name and say the run is still in training (``final_dest``: where the staged export
+    lands, given by :func:`dragrt.zoo.training.staged_export`).
 
     Returns:
         ``dest/generator.json`` (what ``load_generator`` takes).
     """
 
     from dragrt.runtime.models import stylegan2_convert as conv
+    from dragrt.zoo import registry
 
     run_dir, dest = Path(run_dir), Path(dest)
     ckpt = training.load_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"run_dir={str(run_dir)!r} has no {training.CHECKPOINT}; train first")
     cfg = TrainConfig.from_dict(ckpt["config"])
+    # the zoo name it will have (``final_dest``: where training.staged_export moves ``dest``'s files): a folder of
+    # the zoo beside the demo's model (a run in training) is named by it
+    final = Path(final_dest) if final_dest is not None else dest
+    name = final.name if final.resolve().parent == registry.WEIGHTS_DIR.resolve() else NAME
     g_ema = Generator.from_config(cfg.generator_config())
     g_ema.load_state_dict(ema_state_dict(ckpt))
     tensors = shipped_state_dict(g_ema)
@@ -1306,7 +1325,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     metrics = training.read_metrics(run_dir)
     conv.write_generator(
         tensors, cfg.generator_config(), json_path,
-        source={"format": "dragrt-zoo", "zoo_name": NAME, "trainer": "dragrt.zoo.stylegan2_train",
+        source={"format": "dragrt-zoo", "zoo_name": name, "trainer": "dragrt.zoo.stylegan2_train",
                 "network": "G_ema", "steps": int(ckpt["step"]), "kimg": round(int(ckpt["nimg"]) / 1000, 3),
                 "chunks": int(ckpt["chunk"]) + 1, "train_seconds": round(float(ckpt["train_seconds"]), 1),
                 "pl_mean": float(ckpt["pl_mean"]), "commit": ckpt.get("commit"), "train_config": cfg.to_dict(),
@@ -1323,12 +1342,14 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     shown = {k: metrics[k] for k in ("frechet_distance_attr", "landmark_conf_samples", "landmark_conf_renders",
                                      "eval_samples", "eval_reals", "sec_per_kimg", "nonfinite_losses",
                                      "eval_notes") if k in metrics}
+    role = ("the default model of `dragrt demo` (DragGAN)" if name == NAME
+            else f"a run beside the demo's zoo:{NAME}, not yet its replacement")
     training.write_card(
-        dest, name=NAME,
+        dest, name=name,
         summary=(f"A StyleGAN2 generator ({cfg.resolution} px, z/w {cfg.z_dim}/{cfg.w_dim}, {cfg.mapping_layers} "
                  f"mapping layers, channel_base {cfg.channel_base}, channel_max {cfg.channel_max}, "
                  f"{cfg.generator_config().num_ws} styles; NVIDIA's parameter names) trained from scratch on "
-                 "the toy-faces renders: the default model of `dragrt demo` (DragGAN). Load it with "
+                 f"the toy-faces renders: {role}. Load it with "
                  "`dragrt.runtime.models.stylegan2_convert.load_generator`. `samples.png`: 16 samples of the "
                  f"shipped weights, truncation 1, const noise. `{DISCRIMINATOR_FILE}`: the discriminator, from "
                  "which a new run continues training (`--init`); the editing runtime does not load it."),
@@ -1350,7 +1371,7 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                   "command": _card_command(cfg, str(metrics.get("device", "cuda")))},
         metrics=shown or {"note": "no metrics recorded"},
         files=[GENERATOR_FILE, GENERATOR_RECORD, SAMPLES_FILE, DISCRIMINATOR_FILE, training.CARD],
-        status=_card_status(cfg),
+        status=_card_status(cfg, name),
     )
     return json_path
 

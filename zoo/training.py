@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
@@ -102,7 +103,9 @@ def staged_export(export: Callable[..., Path]) -> Callable[..., Path]:
     budget) leaves ``dest`` as it was, and a process that holds the old weights memory-mapped (safetensors'
     ``load_file`` maps the file; a running demo) keeps reading them intact: a rename never rewrites the old
     file's bytes, as writing in place would. Files of ``dest`` the export does not write stay. Returns the path
-    the export returned, moved under ``dest``."""
+    the export returned, moved under ``dest``. An export with a ``final_dest`` keyword is told ``dest`` (it
+    writes into the stage folder, but may name what it writes after where it will land)."""
+    wants_final = "final_dest" in inspect.signature(export).parameters
 
     @functools.wraps(export)
     def wrapper(run_dir: str | os.PathLike, dest: str | os.PathLike, **options: Any) -> Path:
@@ -112,6 +115,8 @@ def staged_export(export: Callable[..., Path]) -> Callable[..., Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.export-", dir=dest.parent))
         try:
+            if wants_final:
+                options = {**options, "final_dest": dest}
             written = Path(export(run_dir, stage, **options))
             for src in sorted(stage.rglob("*")):
                 if src.is_file():

@@ -406,6 +406,29 @@ def test_the_64_px_preset_is_the_cpu_recipe_and_its_card_says_it_is_below_target
     status = st._card_status(cfg)
     assert status.startswith("**Below target:** 64 px") and "128" in status
     assert st._card_status(st.TrainConfig.preset(128)) is None and st._card_status(st.TrainConfig.preset(256)) is None
+    # a run exported beside the demo's model says it is still in training, and how to continue it
+    beside = st._card_status(st.TrainConfig.preset(128), "faces-stylegan2-128")
+    assert beside.startswith("**In training:**") and "--init zoo:faces-stylegan2-128" in beside
+    assert "Below target" not in beside
+    both = st._card_status(cfg, "faces-stylegan2-64b")
+    assert both.startswith("**Below target:** 64 px") and "**In training:**" in both
+
+
+def test_an_export_beside_the_demos_model_is_named_by_its_folder(smoke_run: dict, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Exported into the zoo as faces-stylegan2-128, the card and record are zoo:faces-stylegan2-128's, not the
+    demo's model's; an export outside the zoo keeps the trainer's name."""
+    from dragrt.zoo import registry
+
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
+    json_path = st.export(smoke_run["run"], tmp_path / "weights" / "faces-stylegan2-128")
+    card = (json_path.parent / training.CARD).read_text()
+    assert card.startswith("# zoo:faces-stylegan2-128\n") and "not yet its replacement" in card
+    assert "the default model of `dragrt demo`" not in card  # a smoke run: no status, but the role is said
+    assert json.loads(json_path.read_text())["source"]["zoo_name"] == "faces-stylegan2-128"
+    assert registry.available() == {"faces-stylegan2-128": json_path.parent}
+    outside = (st.export(smoke_run["run"], tmp_path / "elsewhere").parent / training.CARD).read_text()
+    assert outside.startswith("# zoo:faces-stylegan2\n") and "the default model of `dragrt demo`" in outside
 
 
 def test_the_128_px_preset_fits_the_zoo_beside_the_shipped_models() -> None:
