@@ -41,7 +41,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -621,12 +621,12 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
 def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales: Sequence[float] = (5.0,),
                     samples: int = HPARAMS.eval_samples, steps: int = HPARAMS.eval_steps, device: str = "cpu",
                     attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES, seed: int = 0,
-                    caption_start: int = 0) -> dict[str, Any]:
+                    caption_start: int = 0, progress: bool = False) -> dict[str, Any]:
     """:func:`evaluate` of an exported pipeline folder (default the shipped ``zoo:faces-sd``) at each CFG scale
     of ``guidance_scales``: the same held-out captions and sampling seed as a training run's evaluation
     (``seed`` 0, ``caption_start`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16
     on a GPU). Choose settings (the CFG scale) on other captions, e.g. ``caption_start=VALIDATION_START``, and
-    report them on the card's."""
+    report them on the card's. ``progress``: a progress bar while sampling (the CLI's)."""
     from diffusers import UNet2DConditionModel
 
     scales = tuple(float(g) for g in guidance_scales)
@@ -644,7 +644,8 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
                                                 local_files_only=True)
     unet.to(dev).eval().requires_grad_(False)
     frozen = load_frozen_folder(folder).to(dev)
-    out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start)
+    out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start,
+                   progress=progress)
     out.update(folder=str(folder), device=str(dev))
     return out
 
@@ -748,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         m = evaluate_folder(args.folder, guidance_scales=args.guidance, samples=args.samples, steps=args.steps,
-                            device=args.device, caption_start=args.caption_start)
+                            device=args.device, caption_start=args.caption_start, progress=True)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     keys = ("folder", "device", "eval_samples", "caption_start", "eval_ddim_steps", "attribute_accuracy_by_guidance",
@@ -798,9 +799,10 @@ def make_pipeline(unet: UNet2DConditionModel, frozen: Frozen, dtype: torch.dtype
 
 @torch.no_grad()
 def generate(pipe, captions: Sequence[str], *, steps: int, guidance: float, seed: int, batch: int,
-             size: int) -> torch.Tensor:
+             size: int, on_chunk: Callable[[int], Any] | None = None) -> torch.Tensor:
     """Images ``[N, 3, size, size]`` in [-1, 1] (float32, on the CPU) for ``captions``, in chunks of ``batch``,
-    each chunk's noise from ``torch.Generator(device).manual_seed(seed + chunk index)``."""
+    each chunk's noise from ``torch.Generator(device).manual_seed(seed + chunk index)``; ``on_chunk(n)`` after
+    each chunk of ``n`` images (a progress bar's ``update``)."""
     device = pipe.unet.device
     out = []
     for i in range(0, len(captions), batch):
@@ -808,6 +810,8 @@ def generate(pipe, captions: Sequence[str], *, steps: int, guidance: float, seed
         images = pipe(prompt=list(captions[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance,
                       height=size, width=size, generator=gen, output_type="pt").images
         out.append(images.float().cpu() * 2 - 1)
+        if on_chunk is not None:
+            on_chunk(images.shape[0])
     return torch.cat(out)
 
 
@@ -904,9 +908,12 @@ def _load_attribute_model(path: str | os.PathLike | None, device: torch.device) 
 @torch.no_grad()
 def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
              attributes_path: str | os.PathLike | None, seed: int = 0,
-             grid_path: Path | None = None, caption_start: int = 0) -> dict[str, Any]:
+             grid_path: Path | None = None, caption_start: int = 0, progress: bool = False) -> dict[str, Any]:
     """Sample held-out captions (seeds ``caption_start`` on) through ``StableDiffusionPipeline`` (DDIM
-    ``eval_steps``, each CFG scale) and score the samples with the attribute model; see the module docstring."""
+    ``eval_steps``, each CFG scale) and score the samples with the attribute model; see the module docstring.
+    ``progress``: a progress bar over the samples of every scale (minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     device = next(unet.parameters()).device
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     captions, target = heldout_captions(hp.eval_samples, caption_start)
@@ -922,9 +929,12 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
                            "guidance_scales": list(hp.guidance_scales), "main_guidance": hp.main_guidance}
     by_scale: dict[str, Any] = {}
     agree_by_scale: dict[str, Any] = {}
+    bar = tqdm(total=len(captions) * len(hp.guidance_scales), desc="sampling held-out captions", unit="image",
+               disable=not progress)
     for g in hp.guidance_scales:
+        bar.set_postfix_str(f"CFG {g}")
         images = generate(pipe, captions, steps=hp.eval_steps, guidance=g, seed=training.mix_seed(seed, 7),
-                          batch=hp.eval_batch, size=size)
+                          batch=hp.eval_batch, size=size, on_chunk=bar.update)
         bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
         if bad:
             out[f"nonfinite_samples_at_{g}"] = bad  # scored as they are (NaN pixels -> 0)
@@ -933,6 +943,7 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
             save_grid(images[:hp.grid_samples], grid_path, captions[:hp.grid_samples])
         if model is not None:
             by_scale[str(g)], agree_by_scale[str(g)] = score(model, images, target, bins)
+    bar.close()
     if model is None:
         out["attribute_accuracy"] = None
         out["attribute_note"] = f"attribute accuracy skipped: {note}"

@@ -368,7 +368,9 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
     """The shipped card's evaluation, re-run on an exported folder at several CFG scales (same captions and
     seed as the run's own evaluation, so its number at the run's scale comes back)."""
     m = zunet.evaluate_folder(exported, guidance_scales=(5.0, 2.0), samples=4, steps=2, device="cpu",
-                              attributes_path=smoke_run.attributes)
+                              attributes_path=smoke_run.attributes, progress=True)
+    err = capsys.readouterr().err  # one bar over both scales' samples
+    assert "sampling held-out captions" in err and "8/8" in err
     assert set(m["attribute_accuracy_by_guidance"]) == {"5.0", "2.0"}
     run_accuracy = smoke_run.metrics["attribute_accuracy"]  # 4 samples x 9 attributes: fp16 weights may flip one
     assert m["attribute_accuracy_by_guidance"]["5.0"] == pytest.approx(run_accuracy, abs=0.03)
