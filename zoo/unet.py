@@ -753,9 +753,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     keys = ("folder", "device", "eval_samples", "caption_start", "eval_ddim_steps", "attribute_accuracy_by_guidance",
-            "attribute_accuracy_per_attribute", "classifier_on_renders", "classifier_on_vae_round_trips",
-            "classifier_on_vae_round_trips_per_attribute",
-            "attribute_note", "caption_agreement_by_guidance", "caption_agreement_per_attribute",
+            "attribute_accuracy_per_attribute", "attribute_confusion", "classifier_on_renders",
+            "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute", "attribute_note",
+            "caption_agreement_by_guidance", "caption_agreement_per_attribute",
             "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips", "caption_agreement_note")
     print(json.dumps({k: m[k] for k in keys if k in m}, indent=2))
     return 0
@@ -848,9 +848,16 @@ def _read(model: nn.Module, images: torch.Tensor, fields: Sequence[str], batch: 
 def _accuracy(categorical: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
     from dragrt.zoo import world
 
-    hits = (categorical.long() == target).float()
+    read, target = categorical.long(), target.long()
+    hits = (read == target).float()
     per = {name: round(hits[:, j].mean().item(), 4) for j, name in enumerate(world.CATEGORICAL)}
-    return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0])}
+    # confusion[name][asked][read]: counts, classes in world.CATEGORICAL[name]'s order
+    confusion = {}
+    for j, (name, classes) in enumerate(world.CATEGORICAL.items()):
+        k = len(classes)
+        confusion[name] = torch.bincount(target[:, j] * k + read[:, j], minlength=k * k).view(k, k).tolist()
+    return {"per_attribute": per, "mean": round(hits.mean().item(), 4), "n": int(hits.shape[0]),
+            "confusion": confusion}
 
 
 def _agreement(continuous: torch.Tensor, target: Sequence[Mapping[str, str]]) -> dict[str, Any]:
@@ -865,7 +872,8 @@ def _agreement(continuous: torch.Tensor, target: Sequence[Mapping[str, str]]) ->
 def attribute_accuracy(model: nn.Module, images: torch.Tensor, target: torch.Tensor, *,
                        batch: int = 64) -> dict[str, Any]:
     """Categorical accuracy of ``model`` (an attribute model: images [-1, 1] -> ``.categorical`` ``[N, M]``)
-    on ``images`` against ``target`` ``[N, M]``: per attribute (``world.CATEGORICAL`` order) and the mean."""
+    on ``images`` against ``target`` ``[N, M]``: per attribute (``world.CATEGORICAL`` order), the mean, and
+    ``confusion[attribute][asked][read]`` counts (classes in ``world.CATEGORICAL[attribute]``'s order)."""
     return score(model, images, target, batch=batch)[0]
 
 
@@ -950,6 +958,7 @@ def evaluate(unet: UNet2DConditionModel, frozen: Frozen, hp: UNetHParams, *,
         return out
     main = by_scale[str(hp.main_guidance)]
     out.update(attribute_accuracy=main["mean"], attribute_accuracy_per_attribute=main["per_attribute"],
+               attribute_confusion=main["confusion"],
                attribute_accuracy_by_guidance={k: v["mean"] for k, v in by_scale.items()},
                attribute_target=0.8, meets_target=main["mean"] >= 0.8)
     # The ceiling: the classifier on the renders of the same captions, and on their VAE round trips.

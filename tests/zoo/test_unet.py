@@ -224,6 +224,10 @@ def test_attribute_accuracy_counts_hits():
     acc = zunet.attribute_accuracy(_Fixed("categorical", preds), torch.zeros(4, 3, 8, 8), target, batch=3)
     assert acc["per_attribute"]["head_shape"] == 0.75 and acc["per_attribute"]["beard"] == 0.0
     assert acc["mean"] == pytest.approx(1 - 5 / 36, abs=1e-4)
+    # confusion[attribute][asked][read]: every beard asked as none, read as full (class 3)
+    assert acc["confusion"]["beard"] == [[0, 0, 0, 4], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert acc["confusion"]["head_shape"] == [[3, 1, 0, 0], [0] * 4, [0] * 4, [0] * 4]
+    assert acc["confusion"]["background_colour"][0][0] == 4 and len(acc["confusion"]["background_colour"]) == 10
     with pytest.raises(ValueError, match="targets"):
         zunet.attribute_accuracy(_Fixed("categorical", preds), torch.zeros(3, 3, 8, 8), target)
 
@@ -375,6 +379,7 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
     run_accuracy = smoke_run.metrics["attribute_accuracy"]  # 4 samples x 9 attributes: fp16 weights may flip one
     assert m["attribute_accuracy_by_guidance"]["5.0"] == pytest.approx(run_accuracy, abs=0.03)
     assert 0.0 <= m["classifier_on_vae_round_trips"] <= 1.0 and m["eval_samples"] == 4
+    assert sum(map(sum, m["attribute_confusion"]["beard"])) == 4  # the main scale's samples, asked x read
     per = m["classifier_on_vae_round_trips_per_attribute"]
     assert list(per) == list(world.CATEGORICAL) and m["caption_start"] == 0
     assert sum(per.values()) / len(per) == pytest.approx(m["classifier_on_vae_round_trips"], abs=1e-3)
