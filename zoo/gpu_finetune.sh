@@ -15,9 +15,13 @@
 # call first runs the CUDA test that holds the graphed step to the eager one, ~1 min, and trains eagerly if it fails).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # DRAGRT_VAE_LR=LR gives the VAE fine-tune another peak learning rate (--lr; default 3e-4 from shipped weights).
+# DRAGRT_ZOO_UNET=0 skips the UNet round (and its CUDA test): the VAE round alone, up to END_S. After an encoder
+# round, `python -m dragrt.zoo.unet adopt-vae` gives the shipped faces-sd the new encoder (its samples unchanged).
 # DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
 # through, stays bit for bit; worth it while bench/tools/vae_decoder_bound.py finds the decoder far better on
 # optimised latents than on the encoder's). Default: decoder.
+# A VAE round whose held-out PSNR does not beat the shipped card's is dropped (no faces-vae.tar; the UNet round
+# trains on the shipped VAE).
 # OUT_DIR receives faces-vae.tar and faces-sd.tar (the exported folders: untar them in zoo/weights, then run
 # `python -m dragrt.zoo.registry`, which stores zoo:faces-vae once, as faces-sd's vae/, when identical), logs.tgz
 # (logs, metrics, the UNet's sample grid) and the runs' checkpoints (faces-sd's split into 15 MiB parts).
@@ -50,7 +54,9 @@ compile=()
 [ -n "${DRAGRT_ZOO_COMPILE:-}" ] && compile=(--compile "$DRAGRT_ZOO_COMPILE")
 graphs=(--cuda-graphs)
 [ "${DRAGRT_ZOO_GRAPHS:-1}" = 0 ] && graphs=()
-if [ ${#graphs[@]} -gt 0 ]; then  # the graphed step must train as the eager one (same draws): checked here first
+unet=${DRAGRT_ZOO_UNET:-1}
+case "$unet" in 0|1) ;; *) echo "DRAGRT_ZOO_UNET=$unet is not allowed; use 0 or 1" >&2; exit 2 ;; esac
+if [ "$unet" = 1 ] && [ ${#graphs[@]} -gt 0 ]; then  # the graphed step must train as the eager one (same draws): checked here first
   timeout 240 $py -m pytest -q -p no:cacheprovider -m cuda --require-cuda tests/zoo/test_unet.py -k cuda_graphs \
     >"$logs/graphs-test.log" 2>&1 \
     || { echo "the CUDA-graph test failed (logs/graphs-test.log): faces-sd trains without --cuda-graphs"; graphs=(); }
@@ -66,19 +72,36 @@ if [ "$vae_minutes" = 0 ]; then  # the UNet alone (VAE_MINUTES 0)
   echo "faces-vae skipped (VAE_MINUTES 0)"
 else
   echo "faces-vae ($part) from $(el) s"
+  # A round that does not beat the shipped PSNR is not kept: the UNet round then trains on the shipped VAE.
+  shipped_db=$(sed -n 's/^- psnr_db: //p' zoo/weights/faces-vae/MODEL_CARD.md | head -1)
+  rm -rf "$runs/faces-vae.shipped" && cp -a zoo/weights/faces-vae "$runs/faces-vae.shipped"
   DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
     --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${vae_opts[@]}" --export \
     >"$logs/faces-vae.log" 2>&1
   echo "faces-vae exit $? at $(el) s"
-  (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
+  new_db=$($py -c "import json,sys; print(json.load(open(sys.argv[1])).get('psnr_db', ''))" "$vae_run/metrics.json" \
+    2>/dev/null)
+  if $py -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$new_db" "$shipped_db" \
+    2>/dev/null; then
+    echo "faces-vae: $new_db dB against the shipped $shipped_db dB: kept"
+    (cd zoo/weights && tar -cf "$out/faces-vae.tar" faces-vae)
+  else
+    echo "faces-vae: ${new_db:-no} dB against the shipped ${shipped_db:-unknown} dB: not kept (the shipped VAE restored)"
+    rm -rf zoo/weights/faces-vae && cp -a "$runs/faces-vae.shipped" zoo/weights/faces-vae
+  fi
 fi
 
-minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
-echo "faces-sd (UNet) from $(el) s, $minutes min"
-DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
-  --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" --export >"$logs/faces-sd.log" 2>&1
-echo "faces-sd exit $? at $(el) s"
-(cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)
+if [ "$unet" = 0 ]; then
+  echo "faces-sd skipped (DRAGRT_ZOO_UNET=0)"
+else
+  minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
+  echo "faces-sd (UNet) from $(el) s, $minutes min"
+  DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
+    --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" --export \
+    >"$logs/faces-sd.log" 2>&1
+  echo "faces-sd exit $? at $(el) s"
+  (cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)
+fi
 
 cp "$vae_run/metrics.json" "$logs/faces-vae.metrics.json" 2>/dev/null
 cp "$sd_run/metrics.json" "$logs/faces-sd.metrics.json" 2>/dev/null
