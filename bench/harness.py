@@ -342,20 +342,47 @@ def kernel_profile(fn: Callable[[], Any], reps: int,
     return profile_summary(prof, reps, time.perf_counter() - t0, table_path)
 
 
+#: Kernel kinds of :func:`kernel_kind` for kernels not written by Triton, first match wins: (kind, lowercase name
+#: fragments).
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("fmha", "flash", "attention", "attn", "sdpa")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset", "convert")),
+    ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "cublas", "sm90_xmma", "sm80_xmma")),
+    ("norm", ("norm",)),
+    ("elementwise", ("elementwise", "vectorized", "reduce")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a CUDA kernel from its name (:data:`KERNEL_KINDS`; ``other`` when none matches): a coarse
+    split of a profile (attention, convolutions, matmuls, norms, layout changes, ...), for reading, not for
+    records."""
+    low = name.lower()
+    if low.startswith("triton"):  # Inductor's fused kernels: named after every op they fuse ("..._convolution_3")
+        return "norm" if "norm" in low else "fused (triton)"
+    return next((kind for kind, frags in KERNEL_KINDS if any(f in low for f in frags)), "other")
+
+
 def profile_summary(prof: Any, calls: int, seconds: float,
                     table_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """A finished torch.profiler over ``calls`` calls that took ``seconds``: ``prof_wall_ms`` per call,
-    ``kernels_per_call``, ``gpu_busy_ms`` per call (the sum of kernel times); the top CUDA and CPU tables go to
-    ``table_path`` when given."""
+    ``kernels_per_call``, ``gpu_busy_ms`` per call (the sum of kernel times) and ``gpu_ms_by_kind`` (that sum split
+    by :func:`kernel_kind`, largest first); the top CUDA and CPU tables go to ``table_path`` when given."""
     from torch.profiler import DeviceType
 
     ka = prof.key_averages()
     kernels = [e for e in ka if e.device_type == DeviceType.CUDA]
     if table_path is not None:
-        Path(table_path).write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40) + "\n\n"
-                                    + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+        Path(table_path).write_text(ka.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=110)
+                                    + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=25))
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / 1000 / calls
     return {"prof_wall_ms": round(1000 * seconds / calls, 3), "kernels_per_call": sum(e.count for e in kernels) / calls,
-            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / calls, 3)}
+            "gpu_busy_ms": round(sum(e.self_device_time_total for e in kernels) / 1000 / calls, 3),
+            "gpu_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
 
 
 _PROGRESS_T0 = time.monotonic()

@@ -395,8 +395,30 @@ def test_peak_memory_counts_what_the_block_allocates() -> None:
 def test_kernel_profile_counts_calls_and_writes_its_tables(tmp_path):
     x = torch.randn(64, 64)
     out = harness.kernel_profile(lambda: (x @ x).sum(), 3, tmp_path / "prof.txt")
-    assert out["prof_wall_ms"] > 0 and set(out) == {"prof_wall_ms", "kernels_per_call", "gpu_busy_ms"}
+    assert out["prof_wall_ms"] > 0
+    assert set(out) == {"prof_wall_ms", "kernels_per_call", "gpu_busy_ms", "gpu_ms_by_kind"}
     if not harness.cuda_available():
-        assert out["kernels_per_call"] == 0 and out["gpu_busy_ms"] == 0
+        assert out["kernels_per_call"] == 0 and out["gpu_busy_ms"] == 0 and out["gpu_ms_by_kind"] == {}
+    else:
+        assert sum(out["gpu_ms_by_kind"].values()) == pytest.approx(out["gpu_busy_ms"], abs=0.01)
     table = (tmp_path / "prof.txt").read_text()
     assert "aten::mm" in table and "Self CPU time total" in table
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
+    ("fmha_cutlassB_f16aligned_64x64_k64_sm80", "attention"),
+    ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout"),
+    ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "matmul"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("triton_per_fused_native_group_norm_silu_12", "norm"),
+    ("triton_poi_fused_add_mul_7", "fused (triton)"),
+    ("triton_poi_fused_convolution_silu_3", "fused (triton)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "elementwise"),
+    ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int>", "layout"),
+    ("Memcpy DtoD (Device -> Device)", "layout"),
+    ("some_new_kernel", "other"),
+])
+def test_kernel_kinds_split_a_profile_by_name(name, kind):
+    assert harness.kernel_kind(name) == kind
