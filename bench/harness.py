@@ -345,7 +345,7 @@ def kernel_profile(fn: Callable[[], Any], reps: int,
 #: Kernel kinds of :func:`kernel_kind` for kernels not written by Triton, first match wins: (kind, lowercase name
 #: fragments).
 KERNEL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("fmha", "flash", "attention", "attn", "sdpa")),
+    ("attention", ("fmha", "flash", "attention", "attn", "sdpa", "dot_do_o", "convert_dq")),  # cuDNN SDPA helpers
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose", "copy", "memcpy", "memset", "convert")),
     ("convolution", ("conv", "dgrad", "wgrad", "fprop", "implicit", "cudnn")),
     ("matmul", ("gemm", "cutlass", "nvjet", "matmul", "cublas", "sm90_xmma", "sm80_xmma")),

@@ -408,6 +408,8 @@ def test_kernel_profile_counts_calls_and_writes_its_tables(tmp_path):
 @pytest.mark.parametrize("name, kind", [
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64", "attention"),
     ("fmha_cutlassB_f16aligned_64x64_k64_sm80", "attention"),
+    ("void cudnn::fusion::compute_dot_do_o<false>(void const*, void const*, void*, void*, unsigned int)", "attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<false>(void const*, void*, unsigned int, unsigned int)", "attention"),
     ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
     ("void cudnn::engines_precompiled::nchwToNhwcKernel<__half, __half, float, false, true>", "layout"),
     ("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT", "matmul"),
