@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dragrt.runtime.models import conv_double_backward as cdb
 from dragrt.runtime.models import stylegan2 as sg2
 from dragrt.runtime.models.stylegan2 import (
     FullyConnectedLayer,
@@ -284,14 +285,14 @@ class DiscriminatorConv(nn.Module):
         w = (self.weight * self.weight_gain).to(x.dtype)
         pad = self.kernel_size // 2
         if self.down == 1:
-            x = F.conv2d(x, w, padding=pad)
+            x = cdb.conv2d(x, w, padding=pad)
         else:
             taps = int(self.resample_filter.shape[-1])
             lo, hi = pad + (taps - 1) // 2, pad + (taps - 2) // 2
             if self.kernel_size == 1:
-                x = F.conv2d(upfirdn2d(x, self.resample_filter, down=2, padding=[lo, hi, lo, hi]), w)
+                x = cdb.conv2d(upfirdn2d(x, self.resample_filter, down=2, padding=[lo, hi, lo, hi]), w)
             else:
-                x = F.conv2d(upfirdn2d(x, self.resample_filter, padding=[lo, hi, lo, hi]), w, stride=2)
+                x = cdb.conv2d(upfirdn2d(x, self.resample_filter, padding=[lo, hi, lo, hi]), w, stride=2)
         b = None if self.bias is None else self.bias.to(x.dtype)
         clamp = None if self.conv_clamp is None else self.conv_clamp * gain
         return bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
@@ -993,13 +994,16 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
             accumulate("spread_fake", batch_spread(fake))
             accumulate("spread_real", batch_spread(real))
 
+    # The lazy regularisers differentiate twice: their convolutions take the path whose derivatives are plain
+    # convolutions again (conv_double_backward; PyTorch's own double backward runs slow fallback kernels).
     def g_pl() -> None:  # G: lazy path length regularisation
         opt_g.zero_grad(set_to_none=True)
-        fake, ws = run_g(pl_batch, gen.synthesis)
-        lengths = path_lengths(fake, ws)
-        pl_mean.copy_(pl_mean.lerp(torch.nan_to_num(lengths.mean().detach()), cfg.pl_decay))
-        penalty = (lengths - pl_mean).square().mean()
-        (penalty * cfg.pl_weight * cfg.pl_interval).backward()
+        with cdb.enabled():
+            fake, ws = run_g(pl_batch, gen.synthesis)
+            lengths = path_lengths(fake, ws)
+            pl_mean.copy_(pl_mean.lerp(torch.nan_to_num(lengths.mean().detach()), cfg.pl_decay))
+            penalty = (lengths - pl_mean).square().mean()
+            (penalty * cfg.pl_weight * cfg.pl_interval).backward()
         _sanitize_grads(gen)
         opt_g.step()
         accumulate("pl", penalty)
@@ -1022,8 +1026,9 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     def d_r1() -> None:  # D: lazy R1 on reals
         disc.requires_grad_(True)
         opt_d.zero_grad(set_to_none=True)
-        penalty, _ = r1_penalty(disc, real)
-        (penalty.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval).backward()
+        with cdb.enabled():
+            penalty, _ = r1_penalty(disc, real)
+            (penalty.mean() * (cfg.r1_gamma / 2) * cfg.r1_interval).backward()
         _sanitize_grads(disc)
         opt_d.step()
         accumulate("r1", penalty.mean())

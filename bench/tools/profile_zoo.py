@@ -8,6 +8,8 @@ Usage:
     python bench/tools/profile_zoo.py sg2-128 OUT            # the same, StyleGAN2 at 128 px (preset batch)
     python bench/tools/profile_zoo.py sg2-128-graphs OUT     # ... with every part replayed from a CUDA graph
     python bench/tools/profile_zoo.py sg2-128-graphs-cl OUT  # ... and the networks in channels-last memory
+    python bench/tools/profile_zoo.py sg2-128-graphs-refdb OUT  # ... the regularisers through PyTorch's own double
+                                                                #     backward (the reference of conv_double_backward)
 
 ``vae``/``unet``/``sg2`` run the trainer's own ``train`` and hook its once-per-step EMA update: the step rate
 between steps 60 and 160 (one synchronise at each end), then a torch.profiler window of 10 steps
@@ -17,6 +19,7 @@ between steps 60 and 160 (one synchronise at each end), then a torch.profiler wi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -79,6 +82,15 @@ def hooked_run(what: str, out: Path) -> dict:
         kw["channels_last"] = what.endswith("-cl")
         module, name = sg2t, "_update_ema"
         run = lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)  # noqa: E731
+        if what.endswith("-refdb"):  # the trainer's regulariser steps ask for cdb.enabled(): refuse it
+            trained, plain = run, lambda on=True: contextlib.nullcontext()  # noqa: E731
+
+            def run() -> None:
+                enabled, sg2t.cdb.enabled = sg2t.cdb.enabled, plain
+                try:
+                    trained()
+                finally:
+                    sg2t.cdb.enabled = enabled
     else:
         module, name = zvae.Ema, "update"
         trainer = zvae if what == "vae" else zunet
@@ -169,8 +181,8 @@ def main(argv: list[str]) -> int:
     if what == "flops":
         print(json.dumps(flops()))
         return 0
-    if what not in ("loader", "vae", "unet", "unet-graphs", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl") \
-            or len(argv) != 2:
+    if what not in ("loader", "vae", "unet", "unet-graphs", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl",
+                    "sg2-128-graphs-refdb") or len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[1])

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dragrt.runtime.models import conv_double_backward as cdb
+
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)  # NVIDIA's def_gain for 'lrelu'; np.sqrt(2) and math.sqrt(2) are the same double
 DEMOD_EPS = 1e-8
@@ -174,9 +176,9 @@ def upfirdn2d(
         f = f.flip(list(range(f.ndim)))
     f = f[None, None].repeat([channels, 1] + [1] * f.ndim)
     if f.ndim == 4:
-        return F.conv2d(x, f, groups=channels, stride=(downy, downx))
-    x = F.conv2d(x, f.unsqueeze(2), groups=channels, stride=(1, downx))
-    return F.conv2d(x, f.unsqueeze(3), groups=channels, stride=(downy, 1))
+        return cdb.conv2d(x, f, stride=(downy, downx), groups=channels)
+    x = cdb.conv2d(x, f.unsqueeze(2), stride=(1, downx), groups=channels)
+    return cdb.conv2d(x, f.unsqueeze(3), stride=(downy, 1), groups=channels)
 
 
 def upsample2d(x: Tensor, f: Tensor, up: int = 2) -> Tensor:
@@ -225,7 +227,7 @@ def conv2d_resample(
     if up == 1:
         if kh > 1 or kw > 1:
             w = w if flip_weight else w.flip([2, 3])
-        return F.conv2d(x, w, padding=[py0, px0], groups=groups)
+        return cdb.conv2d(x, w, padding=[py0, px0], groups=groups)
 
     if f is None:
         raise ValueError("conv2d_resample with up > 1 needs a resample filter f")
@@ -249,7 +251,7 @@ def conv2d_resample(
     # The transposed conv mirrors the kernel relative to conv2d: flip when a correlation was asked for.
     if flip_weight and (kh > 1 or kw > 1):
         w = w.flip([2, 3])
-    x = F.conv_transpose2d(x, w, stride=up, padding=[pyt, pxt], groups=groups)
+    x = cdb.conv_transpose2d(x, w, stride=up, padding=[pyt, pxt], groups=groups)
     return upfirdn2d(x, f, padding=[px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt], gain=up * up)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from dragrt.runtime.models import conv_double_backward as cdb
 from dragrt.runtime.models import stylegan2 as sg2
 from dragrt.runtime.models import stylegan2_convert as conv
 from dragrt.runtime.models.stylegan2 import Generator
@@ -123,6 +124,54 @@ def test_r1_penalty_of_a_known_function() -> None:
     penalty, _ = st.r1_penalty(lambda img: scale * disc(img), x)
     penalty.sum().backward()  # R1 = scale^2 |a + x|^2 -> d/dscale = 2 scale |a + x|^2
     torch.testing.assert_close(scale.grad, 4.0 * (a + x).square().sum())
+
+
+class _ConvKernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the weight shape of every aten.convolution dispatched inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_regularisers_differentiate_twice_through_plain_convolutions() -> None:
+    """R1 and path length, differentiated into G's and D's weights: the same gradients with and without
+    conv_double_backward, and with it no convolution whose kernel is a feature map (PyTorch's own double
+    backward issues those, one per channel for the FIR blurs; slow fallback kernels on a GPU)."""
+    cfg = st.TrainConfig.preset(smoke=True)
+    gen, disc = st.build_networks(cfg, seed=0)
+    kernel = 4  # the largest real kernels: 3x3 convolutions and the 4-tap FIR filter
+
+    def grads(on: bool) -> tuple[list[torch.Tensor], list[tuple[int, ...]]]:
+        gen.zero_grad(set_to_none=True)
+        disc.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        rec = _ConvKernels()
+        with cdb.enabled(on), rec:
+            ws = st.mix_styles(gen, torch.randn(4, cfg.z_dim), 0.9)
+            st.path_lengths(gen.synthesis(ws, noise_mode="random"), ws).mean().backward()
+            penalty, _ = st.r1_penalty(disc, torch.randn(4, 3, cfg.resolution, cfg.resolution))
+            penalty.mean().backward()
+        return [p.grad.clone() for net in (gen, disc) for p in net.parameters() if p.grad is not None], rec.shapes
+
+    (ref, ref_shapes), (fast, fast_shapes) = grads(False), grads(True)
+    assert len(ref) == len(fast) > 10
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(s[-1] > kernel for s in ref_shapes)
+    assert fast_shapes and max(s[-1] for s in fast_shapes) <= kernel
+
+
+def test_the_trainer_runs_its_regularisers_through_plain_convolutions(tmp_path: Path) -> None:
+    rec = _ConvKernels()
+    with rec:  # step 0 runs every part: G, path length, D, R1
+        st.train(tmp_path / "run", minutes=1, device="cpu", smoke=True, max_steps=1, evaluate_metrics=False)
+    assert len(rec.shapes) > 50 and max(s[-1] for s in rec.shapes) <= 4
 
 
 def test_frechet_distance_on_gaussians_with_known_answer() -> None:
