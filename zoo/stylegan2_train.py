@@ -17,7 +17,9 @@ are endless, rendered on the fly from seeds, so nothing is memorised and no augm
   stride-2 downsampling, minibatch standard deviation, epilogue), same channel rule and fp16 blocks;
 - losses: non-saturating logistic; lazy R1 on reals every 16 steps (``gamma`` 1 at 256 px); lazy path
   length regularisation every 4 steps on half a batch (weight 2, NVIDIA's default) -- it makes the
-  generator's ``w`` space smoother, which is what DragGAN optimises;
+  generator's ``w`` space smoother, which is what DragGAN optimises. Both differentiate twice; their
+  convolutions go through :mod:`dragrt.runtime.models.conv_double_backward` (whose derivatives are plain
+  convolutions, as NVIDIA's ``conv2d_gradfix`` makes them), not PyTorch's double backward;
 - Adam(betas (0, 0.99), lr 0.0025), with the lazy-regularisation correction of lr and betas;
   style mixing (p 0.9, a crossover point per sample); G EMA with a 10 k image half-life and NVIDIA's
   ramp-up (the half-life is at most 5 % of the images seen, which matters for runs this short);

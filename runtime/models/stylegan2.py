@@ -18,6 +18,8 @@ as NVIDIA's reference (non-CUDA) path, operation for operation:
 - fp16 for the top ``num_fp16_res`` resolutions (``res >= max(2**(log2(R) + 1 - num_fp16_res), 8)``).
 
 What differs, on purpose:
+- every convolution is called through :mod:`dragrt.runtime.models.conv_double_backward`: ``F.conv2d`` /
+  ``F.conv_transpose2d`` themselves, unless a trainer's regulariser turns on its twice-differentiable path.
 - fp16 blocks run in fp32 unless the input is on a CUDA device (as NVIDIA's StyleGAN3 layers do); the
   channels-last memory format of NVIDIA's fp16 blocks is not reproduced (layout only, same math).
 - ``synthesis(..., noise_mode=...)`` defaults to ``'const'`` (DragGAN's choice); NVIDIA defaults to ``'random'``.
