@@ -79,6 +79,26 @@ def grad_calls(monkeypatch):
     return calls
 
 
+class _ConvKernels(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the weight shape of every ``aten.convolution`` run inside (``.shapes``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def conv_kernels() -> type[_ConvKernels]:
+    """A class of context managers, each recording the kernel shape of every convolution run inside it
+    (``with (rec := conv_kernels()): ...; rec.shapes``)."""
+    return _ConvKernels
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tests (opt in with ``pytestmark = pytest.mark.usefixtures(...)``).

@@ -126,20 +126,7 @@ def test_r1_penalty_of_a_known_function() -> None:
     torch.testing.assert_close(scale.grad, 4.0 * (a + x).square().sum())
 
 
-class _ConvKernels(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the weight shape of every aten.convolution dispatched inside."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket is torch.ops.aten.convolution:
-            self.shapes.append(tuple(args[1].shape))
-        return func(*args, **(kwargs or {}))
-
-
-def test_regularisers_differentiate_twice_through_plain_convolutions() -> None:
+def test_regularisers_differentiate_twice_through_plain_convolutions(conv_kernels) -> None:
     """R1 and path length, differentiated into G's and D's weights: the same gradients with and without
     conv_double_backward, and with it no convolution whose kernel is a feature map (PyTorch's own double
     backward issues those, one per channel for the FIR blurs; slow fallback kernels on a GPU)."""
@@ -151,7 +138,7 @@ def test_regularisers_differentiate_twice_through_plain_convolutions() -> None:
         gen.zero_grad(set_to_none=True)
         disc.zero_grad(set_to_none=True)
         torch.manual_seed(0)
-        rec = _ConvKernels()
+        rec = conv_kernels()
         with cdb.enabled(on), rec:
             ws = st.mix_styles(gen, torch.randn(4, cfg.z_dim), 0.9)
             st.path_lengths(gen.synthesis(ws, noise_mode="random"), ws).mean().backward()
@@ -167,8 +154,8 @@ def test_regularisers_differentiate_twice_through_plain_convolutions() -> None:
     assert fast_shapes and max(s[-1] for s in fast_shapes) <= kernel
 
 
-def test_the_trainer_runs_its_regularisers_through_plain_convolutions(tmp_path: Path) -> None:
-    rec = _ConvKernels()
+def test_the_trainer_runs_its_regularisers_through_plain_convolutions(tmp_path: Path, conv_kernels) -> None:
+    rec = conv_kernels()
     with rec:  # step 0 runs every part: G, path length, D, R1
         st.train(tmp_path / "run", minutes=1, device="cpu", smoke=True, max_steps=1, evaluate_metrics=False)
     assert len(rec.shapes) > 50 and max(s[-1] for s in rec.shapes) <= 4

@@ -70,20 +70,7 @@ def test_gradgradcheck_against_finite_differences(case):
     assert torch.autograd.gradgradcheck(fast, (x, w))
 
 
-class _Kernels(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the weight shape of every aten.convolution dispatched inside."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket is torch.ops.aten.convolution:
-            self.shapes.append(tuple(args[1].shape))
-        return func(*args, **(kwargs or {}))
-
-
-def test_a_constant_filter_gets_no_weight_gradient_and_no_per_group_calls():
+def test_a_constant_filter_gets_no_weight_gradient_and_no_per_group_calls(conv_kernels):
     """A strided depthwise blur with a constant filter (upfirdn2d's), differentiated twice: the reference issues
     one convolution per channel with a feature map as its kernel; this path only ever convolves with the filter."""
     channels = 8
@@ -91,7 +78,7 @@ def test_a_constant_filter_gets_no_weight_gradient_and_no_per_group_calls():
     f = torch.ones(channels, 1, 4, 4, dtype=torch.float64) / 16  # no grad: a buffer
 
     def second_derivative(on: bool):
-        rec = _Kernels()
+        rec = conv_kernels()
         with cdb.enabled(on), rec:
             y = cdb.conv2d(x, f, stride=2, groups=channels)
             (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
