@@ -110,3 +110,25 @@ def test_off_by_default_and_outside_autograd():
             pass
     with pytest.raises(ValueError, match="stride must be an int or a pair"), cdb.enabled():
         cdb.conv2d(x, w, stride=(1, 1, 1))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_both_orders_match_the_reference_on_cuda(dtype):
+    """cuDNN's kernels (fp16 as the StyleGAN2 trainer's top resolutions run), NCHW and channels-last inputs."""
+    for case in CASES:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x64, w64 = _make(case, seed=2)
+            x = x64.detach().to("cuda", dtype).contiguous(memory_format=layout).requires_grad_(True)
+            w = w64.detach().to("cuda", dtype).requires_grad_(True)
+            dy = torch.randn_like(_op(case, True)(x, w))
+            results = []
+            for reference in (True, False):
+                f = _op(case, reference)
+                gx, gw = torch.autograd.grad((f(x, w) * dy).sum(), (x, w), create_graph=True)
+                p = gx.float().square().sum() + gw.float().square().sum()
+                results.append((gx, gw, *torch.autograd.grad(p, (x, w))))
+            tol = 2e-2 if dtype == torch.float16 else 5e-3  # of the largest value (fp32 convolutions may use TF32)
+            for a, b in zip(*results):
+                err = (a.float() - b.float()).abs().max() / b.float().abs().max()
+                assert err < tol, (case, layout, err.item())
