@@ -10,6 +10,7 @@ Usage:
     python bench/tools/profile_zoo.py sg2-128-graphs-cl OUT  # ... and the networks in channels-last memory
     python bench/tools/profile_zoo.py sg2-128-graphs-refdb OUT  # ... the regularisers through PyTorch's own double
                                                                 #     backward (the reference of conv_double_backward)
+    python bench/tools/profile_zoo.py sg2-128-graphs-compile OUT  # ... the main steps compiled (--compile default)
 
 ``vae``/``unet``/``sg2`` run the trainer's own ``train`` and hook its once-per-step EMA update: the step rate
 between steps 60 and 160 (one synchronise at each end), then a torch.profiler window of 10 steps
@@ -44,6 +45,7 @@ class StepHook:
 
     def __init__(self, out: Path, what: str, result: dict) -> None:
         self.out, self.what, self.result, self.n = out, what, result, 0
+        self.start = time.monotonic()  # the run's set-up, compiling and capturing included up to T0
 
     def __call__(self) -> None:
         from torch.profiler import ProfilerActivity, profile
@@ -54,6 +56,7 @@ class StepHook:
         now = time.monotonic()
         if self.n == T0:
             self.t0 = now
+            self.result[f"seconds_to_step_{T0}"] = round(now - self.start, 1)
         elif self.n == T1:
             self.result["steps_per_s_loop"] = round((T1 - T0) / (now - self.t0), 2)
         elif self.n == P0:
@@ -80,6 +83,7 @@ def hooked_run(what: str, out: Path) -> dict:
         kw = {"resolution": 128} if "128" in what else {}
         kw["cuda_graphs"] = "-graphs" in what
         kw["channels_last"] = what.endswith("-cl")
+        kw["compile_mode"] = "default" if what.endswith("-compile") else None
         module, name = sg2t, "_update_ema"
         run = lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)  # noqa: E731
         if what.endswith("-refdb"):  # the trainer's regulariser steps ask for cdb.enabled(): refuse it
@@ -182,7 +186,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(flops()))
         return 0
     if what not in ("loader", "vae", "unet", "unet-graphs", "sg2", "sg2-128", "sg2-128-graphs", "sg2-128-graphs-cl",
-                    "sg2-128-graphs-refdb") or len(argv) != 2:
+                    "sg2-128-graphs-refdb", "sg2-128-graphs-compile") or len(argv) != 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[1])
