@@ -1158,6 +1158,7 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
         return f"dragrt.zoo.stylegan2_train.train(RUN, minutes=M, device='cpu', smoke=True{init}) (a test run)"
     preset = TrainConfig.preset(cfg.resolution)
     batch = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
+    batch += f" --r1-gamma {cfg.r1_gamma:g}" if cfg.r1_gamma != preset.r1_gamma else ""
     start = f" --init {cfg.init}" if cfg.init else ""
     again = ", without --init" if start else ""
     if device == "cpu":
@@ -1402,6 +1403,9 @@ def main(argv: list[str] | None = None) -> int:
                              "a multiple of 4 (the minibatch-std group). A larger batch trains more images a second "
                              "(eager steps are bound by Python dispatch) but the GAN learns per step: batch 128 "
                              "learned far less than 16 from the same number of images (CONTRIBUTING.md)")
+    parser.add_argument("--r1-gamma", type=float, default=None, metavar="G",
+                        help="R1 weight of a new run, or of one started with --init (default: the preset's, 5x "
+                             "NVIDIA's heuristic 2e-4 * res**2 / batch); more weakens a discriminator that runs ahead")
     parser.add_argument("--compile", default=None, choices=COMPILE_MODES, metavar="MODE",
                         help=f"torch.compile G's synthesis and D in the main steps ({', '.join(COMPILE_MODES)})")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -1417,11 +1421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=Path, default=None, help="write the shipped generator to this folder")
     args = parser.parse_args(argv)
     if not args.no_train:
-        overrides = {"batch_size": args.batch} if args.batch is not None else None
+        overrides = {k: v for k, v in (("batch_size", args.batch), ("r1_gamma", args.r1_gamma)) if v is not None}
         try:
             metrics = train(args.run_dir, minutes=args.minutes, device=args.device, seed=args.seed,
                             resolution=args.resolution, compile_mode=args.compile, cuda_graphs=args.cuda_graphs,
-                            channels_last=args.channels_last, config_overrides=overrides, init=args.init)
+                            channels_last=args.channels_last, config_overrides=overrides or None, init=args.init)
         except (ValueError, FileNotFoundError) as exc:  # a setting or a path the trainer refused: say which
             parser.error(str(exc))
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -415,6 +415,8 @@ def test_cli_passes_a_new_runs_batch(tmp_path, monkeypatch) -> None:
     assert st.main(["--run-dir", str(tmp_path), "--device", "cpu", "--batch", "128"]) == 0
     assert st.main(["--run-dir", str(tmp_path), "--device", "cpu"]) == 0
     assert calls[0]["config_overrides"] == {"batch_size": 128} and calls[1]["config_overrides"] is None
+    assert st.main(["--run-dir", str(tmp_path), "--device", "cpu", "--r1-gamma", "2", "--batch", "16"]) == 0
+    assert calls[2]["config_overrides"] == {"batch_size": 16, "r1_gamma": 2.0}
     with pytest.raises(ValueError, match="batch_size=6 is not allowed; use a multiple of mbstd_group=4"):
         st.TrainConfig.preset(256, batch_size=6)
 
@@ -423,6 +425,7 @@ def test_model_card_command_trains_a_run_like_the_exported_one() -> None:
     assert st._card_command(st.TrainConfig.preset(128)).startswith(
         "python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution 128 --minutes")
     assert "--resolution 128 --batch 128 --minutes" in st._card_command(st.TrainConfig.preset(128, batch_size=128))
+    assert "--resolution 128 --r1-gamma 2 --minutes" in st._card_command(st.TrainConfig.preset(128, r1_gamma=2.0))
     assert "smoke=True" in st._card_command(st.TrainConfig.preset(smoke=True))
     cpu = st._card_command(st.TrainConfig.preset(64), "cpu")
     assert "--resolution 64 --device cpu --minutes 55" in cpu and "--batch" not in cpu
