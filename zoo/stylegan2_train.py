@@ -1157,15 +1157,15 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
         init = f", init={cfg.init!r}" if cfg.init else ""
         return f"dragrt.zoo.stylegan2_train.train(RUN, minutes=M, device='cpu', smoke=True{init}) (a test run)"
     preset = TrainConfig.preset(cfg.resolution)
-    batch = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
-    batch += f" --r1-gamma {cfg.r1_gamma:g}" if cfg.r1_gamma != preset.r1_gamma else ""
+    settings = f" --batch {cfg.batch_size}" if cfg.batch_size != preset.batch_size else ""
+    settings += f" --r1-gamma {cfg.r1_gamma:g}" if cfg.r1_gamma != preset.r1_gamma else ""
     start = f" --init {cfg.init}" if cfg.init else ""
     again = ", without --init" if start else ""
     if device == "cpu":
         how = f"--device cpu --minutes 55 (repeated{again})"
     else:
         how = f"--minutes 8.5 (repeated{again}; --cuda-graphs or --compile MODE only change the speed)"
-    return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{batch}{start} {how} "
+    return (f"python -m dragrt.zoo.stylegan2_train --run-dir RUN --resolution {cfg.resolution}{settings}{start} {how} "
             "--export DEST")
 
 

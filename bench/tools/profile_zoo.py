@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -85,16 +86,13 @@ def hooked_run(what: str, out: Path) -> dict:
         kw["channels_last"] = what.endswith("-cl")
         kw["compile_mode"] = "default" if what.endswith("-compile") else None
         module, name = sg2t, "_update_ema"
-        run = lambda: sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)  # noqa: E731
-        if what.endswith("-refdb"):  # the trainer's regulariser steps ask for cdb.enabled(): refuse it
-            trained, plain = run, lambda on=True: contextlib.nullcontext()  # noqa: E731
+        # -refdb: the trainer's regulariser steps ask for cdb.enabled(), and get a context that leaves it off
+        paths = (mock.patch.object(sg2t.cdb, "enabled", lambda on=True: contextlib.nullcontext())
+                 if what.endswith("-refdb") else contextlib.nullcontext())
 
-            def run() -> None:
-                enabled, sg2t.cdb.enabled = sg2t.cdb.enabled, plain
-                try:
-                    trained()
-                finally:
-                    sg2t.cdb.enabled = enabled
+        def run() -> None:
+            with paths:
+                sg2t.train(out / "run", minutes=4, evaluate_metrics=False, **kw)
     else:
         module, name = zvae.Ema, "update"
         trainer = zvae if what == "vae" else zunet

@@ -18,7 +18,7 @@ Here every derivative is one of three linear maps, each differentiable by the ot
 
 So gradients of any order run the same three kinds of kernels as a first-order step, and a constant filter
 (``requires_grad`` off) never gets a weight gradient at all. The same arithmetic as ``F.conv2d`` /
-``F.conv_transpose2d`` (the reference): values agree to rounding; ``tests/runtime/test_conv_double_backward.py``
+``F.conv_transpose2d`` (the reference): values agree to rounding; ``tests/runtime/models/test_conv_double_backward.py``
 holds both orders to the reference and to finite differences.
 
 Off by default: :func:`conv2d` and :func:`conv_transpose2d` are ``F.conv2d`` / ``F.conv_transpose2d`` unless
@@ -74,13 +74,15 @@ def _conv(x: Tensor, w: Tensor, transposed: bool, stride: tuple[int, int], paddi
     return F.conv2d(x, w, None, stride, padding, 1, groups)
 
 
-def _adjoint_output_padding(x_shape: Sequence[int], y_shape: Sequence[int], w_shape: Sequence[int],
-                            transposed: bool, stride: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
-    """Output padding of the adjoint of a plain convolution (a transposed one) that gives back ``x``'s size."""
-    if transposed:  # the adjoint is a plain convolution, whose size is fixed by its input
-        return 0, 0
-    return tuple(int(x_shape[2 + i]) - ((int(y_shape[2 + i]) - 1) * stride[i] - 2 * padding[i] + int(w_shape[2 + i]))
-                 for i in range(2))  # type: ignore[return-value]
+def _adjoint(dy: Tensor, kernel: Tensor, x_shape: Sequence[int], conf: tuple) -> Tensor:
+    """The adjoint of the convolution ``conf`` with ``kernel``, applied to ``dy``: the gradient w.r.t. its input
+    (shape ``x_shape``). A plain convolution's adjoint is transposed, with the output padding that gives back
+    ``x``'s size; a transposed one's is plain, its size fixed by its input."""
+    transposed, stride, padding, _, groups = conf
+    op = (0, 0) if transposed else tuple(
+        int(x_shape[2 + i]) - ((int(dy.shape[2 + i]) - 1) * stride[i] - 2 * padding[i] + int(kernel.shape[2 + i]))
+        for i in range(2))
+    return _Conv.apply(dy, kernel, not transposed, stride, padding, op, groups)
 
 
 class _Conv(torch.autograd.Function):
@@ -88,22 +90,15 @@ class _Conv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, transposed, stride, padding, output_padding, groups):
-        y = _conv(x, w, transposed, stride, padding, output_padding, groups)
         ctx.save_for_backward(x, w)
         ctx.conf = (transposed, stride, padding, output_padding, groups)
-        ctx.y_shape = y.shape
-        return y
+        return _conv(x, w, transposed, stride, padding, output_padding, groups)
 
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        transposed, stride, padding, output_padding, groups = ctx.conf
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            op = _adjoint_output_padding(x.shape, ctx.y_shape, w.shape, transposed, stride, padding)
-            dx = _Conv.apply(dy, w, not transposed, stride, padding, op, groups)
-        if ctx.needs_input_grad[1]:
-            dw = _WeightGrad.apply(dy, x, w, ctx.conf)
+        dx = _adjoint(dy, w, x.shape, ctx.conf) if ctx.needs_input_grad[0] else None
+        dw = _WeightGrad.apply(dy, x, w, ctx.conf) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None, None, None, None
 
 
@@ -113,23 +108,19 @@ class _WeightGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dy, x, w, conf):
         transposed, stride, padding, output_padding, groups = conf
-        dw = torch.ops.aten.convolution_backward(dy, x, w, None, list(stride), list(padding), [1, 1], transposed,
-                                                 list(output_padding), groups, [False, True, False])[1]
         ctx.save_for_backward(dy, x)
         ctx.conf = conf
-        ctx.y_shape = dy.shape
-        return dw
+        return torch.ops.aten.convolution_backward(dy, x, w, None, list(stride), list(padding), [1, 1], transposed,
+                                                   list(output_padding), groups, [False, True, False])[1]
 
     @staticmethod
     def backward(ctx, ddw):
         dy, x = ctx.saved_tensors
         transposed, stride, padding, output_padding, groups = ctx.conf
-        ddy = dx = None
-        if ctx.needs_input_grad[0]:  # <ddw, dw(dy)> = <conv(x, ddw), dy>
-            ddy = _Conv.apply(x, ddw, transposed, stride, padding, output_padding, groups)
-        if ctx.needs_input_grad[1]:  # <ddw, dw(x)> = <x, adjoint conv of dy with kernel ddw>
-            op = _adjoint_output_padding(x.shape, ctx.y_shape, ddw.shape, transposed, stride, padding)
-            dx = _Conv.apply(dy, ddw, not transposed, stride, padding, op, groups)
+        # <ddw, dw> = <dy, conv(x, ddw)>: w.r.t. dy the convolution with kernel ddw, w.r.t. x its adjoint
+        ddy = _Conv.apply(x, ddw, transposed, stride, padding, output_padding, groups) if ctx.needs_input_grad[0] \
+            else None
+        dx = _adjoint(dy, ddw, x.shape, ctx.conf) if ctx.needs_input_grad[1] else None
         return ddy, dx, None, None
 
 
