@@ -103,6 +103,10 @@ MAX_SAMPLES_PNG_BYTES = 300 * 1024
 ATTRIBUTE_MODEL = "zoo:faces-attributes"
 LANDMARK_MODEL = "zoo:faces-landmarks"
 EVAL_CACHE = "eval_real.pt"
+#: Runs above this resolution also report their metrics at it (keys ``..._64px``): the scale of the shipped 64 px
+#: generator, whose card numbers a 128 px run's own do not compare with (its renders are sharper).
+COMPARE_RESOLUTION = 64
+COMPARED_METRICS = ("frechet_distance_attr", "landmark_conf_samples")
 #: The second file of the resumable state (D and the optimizers; ``checkpoint.pt`` holds the rest).
 CHECKPOINT_PART = "checkpoint_d.pt"
 #: Tensors that stay float32 in the shipped file: the FIR filters (upfirdn2d takes float32 filters only)
@@ -716,32 +720,43 @@ def _held_out_images(n: int, size: int, num_workers: int) -> Tensor:
 
 
 def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: Path | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, resolution: int | None = None) -> dict[str, Any]:
     """Metrics of the EMA generator against held-out renders.
+
+    ``resolution`` (default: the generator's) compares at a lower resolution: the samples are area-downsampled
+    to it and the renders drawn at it, so that generators of different resolutions can be ranked on one scale
+    (the metrics of a 128 px generator at 64 px against a 64 px one's). The metrics' names do not change;
+    ``eval_resolution`` records it.
 
     - ``frechet_distance_attr``: Frechet distance between ``eval_samples`` samples (truncation 1, const noise,
       ``z`` seeded by ``seed``) and the first ``eval_reals`` held-out renders, both in the attribute
       classifier's feature space (``features(images)``). The renders' features are cached in
-      ``run_dir/eval_real.pt`` (keyed by the evaluator's weights, the count and the resolution).
+      ``run_dir/eval_real.pt`` (``eval_real_<R>px.pt`` at a lower ``resolution``; keyed by the evaluator's
+      weights, the count and the resolution).
     - ``landmark_conf_samples`` / ``landmark_conf_renders``: the landmark regressor's mean per-landmark
       confidence on the samples and on the renders.
 
     A missing evaluator skips its metric with a note in ``eval_notes``.
     """
     t0 = time.monotonic()
+    res = cfg.resolution if resolution is None else resolution
+    if isinstance(res, bool) or not isinstance(res, int) or not 16 <= res <= cfg.resolution or res & (res - 1):
+        raise ValueError(f"resolution={resolution!r} is not allowed; use a power of two from 16 to the generator's "
+                         f"{cfg.resolution}")
     attr, lm, notes = _load_evaluators(device)
-    out: dict[str, Any] = {"eval_samples": cfg.eval_samples, "eval_reals": cfg.eval_reals}
+    out: dict[str, Any] = {"eval_samples": cfg.eval_samples, "eval_reals": cfg.eval_reals, "eval_resolution": res}
     if attr is None and lm is None:
         out["eval_notes"] = notes
         out["eval_seconds"] = round(time.monotonic() - t0, 1)
         return out
-    key = f"{_model_key(attr)}|{_model_key(lm)}|{cfg.eval_reals}|{cfg.resolution}"
-    cache_path = None if run_dir is None else Path(run_dir) / EVAL_CACHE
+    key = f"{_model_key(attr)}|{_model_key(lm)}|{cfg.eval_reals}|{res}"
+    cache_name = EVAL_CACHE if res == cfg.resolution else f"eval_real_{res}px.pt"
+    cache_path = None if run_dir is None else Path(run_dir) / cache_name
     cached = torch.load(cache_path, weights_only=True) if cache_path is not None and cache_path.is_file() else None
     if cached is not None and cached.get("key") == key:
         real_feats, real_conf = cached.get("features"), cached.get("confidence")
     else:
-        reals = _held_out_images(cfg.eval_reals, cfg.resolution, training.default_workers(cfg.num_workers, cap=14))
+        reals = _held_out_images(cfg.eval_reals, res, training.default_workers(cfg.num_workers, cap=14))
         real_feats = real_conf = None
         if attr is not None:
             real_feats = _attribute_features(attr, reals, device)
@@ -751,6 +766,8 @@ def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: 
             torch.save({"key": key, "features": real_feats, "confidence": real_conf}, cache_path)
     g_ema.eval()
     samples = generate(g_ema, cfg.eval_samples, seed=1_000_003 + seed, device=device)
+    if res != cfg.resolution:
+        samples = F.interpolate(samples, size=(res, res), mode="area")
     if attr is not None:
         fake_feats = _attribute_features(attr, samples, device)
         out["frechet_distance_attr"] = float(f"{evaluators.frechet_distance(fake_feats, real_feats):.6g}")
@@ -760,6 +777,17 @@ def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: 
     out["eval_notes"] = notes
     out["eval_seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def _run_metrics(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: Path, seed: int) -> dict[str, Any]:
+    """A run's metrics (:func:`evaluate`), and above :data:`COMPARE_RESOLUTION` the :data:`COMPARED_METRICS` at it
+    too (``<name>_64px``)."""
+    metrics = evaluate(g_ema, cfg, device, run_dir, seed=seed)
+    if cfg.resolution > COMPARE_RESOLUTION:
+        low = evaluate(g_ema, cfg, device, run_dir, seed=seed, resolution=COMPARE_RESOLUTION)
+        metrics.update({f"{k}_{COMPARE_RESOLUTION}px": low[k] for k in COMPARED_METRICS if k in low})
+        metrics["eval_seconds"] = round(metrics["eval_seconds"] + low["eval_seconds"], 1)
+    return metrics
 
 
 def evaluate_run(run_dir: str | os.PathLike, device: str = "cuda", seed: int = 0) -> dict[str, Any]:
@@ -774,7 +802,7 @@ def evaluate_run(run_dir: str | os.PathLike, device: str = "cuda", seed: int = 0
     g_ema = Generator.from_config(cfg.generator_config())
     g_ema.load_state_dict(ema_state_dict(ckpt))
     g_ema = g_ema.to(dev).eval().requires_grad_(False)
-    metrics = {**training.read_metrics(run_dir), **evaluate(g_ema, cfg, dev, run_dir, seed=seed)}
+    metrics = {**training.read_metrics(run_dir), **_run_metrics(g_ema, cfg, dev, run_dir, seed)}
     metrics["samples_png"] = str(write_sample_grid(g_ema, run_dir / SAMPLES_FILE, dev, seed=seed))
     training.write_metrics(run_dir, metrics)
     return metrics
@@ -1134,7 +1162,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float, device: str = "cuda", s
     if evaluate_metrics:
         t_eval = time.monotonic()
         try:
-            metrics.update(evaluate(g_ema, cfg, dev, run_dir, seed=seed))
+            metrics.update(_run_metrics(g_ema, cfg, dev, run_dir, seed))
             metrics["samples_png"] = str(write_sample_grid(g_ema, run_dir / SAMPLES_FILE, dev, seed=seed))
         except Exception as exc:  # the chunk's training is saved already; report the failure, keep the run
             metrics["eval_error"] = f"{type(exc).__name__}: {exc}"
@@ -1347,8 +1375,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike, *, final_dest: s
     # The grid is drawn by the shipped (fp16-rounded) weights, loaded the way the runtime loads them.
     shipped = conv.load_generator(json_path)
     write_sample_grid(shipped, dest / SAMPLES_FILE, torch.device("cpu"))
+    compared = tuple(f"{k}_{COMPARE_RESOLUTION}px" for k in COMPARED_METRICS)
     shown = {k: metrics[k] for k in ("frechet_distance_attr", "landmark_conf_samples", "landmark_conf_renders",
-                                     "eval_samples", "eval_reals", "sec_per_kimg", "nonfinite_losses",
+                                     *compared, "eval_samples", "eval_reals", "sec_per_kimg", "nonfinite_losses",
                                      "eval_notes") if k in metrics}
     role = ("the default model of `dragrt demo` (DragGAN)" if name == NAME
             else f"a run beside the demo's zoo:{NAME}, not yet its replacement")

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "tools"))
 import attribute_ceilings as ceil  # noqa: E402
+import compare_generators as compare  # noqa: E402
 import vae_decoder_bound as bound  # noqa: E402
 
 
@@ -45,3 +46,16 @@ def test_optimised_latents_start_at_the_encoder_and_fit_the_decoder_better() -> 
     assert mse(seen[-1][1]) < 0.9 * mse(seen[0][1])
     report = bound.decoder_bound(vae, images, steps=30, lr=0.05)
     assert report["optimised"][-1]["mean"] > report["encoder_latents_mean"]
+
+
+def test_compare_generators_loads_an_export_as_its_cards_metrics_see_it() -> None:
+    """The shipped generator, as the cards' evaluation builds it: its EMA weights and its training configuration."""
+    from dragrt.runtime.models import stylegan2_convert as conv
+    from dragrt.zoo import training
+
+    gen, cfg = compare.load_export("zoo:faces-stylegan2")
+    shipped = conv.load_generator(training.resolve_zoo_path("zoo:faces-stylegan2", "init")).float().eval()
+    assert cfg.resolution == shipped.img_resolution == 64 and not gen.training
+    z = torch.randn(2, cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(gen(z, None, noise_mode="const"), shipped(z, None, noise_mode="const"))

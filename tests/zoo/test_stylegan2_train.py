@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dragrt.runtime.models import conv_double_backward as cdb
 from dragrt.runtime.models import stylegan2 as sg2
@@ -313,6 +314,60 @@ def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: di
     n = metrics["eval_reals"]
     assert cache["features"].shape == (n, 8) and cache["confidence"].shape == (n,)
     assert json.loads((run / training.METRICS).read_text())["frechet_distance_attr"] == metrics["frechet_distance_attr"]
+
+
+def test_evaluate_at_a_lower_resolution_downsamples_the_samples_and_draws_the_renders_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generators of different resolutions ranked on one scale: the samples area-downsampled, the renders drawn at
+    the lower resolution, everything else as the card's metrics."""
+    torch.manual_seed(0)
+    attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
+    lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
+    monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
+    cfg = st.TrainConfig.preset(32, smoke=True, eval_samples=12, eval_reals=10)
+    g_ema, _ = st.build_networks(cfg, seed=0)
+    g_ema.eval().requires_grad_(False)
+    cpu = torch.device("cpu")
+    metrics = st.evaluate(g_ema, cfg, cpu, resolution=16)
+    assert metrics["eval_resolution"] == 16
+    samples = F.interpolate(st.generate(g_ema, 12, seed=1_000_003, device=cpu), size=(16, 16), mode="area")
+    reals = st._held_out_images(10, 16, 0)
+    with torch.no_grad():
+        expected = evaluators.frechet_distance(attr.features(samples), attr.features(reals))
+        conf = lm(samples).confidence.float().mean()
+    assert metrics["frechet_distance_attr"] == pytest.approx(float(expected), rel=1e-4)
+    assert metrics["landmark_conf_samples"] == pytest.approx(float(conf), rel=1e-4)
+    assert st.evaluate(g_ema, cfg, cpu)["eval_resolution"] == 32
+    for bad in (64, 24, 8, True):
+        with pytest.raises(ValueError, match=f"resolution={bad!r} is not allowed; use a power of two from 16"):
+            st.evaluate(g_ema, cfg, cpu, resolution=bad)
+
+
+def test_runs_above_the_compare_resolution_also_report_their_metrics_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 128 px run's chunk reports its metrics at 64 px too (here: a 32 px smoke run at 16 px), which its card
+    shows, so that it can be ranked against the shipped 64 px generator."""
+    torch.manual_seed(0)
+    attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
+    lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
+    monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
+    monkeypatch.setattr(st, "COMPARE_RESOLUTION", 16)
+    run = tmp_path / "run"
+    metrics = st.train(run, minutes=2, device="cpu", smoke=True, resolution=32, max_steps=1)
+    ckpt = training.load_checkpoint(run)
+    cfg = st.TrainConfig.from_dict(ckpt["config"])
+    g_ema = Generator.from_config(cfg.generator_config())
+    g_ema.load_state_dict(st.ema_state_dict(ckpt))
+    low = st.evaluate(g_ema, cfg, torch.device("cpu"), resolution=16)
+    assert metrics["eval_resolution"] == 32 and (run / "eval_real_16px.pt").is_file()
+    for key in st.COMPARED_METRICS:
+        assert metrics[f"{key}_16px"] == pytest.approx(low[key], rel=1e-4)
+    assert metrics["frechet_distance_attr_16px"] != pytest.approx(metrics["frechet_distance_attr"], rel=1e-3)
+    st.export(run, tmp_path / "export")
+    card = (tmp_path / "export" / training.CARD).read_text()
+    assert f"- frechet_distance_attr_16px: {metrics['frechet_distance_attr_16px']}" in card
+    monkeypatch.setattr(st, "COMPARE_RESOLUTION", 32)  # not above it: no second evaluation
+    assert "frechet_distance_attr_32px" not in st.evaluate_run(run, device="cpu")
 
 
 def test_missing_evaluators_skip_the_metrics_with_a_note(smoke_run: dict) -> None:
