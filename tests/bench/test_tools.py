@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "tools"))
 import attribute_ceilings as ceil  # noqa: E402
 import compare_generators as compare  # noqa: E402
+import fir_variants as fir  # noqa: E402
 import vae_decoder_bound as bound  # noqa: E402
 
 
@@ -59,3 +60,20 @@ def test_compare_generators_loads_an_export_as_its_cards_metrics_see_it() -> Non
     z = torch.randn(2, cfg.z_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(gen(z, None, noise_mode="const"), shipped(z, None, noise_mode="const"))
+
+
+def test_fir_variants_record_the_depthwise_filters_and_compute_what_they_compute() -> None:
+    """The recorded calls are the FIR filters of G and D (4 x 4, one per channel); every variant gives the
+    reference's output and input gradient."""
+    from dragrt.runtime.models import stylegan2 as sg2
+    from dragrt.zoo import stylegan2_train as st
+
+    torch.testing.assert_close(torch.outer(fir.binomial_factor(4, torch.device("cpu")),
+                                           fir.binomial_factor(4, torch.device("cpu"))), sg2.setup_filter([1, 3, 3, 1]))
+    cfg = st.TrainConfig.preset(32, smoke=True)
+    calls = fir.record_depthwise_calls(cfg, torch.device("cpu"), 4)
+    assert calls and all(w[1:] == (1, 4, 4) and x[1] == w[0] for (x, w, *_), n in calls.items())
+    assert {stride for (_, _, stride, _, _) in calls} == {(1, 1), (2, 2)}  # G's blurs and D's downsampling skips
+    rows = fir.compare(calls, torch.device("cpu"))
+    assert [r["variant"] for r in rows] == list(fir.VARIANTS)
+    assert all(r["max_rel_diff"] < 1e-5 and r["ms_per_pass"] > 0 for r in rows)
