@@ -297,13 +297,19 @@ def test_the_shipped_model_can_be_continued() -> None:
         disc.load_state_dict(start.discriminator)
 
 
-def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: dict,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    evaluators = pytest.importorskip("dragrt.zoo.evaluators")
-    torch.manual_seed(0)  # untrained evaluators: the numbers mean nothing, the plumbing is what is tested
+@pytest.fixture
+def stand_in_evaluators(monkeypatch: pytest.MonkeyPatch) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Small untrained evaluators in place of the zoo's (the numbers mean nothing; the plumbing is what is
+    tested): ``(attribute model, landmark model)``."""
+    torch.manual_seed(0)
     attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
     lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
     monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
+    return attr, lm
+
+
+@pytest.mark.usefixtures("stand_in_evaluators")
+def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: dict) -> None:
     run = smoke_run["run"]
     (run / st.EVAL_CACHE).unlink(missing_ok=True)
     metrics = st.evaluate_run(run, device="cpu")
@@ -317,13 +323,10 @@ def test_evaluate_reports_frechet_distance_and_landmark_confidence(smoke_run: di
 
 
 def test_evaluate_at_a_lower_resolution_downsamples_the_samples_and_draws_the_renders_there(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        stand_in_evaluators: tuple[torch.nn.Module, torch.nn.Module]) -> None:
     """Generators of different resolutions ranked on one scale: the samples area-downsampled, the renders drawn at
     the lower resolution, everything else as the card's metrics."""
-    torch.manual_seed(0)
-    attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
-    lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
-    monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
+    attr, lm = stand_in_evaluators
     cfg = st.TrainConfig.preset(32, smoke=True, eval_samples=12, eval_reals=10)
     g_ema, _ = st.build_networks(cfg, seed=0)
     g_ema.eval().requires_grad_(False)
@@ -343,14 +346,11 @@ def test_evaluate_at_a_lower_resolution_downsamples_the_samples_and_draws_the_re
             st.evaluate(g_ema, cfg, cpu, resolution=bad)
 
 
+@pytest.mark.usefixtures("stand_in_evaluators")
 def test_runs_above_the_compare_resolution_also_report_their_metrics_there(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 128 px run's chunk reports its metrics at 64 px too (here: a 32 px smoke run at 16 px), which its card
     shows, so that it can be ranked against the shipped 64 px generator."""
-    torch.manual_seed(0)
-    attr = evaluators.AttributeNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), feature_dim=8).eval()
-    lm = evaluators.LandmarkNet(widths=(4, 4, 8, 8, 8), blocks=(1, 1, 1, 1), decoder=4).eval()
-    monkeypatch.setattr(st, "_load_evaluators", lambda device: (attr, lm, []))
     monkeypatch.setattr(st, "COMPARE_RESOLUTION", 16)
     run = tmp_path / "run"
     metrics = st.train(run, minutes=2, device="cpu", smoke=True, resolution=32, max_steps=1)
