@@ -301,14 +301,15 @@ def _mouth_corners(landmarks: Any, image: Image.Image) -> tuple[list[list[float]
 
 def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id: str | None = None,
                       seed: int | None = None, max_steps: int = 200, device: str = "auto",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, config: Any = None) -> dict:
     """DragGAN on a trained StyleGAN2 of the faces world (``model``: ``zoo:faces-stylegan2`` by default, any path
     :func:`~dragrt.runtime.models.stylegan2_convert.load_generator` reads, or a loaded generator): the zoo's
     landmark regressor finds the mouth corners of sample ``seed`` (``None``: the first of the first
     ``ZOO_SEED_SEARCH`` samples where it finds both with ``ZOO_MIN_CORNER_CONFIDENCE``; recorded as ``seed``),
     they are dragged outwards and up (a wider smile), and the same regressor measures where they ended up.
     Writes before.png, after.png, drag.gif, the session export ``edit.*`` and the measurements ``demo.json``.
-    ``model_id`` names the model in the records (default: ``model`` when it is a path)."""
+    ``model_id`` names the model in the records (default: ``model`` when it is a path); ``config``: the engine's
+    :class:`~dragrt.runtime.engines.draggan.DragGANConfig` (default: DragGAN's, as the demo runs it)."""
     from dragrt.runtime.engines.draggan import DragGANEngine
     from dragrt.runtime.models.stylegan2_convert import load_generator
     from dragrt.runtime.session import EditSession, to_pil
@@ -320,7 +321,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = RuntimeConfig(device=device)
     landmarks = load_landmark_model()
-    engine = DragGANEngine(G, None, runtime)  # one engine scores the candidates and then runs the edit
+    engine = DragGANEngine(G, config, runtime)  # one engine scores the candidates and then runs the edit
     best = None
     for s in ([seed] if seed is not None else range(ZOO_SEED_SEARCH)):
         w = engine.latent_from_seed(s)
@@ -343,6 +344,7 @@ def run_stylegan2_zoo(out_dir: Path, *, model: Any = DRAGGAN_ZOO_MODEL, model_id
     errors = [math.dist(m, t) for m, t in zip(measured, rec["target_points"])]
     rec = {"model": model_id, "seed": seed, "device": str(runtime.torch_device()), "resolution": r, **rec,
            "radii_px": list(drag.draggan_pixel_radii(r, session.config.r1, session.config.r2)),
+           "feature_resolution": engine.feature_resolution,
            "mouth_corners_measured_before": corners, "mouth_corners_measured_after": measured,
            "landmark_confidence_before": confidence, "landmark_confidence_after": confidence_after,
            "measured_error_to_targets_px": errors, "smile_measured_before_after": _measured_smile([image, after])}

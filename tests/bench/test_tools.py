@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench" / "tools"))
 import attribute_ceilings as ceil  # noqa: E402
 import compare_generators as compare  # noqa: E402
+import drag_seeds  # noqa: E402
 import fir_variants as fir  # noqa: E402
 import vae_decoder_bound as bound  # noqa: E402
 
@@ -77,3 +78,16 @@ def test_fir_variants_record_the_depthwise_filters_and_compute_what_they_compute
     rows = fir.compare(calls, torch.device("cpu"))
     assert [r["variant"] for r in rows] == list(fir.VARIANTS)
     assert all(r["max_rel_diff"] < 1e-5 and r["ms_per_pass"] > 0 for r in rows)
+
+
+def test_drag_seeds_parses_seed_ranges_and_sums_up_the_corners() -> None:
+    import pytest
+
+    assert drag_seeds.seed_list("0-3") == [0, 1, 2, 3] and drag_seeds.seed_list("5,2") == [5, 2]
+    for bad in ("", "3-1", "a", "-1,2"):
+        with pytest.raises(ValueError, match="--seeds .* is not allowed; use A-B or A,B,C"):
+            drag_seeds.seed_list(bad)
+    rows = [{"distance_before_px": [7.0, 7.0], "distance_after_px": [4.0, 8.0]},
+            {"distance_before_px": [8.0, 6.0], "distance_after_px": [5.0, 5.0]}]
+    assert drag_seeds.summarise(rows) == {"seeds": 2, "mean_distance_before_px": 7.0, "mean_distance_after_px": 5.5,
+                                          "corners_closer": 3, "corners": 4}
