@@ -49,10 +49,11 @@ def main() -> None:
     res = args.resolution or min(cfg.resolution for _, _, cfg in loaded)
     device = torch.device(args.device)
     for path, gen, cfg in loaded:
-        if args.samples is not None:
-            cfg = st.TrainConfig.from_dict({**cfg.to_dict(), "eval_samples": args.samples, "eval_reals": args.samples})
         t0 = time.monotonic()
         try:
+            if args.samples is not None:
+                cfg = st.TrainConfig.from_dict({**cfg.to_dict(), "eval_samples": args.samples,
+                                                "eval_reals": args.samples})
             metrics = st.evaluate(gen.to(device), cfg, device, resolution=res)
         except ValueError as exc:
             ap.error(f"{path}: {exc}")

@@ -70,8 +70,11 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="drag-seeds-"))
     records = []
     for seed in seeds:
-        rec = demo.run_stylegan2_zoo(out / f"seed-{seed}", model=args.model, seed=seed, max_steps=args.steps,
-                                     device=args.device, progress=False, config=config)
+        try:
+            rec = demo.run_stylegan2_zoo(out / f"seed-{seed}", model=args.model, seed=seed, max_steps=args.steps,
+                                         device=args.device, progress=False, config=config)
+        except (ValueError, FileNotFoundError) as exc:  # a model, block or setting the demo refused: say which
+            ap.error(str(exc))
         row = {"seed": seed, "feature_resolution": rec["feature_resolution"], "radii_px": rec["radii_px"],
                "distance_before_px": [round(math.dist(m, t), 2) for m, t in
                                       zip(rec["mouth_corners_measured_before"], rec["target_points"])],
