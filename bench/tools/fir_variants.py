@@ -17,10 +17,10 @@ its input (the filter is a constant), as the trainer runs it and in variants of 
 - ``separable_channels_last``: both.
 
 Each variant is checked against ``depthwise`` (the largest difference, relative to the output's scale, is
-printed) and timed as the median of 20 CUDA-event measurements per call, after warm-up. Prints one JSON line per
-variant (milliseconds per forward pass of G plus D, forward and backward of every recorded call, and the speedup
-against ``depthwise``) and writes them all to ``OUT/fir_variants.json``. The winner, if any, goes into
-``upfirdn2d``; measure the whole step again then (``profile_zoo.py sg2-128-graphs``).
+printed) and timed by ``harness.time_cuda``: the median of 20 CUDA-event measurements per call, after warm-up.
+Prints one JSON line per variant (milliseconds per forward pass of G plus D, forward and backward of every
+recorded call, and the speedup against ``depthwise``) and writes them all to ``OUT/fir_variants.json``. The
+winner, if any, goes into ``upfirdn2d``; measure the whole step again then (``profile_zoo.py sg2-128-graphs``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
+from dragrt.bench import harness
 from dragrt.runtime.models import conv_double_backward as cdb
 from dragrt.zoo import stylegan2_train as st
 
@@ -57,13 +58,9 @@ def record_depthwise_calls(cfg: st.TrainConfig, device: torch.device, batch: int
             seen[(tuple(x.shape), tuple(w.shape), _pair(stride), _pair(padding), x.dtype)] += 1
         return original(x, w, stride=stride, padding=padding, groups=groups)
 
-    cdb.conv2d = recording
-    try:
-        with torch.no_grad():
-            ws = gen.mapping(torch.randn(batch, cfg.z_dim, device=device), None)
-            disc(gen.synthesis(ws, noise_mode="const"))
-    finally:
-        cdb.conv2d = original
+    with mock.patch.object(cdb, "conv2d", recording), torch.no_grad():
+        ws = gen.mapping(torch.randn(batch, cfg.z_dim, device=device), None)
+        disc(gen.synthesis(ws, noise_mode="const"))
     return seen
 
 
@@ -106,29 +103,6 @@ def variant_fn(name: str, call: Call, device: torch.device) -> tuple[Callable[[t
     return prepare, run
 
 
-def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type != "cuda":
-        import time
-
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-        return statistics.median(times)
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def compare(calls: collections.Counter, device: torch.device, variants=VARIANTS) -> list[dict]:
     """Each variant's time per pass (every call forward + backward to its input, times its count) and its largest
     difference from ``depthwise``, relative to the largest output magnitude."""
@@ -158,7 +132,8 @@ def compare(calls: collections.Counter, device: torch.device, variants=VARIANTS)
             def step(x=x, run=run, grad=grad):
                 torch.autograd.grad(run(x), x, grad)
 
-            total += count * _time_ms(step, device)
+            reps = dict(min_reps=REPEATS, max_reps=REPEATS) if device.type == "cuda" else dict(min_reps=3, max_reps=3)
+            total += count * harness.time_cuda(step, budget_ms=0, **reps).p50_ms
         rows.append({"variant": name, "ms_per_pass": round(total, 3), "max_rel_diff": float(f"{worst:.3g}")})
     base = rows[0]["ms_per_pass"]
     for r in rows:
