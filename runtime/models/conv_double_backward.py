@@ -66,9 +66,9 @@ def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
     return p  # type: ignore[return-value]
 
 
-def _conv(x: Tensor, w: Tensor, transposed: bool, stride: tuple[int, int], padding: tuple[int, int],
-          output_padding: tuple[int, int], groups: int) -> Tensor:
-    """The plain op (what both paths compute forward)."""
+def _conv(x: Tensor, w: Tensor, transposed: bool, stride: int | Sequence[int], padding: int | Sequence[int],
+          output_padding: int | Sequence[int], groups: int) -> Tensor:
+    """The plain op: what both paths compute forward, and all that runs outside :func:`enabled`."""
     if transposed:
         return F.conv_transpose2d(x, w, None, stride, padding, output_padding, groups)
     return F.conv2d(x, w, None, stride, padding, 1, groups)
@@ -138,7 +138,7 @@ def conv2d(x: Tensor, w: Tensor, stride: int | Sequence[int] = 1, padding: int |
     """``F.conv2d(x, w, None, stride, padding, 1, groups)``; twice differentiable inside :func:`enabled`."""
     if _twice(x, w):
         return _apply(x, w, False, stride, padding, 0, groups)
-    return F.conv2d(x, w, None, stride, padding, 1, groups)
+    return _conv(x, w, False, stride, padding, 0, groups)
 
 
 def conv_transpose2d(x: Tensor, w: Tensor, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
@@ -147,4 +147,4 @@ def conv_transpose2d(x: Tensor, w: Tensor, stride: int | Sequence[int] = 1, padd
     :func:`enabled`."""
     if _twice(x, w):
         return _apply(x, w, True, stride, padding, output_padding, groups)
-    return F.conv_transpose2d(x, w, None, stride, padding, output_padding, groups)
+    return _conv(x, w, True, stride, padding, output_padding, groups)
