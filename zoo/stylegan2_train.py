@@ -1198,11 +1198,19 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
 
 
 def _card_status(cfg: TrainConfig, name: str = NAME) -> str | None:
-    """The card's status of a run below the resolution the zoo issue asks for (256 px, or 128 px), or of one
-    exported beside the demo's model (zoo model ``name`` other than :data:`NAME`: a run still in training)."""
+    """The card's status of a run below the resolution the zoo issue asks for (256 px, or 128 px if 256 px does not
+    reach quality within the budget), of a 128 px run (that fallback, said as such), or of one exported beside the
+    demo's model (zoo model ``name`` other than :data:`NAME`: a run still in training)."""
     if cfg.smoke:
         return None
     parts = []
+    if cfg.resolution == 128:
+        parts.append(
+            "**128 px**, the zoo issue's fallback from 256 px: the device machine lends 30 minutes a session, "
+            "and a 256 px generator was not trained within that budget. The same command with `--resolution 256` "
+            "(the trainer's default) trains one. DragGAN on this model keeps 256 px's radii, 2 and 6 px, where the "
+            "reference's would shrink to 1 and 3 px (`dragrt.runtime.drag.draggan_default_radii`), and takes its "
+            "features from b64, half the image as DragGAN's b128 is at 256 px (`DragGANConfig.feature_resolution`).")
     if cfg.resolution < 128:
         parts.append(
             f"**Below target:** {cfg.resolution} px, where the zoo asks for 256 px (128 px if 256 px does not "

@@ -1,5 +1,5 @@
 """DragGAN step latency on the CPU with the embedded zoo model, the path `dragrt demo` takes on a machine
-without a GPU: zoo:faces-stylegan2 (64 px), fast mode against reference mode in the same run.
+without a GPU: zoo:faces-stylegan2 (128 px), fast mode against reference mode in the same run.
 
 On the CPU neither mode compiles or captures anything; the fast mode is the engine's static step (truncated
 forward, the kernels' PyTorch implementations, masked Adam), the reference mode viz/renderer.py's step.
@@ -27,7 +27,7 @@ MAX_STEPS = 100
 
 
 @register("draggan-cpu", needs_cuda=False,
-          description="DragGAN ms per step on the CPU, zoo:faces-stylegan2 (64 px), fast vs reference mode")
+          description="DragGAN ms per step on the CPU, zoo:faces-stylegan2 (128 px), fast vs reference mode")
 def draggan_cpu(budget_ms: float, quick: bool) -> list[dict[str, Any]]:
     from dragrt.runtime.models.stylegan2_convert import load_generator
 

@@ -58,9 +58,13 @@ class DragGANConfig:
         truncation_psi: truncation of the initial latent from a seed (reference: 0.7).
         noise_mode: StyleGAN noise inputs: ``"const"`` (reference), ``"random"`` or ``"none"``.
         feature_resolution: the block whose output is the feature map. ``None`` = DragGAN's b128 (its
-            hard-coded index 5); on a generator under 128 px, which has no b128 (the reference fails there), the
-            block at half its resolution, as b128 is on a 256 px model (on the zoo's 64 px StyleGAN2 the top
-            block's features, near RGB, lost the mouth corners in tracking; b32's kept them).
+            hard-coded index 5) on generators of 256 px and more; under 256 px the block at half the image
+            resolution, as b128 is on a 256 px model, in both modes (a deliberate difference: at 128 px the
+            reference's index 5 is the top block, near RGB, and under 128 px there is none, where the reference
+            fails). On the zoo's StyleGAN2s the top block lost mouth corners in tracking: at 128 px, 32 seeds of
+            the demo's edit ended 5.4 px from their targets on average with b128 and 4.7 px with b64, 50 and 56
+            of 64 corners closer (``bench/tools/drag_seeds.py``; CONTRIBUTING.md); at 64 px b32 kept corners that
+            b64 lost. ``feature_resolution=128`` on a 128 px model is the reference's choice.
         max_handles: padded size of the handle arrays in fast mode on CUDA (more handles -> an error, not a
             recapture); the most handles an edit may have. On the CPU the arrays hold exactly the edit's handles.
         max_steps: upper bound of :meth:`DragGANEngine.run` (the reference's gradio loop never stops by
@@ -156,7 +160,7 @@ class DragGANEngine:
             self.G = copy.deepcopy(generator).to(self.device).train().requires_grad_(True)
         self.resolution = int(self.G.img_resolution)
         blocks = list(self.G.synthesis.block_resolutions)
-        res = cfg.feature_resolution or (128 if 128 in blocks else max(blocks[-1] // 2, blocks[0]))
+        res = cfg.feature_resolution or max(min(128, blocks[-1] // 2), blocks[0])  # b128, or half the image
         if res not in blocks:
             raise ValueError(f"feature_resolution={res} is not a block of this generator; choose one of {blocks}")
         self.feature_resolution = res

@@ -13,7 +13,7 @@ def test_draggan_cpu_scenario_times_both_modes_on_the_zoo_model() -> None:
     s = scenarios.get("draggan-cpu")
     assert not s.needs_cuda
     records = s(1.0, True)
-    assert [r["scenario"] for r in records] == ["draggan-cpu.64.h1", "draggan-cpu.64.h2"]
+    assert [r["scenario"] for r in records] == ["draggan-cpu.128.h1", "draggan-cpu.128.h2"]
     for r in records:
         assert r["config"]["handles"] in (1, 2) and r["config"]["device"] == "cpu"
         assert r["ours"]["n"] >= 10 and r["reference"]["n"] >= 10

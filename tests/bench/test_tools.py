@@ -57,7 +57,7 @@ def test_compare_generators_loads_an_export_as_its_cards_metrics_see_it() -> Non
 
     gen, cfg = compare.load_export("zoo:faces-stylegan2")
     shipped = conv.load_generator(training.resolve_zoo_path("zoo:faces-stylegan2", "init")).float().eval()
-    assert cfg.resolution == shipped.img_resolution == 64 and not gen.training
+    assert cfg.resolution == shipped.img_resolution == 128 and not gen.training
     z = torch.randn(2, cfg.z_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(gen(z, None, noise_mode="const"), shipped(z, None, noise_mode="const"))

@@ -98,13 +98,14 @@ def test_draggan_demo_defaults_to_the_zoo_stylegan2_once_installed(tmp_path, mon
     (t0x, t0y), (t1x, t1y) = rec["target_points"]
     assert t0x <= rec["handle_points"][0][0] and t1x >= rec["handle_points"][1][0]  # outwards
     assert t0y <= rec["handle_points"][0][1] and t1y <= rec["handle_points"][1][1]  # and up
-    assert rec["feature_resolution"] == 128  # DragGAN's b128
-    # The engine's settings can be chosen (bench/tools/drag_seeds.py compares them): b64 and a 3 px window
+    assert rec["feature_resolution"] == 64  # half the image, as DragGAN's b128 is at 256 px
+    # The engine's settings can be chosen (bench/tools/drag_seeds.py compares them): the reference's index 5 (the top
+    # block at 128 px) and its own 3 px window
     from dragrt.runtime.engines.draggan import DragGANConfig
 
-    rec = demo.run_stylegan2_zoo(tmp_path / "b64", seed=rec["seed"], max_steps=1, device="cpu", progress=False,
-                                 config=DragGANConfig(feature_resolution=64, r2=12))
-    assert rec["feature_resolution"] == 64 and rec["radii_px"] == [2, 3] and rec["steps"] == 1
+    rec = demo.run_stylegan2_zoo(tmp_path / "b128", seed=rec["seed"], max_steps=1, device="cpu", progress=False,
+                                 config=DragGANConfig(feature_resolution=128, r2=12))
+    assert rec["feature_resolution"] == 128 and rec["radii_px"] == [2, 3] and rec["steps"] == 1
     measured = torch.tensor(rec["mouth_corners_measured_after"])
     expected = (measured - torch.tensor(rec["target_points"], dtype=torch.float32)).norm(dim=1)
     torch.testing.assert_close(torch.tensor(rec["measured_error_to_targets_px"]), expected, rtol=1e-5, atol=1e-4)

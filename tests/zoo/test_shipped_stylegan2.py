@@ -1,5 +1,5 @@
-"""The shipped (provisional, 64 px) zoo:faces-stylegan2: it loads offline, draws varied faces that the zoo's
-landmark regressor finds as its card says, and `dragrt demo` drags it by default."""
+"""The shipped 128 px zoo:faces-stylegan2: it loads offline, draws varied faces that the zoo's landmark regressor
+finds as its card says, and `dragrt demo` drags it by default."""
 
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ def _card_metric(key: str) -> float:
 def test_samples_are_varied_faces_the_landmark_regressor_finds_as_the_card_says() -> None:
     G = load_generator("zoo:faces-stylegan2")
     cfg = json.loads((registry.resolve("zoo:faces-stylegan2") / st.GENERATOR_RECORD).read_text())
-    assert G.img_resolution == cfg["config"]["img_resolution"] == 64
+    assert G.img_resolution == cfg["config"]["img_resolution"] == 128
     with torch.no_grad():
         samples = st.generate(G, 48, seed=1_000_003, device=torch.device("cpu"))  # the card's first 48 samples
         conf = st._landmark_confidence(evaluators.load_landmark_model(), samples, torch.device("cpu"))
     assert abs(float(conf.mean()) - _card_metric("landmark_conf_samples")) < 0.1
-    reals = st._held_out_images(48, 64, num_workers=0)
+    reals = st._held_out_images(48, 128, num_workers=0)
     # varied: the samples differ from each other about as much as renders do (a collapsed G is far below 1)
     assert float(st.batch_spread(samples) / st.batch_spread(reals)) > 0.7
-    assert "Below target" in (registry.WEIGHTS_DIR / st.NAME / "MODEL_CARD.md").read_text()
+    card = (registry.WEIGHTS_DIR / st.NAME / "MODEL_CARD.md").read_text()
+    assert "**128 px**, the zoo issue's fallback" in card and "Below target" not in card
 
 
 def test_dragrt_demo_drags_the_shipped_stylegan2_by_default(tmp_path, capsys) -> None:
@@ -45,7 +46,7 @@ def test_dragrt_demo_drags_the_shipped_stylegan2_by_default(tmp_path, capsys) ->
     assert cli.main(["demo", "--device", "cpu", "--out", str(out)]) == 0
     assert "DragGAN on zoo:faces-stylegan2" in capsys.readouterr().out
     rec = json.loads((out / "demo.json").read_text())
-    assert rec["resolution"] == 64 and rec["radii_px"] == [2, 6]
+    assert rec["resolution"] == 128 and rec["radii_px"] == [2, 6] and rec["feature_resolution"] == 64
     # the sample dragged is one whose mouth corners the regressor sees clearly (the handles are its estimates)
     assert 0 <= rec["seed"] < demo.ZOO_SEED_SEARCH
     assert min(rec["landmark_confidence_before"]) >= demo.ZOO_MIN_CORNER_CONFIDENCE

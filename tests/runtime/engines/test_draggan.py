@@ -11,6 +11,7 @@ from dragrt.runtime.config import RuntimeConfig
 from dragrt.runtime.drag import masked_adam_
 from dragrt.runtime.engines import stepping
 from dragrt.runtime.engines.draggan import DragGANConfig, DragGANEngine
+from dragrt.runtime.models import stylegan2
 
 
 def engines(device, **kw):
@@ -203,6 +204,23 @@ def test_radii_that_round_to_nothing_on_a_small_generator_are_refused(mode) -> N
     assert (e.r1_px, e.r2_px, e.r1, e.r2) == (2, 6, 16, 48)
     # and no b128 at 64 px: the default feature map is the block at half the resolution, as b128 is at 256 px
     assert DragGANEngine(G, DragGANConfig(mode=mode), rt).feature_resolution == 32
+
+
+@pytest.mark.parametrize("resolution, expected", [(32, 16), (64, 32), (128, 64), (256, 128), (512, 128)])
+def test_default_feature_block_is_b128_from_256_px_and_half_the_image_below(resolution: int, expected: int) -> None:
+    """DragGAN's b128 (its index 5) on every published model (256 px and up); below, the block at half the image
+    resolution, as b128 is on a 256 px model (on a 128 px model index 5 would be the top block); a chosen block is
+    taken as given, a missing one refused with the generator's blocks."""
+    cfg = stylegan2.GeneratorConfig(img_resolution=resolution, z_dim=8, w_dim=8,
+                                    mapping=stylegan2.MappingConfig(num_layers=1),
+                                    synthesis=stylegan2.SynthesisConfig(channel_base=2048, channel_max=4))
+    G = stylegan2.Generator.from_config(cfg)
+    rt = RuntimeConfig(device="cpu", compile_mode="none")
+    assert DragGANEngine(G, DragGANConfig(), rt).feature_resolution == expected
+    assert DragGANEngine(G, DragGANConfig(mode="reference"), rt).feature_resolution == expected
+    assert DragGANEngine(G, DragGANConfig(feature_resolution=resolution), rt).feature_resolution == resolution
+    with pytest.raises(ValueError, match=rf"feature_resolution={2 * resolution} is not a block .* one of \[4, 8"):
+        DragGANEngine(G, DragGANConfig(feature_resolution=2 * resolution), rt)
 
 
 @pytest.mark.cuda
