@@ -12,7 +12,8 @@ unset, the engine's defaults. For each seed the demo's edit runs (``demo.run_sty
 ``DIR/seed-N``) and one JSON line gives each corner's distance to its target before (the regressor's reading of
 the sample) and after (its reading of the edited image), the tracked handles and the smile reading. The last
 line sums up: the mean distance after, and how many corners ended closer than they started. Decides defaults such
-as the feature block and the tracking window for a new generator (CONTRIBUTING.md). CPU: ~25 s a seed at 128 px (2 cores).
+as the feature block and the tracking window for a new generator (CONTRIBUTING.md). CPU: ~25 s a seed at 128 px
+(2 cores).
 """
 
 from __future__ import annotations
