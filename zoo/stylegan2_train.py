@@ -103,8 +103,9 @@ MAX_SAMPLES_PNG_BYTES = 300 * 1024
 ATTRIBUTE_MODEL = "zoo:faces-attributes"
 LANDMARK_MODEL = "zoo:faces-landmarks"
 EVAL_CACHE = "eval_real.pt"
-#: Runs above this resolution also report their metrics at it (keys ``..._64px``): the scale of the shipped 64 px
-#: generator, whose card numbers a 128 px run's own do not compare with (its renders are sharper).
+#: Runs above this resolution also report their metrics at it (keys ``..._64px``): the scale of the 64 px generator
+#: shipped until d5c6987 (FD 117, confidence 0.495), whose card numbers a 128 px run's own do not compare with (its
+#: renders are sharper), and of the runs of other resolutions that may follow.
 COMPARE_RESOLUTION = 64
 COMPARED_METRICS = ("frechet_distance_attr", "landmark_conf_samples")
 #: The second file of the resumable state (D and the optimizers; ``checkpoint.pt`` holds the rest).

@@ -146,7 +146,7 @@ def handle_slots(n: int, max_handles: int, device: torch.device) -> int:
     """Rows of a fast step's handle buffers for an edit of ``n`` handles: ``max_handles`` on CUDA, where the step is
     captured and replayed on static shapes (the next drag refills the same buffers, padding rows inactive), else
     ``n``. On the CPU nothing is captured, and every padding row costs a real handle's share of tracking and
-    sampling: a DragGAN step on the 64 px zoo model took 23 ms with 16 rows for 1 or 5 handles (bench
+    sampling: a DragGAN step on the 64 px zoo model of the time took 23 ms with 16 rows for 1 or 5 handles (bench
     ``draggan-cpu``)."""
     return max_handles if device.type == "cuda" else n
 

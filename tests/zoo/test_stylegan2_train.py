@@ -351,7 +351,7 @@ def test_evaluate_at_a_lower_resolution_downsamples_the_samples_and_draws_the_re
 def test_runs_above_the_compare_resolution_also_report_their_metrics_there(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 128 px run's chunk reports its metrics at 64 px too (here: a 32 px smoke run at 16 px), which its card
-    shows, so that it can be ranked against the shipped 64 px generator."""
+    shows, so that runs of different resolutions rank on one scale (the 64 px generator shipped until d5c6987's)."""
     monkeypatch.setattr(st, "COMPARE_RESOLUTION", 16)
     run = tmp_path / "run"
     metrics = st.train(run, minutes=2, device="cpu", smoke=True, resolution=32, max_steps=1)
