@@ -59,6 +59,13 @@ def draggan_pixel_radii(image_size: int, r1: float | None = None, r2: float | No
     return draggan_radii(image_size, *draggan_default_radii(image_size, r1, r2))
 
 
+def draggan_feature_resolution(image_size: int) -> int:
+    """The block whose features DragGAN tracks and supervises by default on a generator of ``image_size``: the
+    reference's b128 (its index 5) from 256 px up; below, the block at half the image, as b128 is at 256 px
+    (a deliberate difference: at 128 px index 5 is the top block, and under 128 px there is none)."""
+    return max(min(128, image_size // 2), 4)
+
+
 def draggan_stop_distance(image_size: int) -> float:
     """Handles within this many pixels of their targets are done: ``max(2 / 512 * H, 2)``."""
     return max(2 / 512 * image_size, 2.0)

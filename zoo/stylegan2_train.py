@@ -739,17 +739,38 @@ def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: 
 
     A missing evaluator skips its metric with a note in ``eval_notes``.
     """
+    return _evaluate_at(g_ema, cfg, device, run_dir, seed, [cfg.resolution if resolution is None else resolution])[0]
+
+
+def _evaluate_at(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: Path | None, seed: int,
+                 resolutions: Sequence[int]) -> list[dict[str, Any]]:
+    """:func:`evaluate` at each of ``resolutions``, from one load of the evaluators and one batch of samples."""
     t0 = time.monotonic()
-    res = cfg.resolution if resolution is None else resolution
-    if isinstance(res, bool) or not isinstance(res, int) or not 16 <= res <= cfg.resolution or res & (res - 1):
-        raise ValueError(f"resolution={resolution!r} is not allowed; use a power of two from 16 to the generator's "
-                         f"{cfg.resolution}")
+    for res in resolutions:
+        if isinstance(res, bool) or not isinstance(res, int) or not 16 <= res <= cfg.resolution or res & (res - 1):
+            raise ValueError(f"resolution={res!r} is not allowed; use a power of two from 16 to the generator's "
+                             f"{cfg.resolution}")
     attr, lm, notes = _load_evaluators(device)
-    out: dict[str, Any] = {"eval_samples": cfg.eval_samples, "eval_reals": cfg.eval_reals, "eval_resolution": res}
-    if attr is None and lm is None:
+    samples = None
+    if attr is not None or lm is not None:
+        g_ema.eval()
+        samples = generate(g_ema, cfg.eval_samples, seed=1_000_003 + seed, device=device)
+    results = []
+    for res in resolutions:
+        out: dict[str, Any] = {"eval_samples": cfg.eval_samples, "eval_reals": cfg.eval_reals, "eval_resolution": res}
+        if samples is not None:
+            out.update(_metrics_at(samples, attr, lm, cfg, device, run_dir, res))
         out["eval_notes"] = notes
-        out["eval_seconds"] = round(time.monotonic() - t0, 1)
-        return out
+        out["eval_seconds"] = round(time.monotonic() - t0, 1)  # the first includes the shared loading and sampling
+        t0 = time.monotonic()
+        results.append(out)
+    return results
+
+
+def _metrics_at(samples: Tensor, attr: Any, lm: Any, cfg: TrainConfig, device: torch.device, run_dir: Path | None,
+                res: int) -> dict[str, float]:
+    """The metrics of :func:`evaluate` at ``res``: ``samples`` area-downsampled to it, renders drawn at it (their
+    statistics cached in ``run_dir``)."""
     key = f"{_model_key(attr)}|{_model_key(lm)}|{cfg.eval_reals}|{res}"
     cache_name = EVAL_CACHE if res == cfg.resolution else f"eval_real_{res}px.pt"
     cache_path = None if run_dir is None else Path(run_dir) / cache_name
@@ -765,29 +786,26 @@ def evaluate(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: 
             real_conf = _landmark_confidence(lm, reals, device)
         if cache_path is not None:
             torch.save({"key": key, "features": real_feats, "confidence": real_conf}, cache_path)
-    g_ema.eval()
-    samples = generate(g_ema, cfg.eval_samples, seed=1_000_003 + seed, device=device)
-    if res != cfg.resolution:
+    if res != samples.shape[-1]:
         samples = F.interpolate(samples, size=(res, res), mode="area")
+    out = {}
     if attr is not None:
         fake_feats = _attribute_features(attr, samples, device)
         out["frechet_distance_attr"] = float(f"{evaluators.frechet_distance(fake_feats, real_feats):.6g}")
     if lm is not None:
         out["landmark_conf_samples"] = float(f"{float(_landmark_confidence(lm, samples, device).mean()):.5g}")
         out["landmark_conf_renders"] = float(f"{float(real_conf.mean()):.5g}")
-    out["eval_notes"] = notes
-    out["eval_seconds"] = round(time.monotonic() - t0, 1)
     return out
 
 
 def _run_metrics(g_ema: Generator, cfg: TrainConfig, device: torch.device, run_dir: Path, seed: int) -> dict[str, Any]:
     """A run's metrics (:func:`evaluate`), and above :data:`COMPARE_RESOLUTION` the :data:`COMPARED_METRICS` at it
-    too (``<name>_64px``)."""
-    metrics = evaluate(g_ema, cfg, device, run_dir, seed=seed)
-    if cfg.resolution > COMPARE_RESOLUTION:
-        low = evaluate(g_ema, cfg, device, run_dir, seed=seed, resolution=COMPARE_RESOLUTION)
-        metrics.update({f"{k}_{COMPARE_RESOLUTION}px": low[k] for k in COMPARED_METRICS if k in low})
-        metrics["eval_seconds"] = round(metrics["eval_seconds"] + low["eval_seconds"], 1)
+    too (``<name>_64px``), from the same samples."""
+    if cfg.resolution <= COMPARE_RESOLUTION:
+        return evaluate(g_ema, cfg, device, run_dir, seed=seed)
+    metrics, low = _evaluate_at(g_ema, cfg, device, run_dir, seed, [cfg.resolution, COMPARE_RESOLUTION])
+    metrics.update({f"{k}_{COMPARE_RESOLUTION}px": low[k] for k in COMPARED_METRICS if k in low})
+    metrics["eval_seconds"] = round(metrics["eval_seconds"] + low["eval_seconds"], 1)
     return metrics
 
 
@@ -1198,6 +1216,18 @@ def _card_command(cfg: TrainConfig, device: str = "cuda") -> str:
             "--export DEST")
 
 
+def _draggan_note(resolution: int) -> str:
+    """How DragGAN's defaults run on a generator under 256 px (the runtime's own rules, :mod:`dragrt.runtime.drag`)."""
+    from dragrt.runtime import drag
+
+    r1, r2 = drag.draggan_pixel_radii(resolution)
+    ref1, ref2 = drag.draggan_radii(resolution)
+    return (f"DragGAN on this model keeps 256 px's radii, {r1} and {r2} px, where the reference's would shrink to "
+            f"{ref1} and {ref2} px (`dragrt.runtime.drag.draggan_default_radii`), and takes its features from "
+            f"b{drag.draggan_feature_resolution(resolution)}, half the image as DragGAN's b128 is at 256 px "
+            "(`DragGANConfig.feature_resolution`).")
+
+
 def _card_status(cfg: TrainConfig, name: str = NAME) -> str | None:
     """The card's status of a run below the resolution the zoo issue asks for (256 px, or 128 px if 256 px does not
     reach quality within the budget), of a 128 px run (that fallback, said as such), or of one exported beside the
@@ -1209,15 +1239,12 @@ def _card_status(cfg: TrainConfig, name: str = NAME) -> str | None:
         parts.append(
             "**128 px**, the zoo issue's fallback from 256 px: the device machine lends 30 minutes a session, "
             "and a 256 px generator was not trained within that budget. The same command with `--resolution 256` "
-            "(the trainer's default) trains one. DragGAN on this model keeps 256 px's radii, 2 and 6 px, where the "
-            "reference's would shrink to 1 and 3 px (`dragrt.runtime.drag.draggan_default_radii`), and takes its "
-            "features from b64, half the image as DragGAN's b128 is at 256 px (`DragGANConfig.feature_resolution`).")
+            f"(the trainer's default) trains one. {_draggan_note(cfg.resolution)}")
     if cfg.resolution < 128:
         parts.append(
             f"**Below target:** {cfg.resolution} px, where the zoo asks for 256 px (128 px if 256 px does not "
             "reach quality within the budget). A provisional model, so that `dragrt demo` drags a trained "
-            "StyleGAN2 rather than the procedural discs; DragGAN's radii, which shrink with the image, are kept "
-            "at those of 256 px (`dragrt.runtime.drag.draggan_default_radii`). A 128 or "
+            f"StyleGAN2 rather than the procedural discs. {_draggan_note(cfg.resolution)} A 128 or "
             "256 px run on a GPU (the same command with `--resolution 128`, no `--device cpu`) replaces it.")
     if name != NAME:
         parts.append(

@@ -64,7 +64,8 @@ class DragGANConfig:
             fails). On the zoo's StyleGAN2s the top block lost mouth corners in tracking: at 128 px, 32 seeds of
             the demo's edit ended 5.4 px from their targets on average with b128 and 4.7 px with b64, 50 and 56
             of 64 corners closer (``bench/tools/drag_seeds.py``; CONTRIBUTING.md); at 64 px b32 kept corners that
-            b64 lost. ``feature_resolution=128`` on a 128 px model is the reference's choice.
+            b64 lost. ``feature_resolution=128`` on a 128 px model is the reference's choice. The rule:
+            :func:`dragrt.runtime.drag.draggan_feature_resolution`.
         max_handles: padded size of the handle arrays in fast mode on CUDA (more handles -> an error, not a
             recapture); the most handles an edit may have. On the CPU the arrays hold exactly the edit's handles.
         max_steps: upper bound of :meth:`DragGANEngine.run` (the reference's gradio loop never stops by
@@ -160,7 +161,7 @@ class DragGANEngine:
             self.G = copy.deepcopy(generator).to(self.device).train().requires_grad_(True)
         self.resolution = int(self.G.img_resolution)
         blocks = list(self.G.synthesis.block_resolutions)
-        res = cfg.feature_resolution or max(min(128, blocks[-1] // 2), blocks[0])  # b128, or half the image
+        res = cfg.feature_resolution or drag.draggan_feature_resolution(self.resolution)
         if res not in blocks:
             raise ValueError(f"feature_resolution={res} is not a block of this generator; choose one of {blocks}")
         self.feature_resolution = res
