@@ -627,8 +627,6 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     (``seed`` 0, ``caption_start`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16
     on a GPU). Choose settings (the CFG scale) on other captions, e.g. ``caption_start=VALIDATION_START``, and
     report them on the card's. ``progress``: a progress bar while sampling (the CLI's)."""
-    from diffusers import UNet2DConditionModel
-
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
@@ -640,14 +638,23 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
                  eval_batch=max(1, min(HPARAMS.eval_batch if dev.type == "cuda" else 64, samples)))
     _validate(hp)
     folder = training.resolve_zoo_path(path, "evaluate")
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32,
-                                                local_files_only=True)
-    unet.to(dev).eval().requires_grad_(False)
-    frozen = load_frozen_folder(folder).to(dev)
+    unet, frozen = load_pipeline_parts(folder, dev)
     out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start,
                    progress=progress)
     out.update(folder=str(folder), device=str(dev))
     return out
+
+
+def load_pipeline_parts(path: str | os.PathLike, device: torch.device) -> tuple[UNet2DConditionModel, Frozen]:
+    """The UNet (fp32, eval mode, no gradients) and the frozen parts of an exported pipeline folder (or
+    ``zoo:`` name), on ``device``."""
+    from diffusers import UNet2DConditionModel
+
+    folder = training.resolve_zoo_path(path, "load_pipeline_parts")
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32,
+                                                local_files_only=True)
+    unet.to(device).eval().requires_grad_(False)
+    return unet, load_frozen_folder(folder).to(device)
 
 
 #: What decides how a pipeline's latents become images: the parts of its autoencoder :func:`adopt_vae` keeps.
@@ -799,16 +806,23 @@ def make_pipeline(unet: UNet2DConditionModel, frozen: Frozen, dtype: torch.dtype
 
 @torch.no_grad()
 def generate(pipe, captions: Sequence[str], *, steps: int, guidance: float, seed: int, batch: int,
-             size: int, on_chunk: Callable[[int], Any] | None = None) -> torch.Tensor:
+             size: int, on_chunk: Callable[[int], Any] | None = None,
+             negative_prompts: Sequence[str] | None = None) -> torch.Tensor:
     """Images ``[N, 3, size, size]`` in [-1, 1] (float32, on the CPU) for ``captions``, in chunks of ``batch``,
     each chunk's noise from ``torch.Generator(device).manual_seed(seed + chunk index)``; ``on_chunk(n)`` after
-    each chunk of ``n`` images (a progress bar's ``update``)."""
+    each chunk of ``n`` images (a progress bar's ``update``). ``negative_prompts`` (one a caption; ``None``: the
+    empty prompt) replace the unconditional branch of classifier-free guidance, as diffusers'
+    ``negative_prompt`` does."""
+    if negative_prompts is not None and len(negative_prompts) != len(captions):
+        raise ValueError(f"negative_prompts: {len(negative_prompts)} given for {len(captions)} captions; "
+                         "give one a caption")
     device = pipe.unet.device
     out = []
     for i in range(0, len(captions), batch):
         gen = torch.Generator(device).manual_seed(seed + i // batch)
-        images = pipe(prompt=list(captions[i:i + batch]), num_inference_steps=steps, guidance_scale=guidance,
-                      height=size, width=size, generator=gen, output_type="pt").images
+        negative = None if negative_prompts is None else list(negative_prompts[i:i + batch])
+        images = pipe(prompt=list(captions[i:i + batch]), negative_prompt=negative, num_inference_steps=steps,
+                      guidance_scale=guidance, height=size, width=size, generator=gen, output_type="pt").images
         out.append(images.float().cpu() * 2 - 1)
         if on_chunk is not None:
             on_chunk(images.shape[0])

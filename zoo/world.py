@@ -836,6 +836,9 @@ _EXTRA_PHRASE = {
     ("beard", "goatee"): "a goatee",
     ("beard", "full"): "a full beard",
 }
+#: The categorical attributes a caption names only when present (their other value is "none").
+EXTRAS: tuple[str, ...] = ("glasses", "hat", "beard")
+
 # (attribute, threshold test, phrase) for the continuous attributes that captions mention
 _MOUTH = ((0.8, "a wide smile"), (0.62, "a smile"), (0.38, "a neutral mouth"), (0.2, "a frown"),
           (-1.0, "a deep frown"))  # fmt: skip
@@ -845,6 +848,14 @@ _FIXED_PHRASES = (
     "raised lowered eyebrows an angry worried look with an open mouth",
     "a big small nose head turned to the left right a tilted head",
 )
+
+
+def _attributes_of(params_or_attributes: FaceParams | Mapping, who: str) -> Mapping:
+    if isinstance(params_or_attributes, FaceParams):
+        return params_or_attributes.attributes()
+    if isinstance(params_or_attributes, Mapping):
+        return params_or_attributes
+    raise ValueError(f"{who} takes FaceParams or a mapping of attributes; got {type(params_or_attributes)}")
 
 
 def _attr_value(attrs: Mapping, name: str):
@@ -890,12 +901,7 @@ def caption_bins(values: Mapping[str, float]) -> dict[str, str]:
 def caption(params_or_attributes: FaceParams | Mapping) -> str:
     """The caption of a face: from a :class:`FaceParams` or a mapping of every attribute name to its value
     (continuous floats; categorical class names or indices)."""
-    if isinstance(params_or_attributes, FaceParams):
-        attrs: Mapping = params_or_attributes.attributes()
-    elif isinstance(params_or_attributes, Mapping):
-        attrs = params_or_attributes
-    else:
-        raise ValueError(f"caption takes FaceParams or a mapping of attributes; got {type(params_or_attributes)}")
+    attrs = _attributes_of(params_or_attributes, "caption")
     v = {n: _attr_value(attrs, n) for n in (*CONTINUOUS, *CATEGORICAL)}
     b = caption_bins(v)
     parts = [f"{_SHAPE_WORDS[v['head_shape']]} cartoon face with {v['skin_tone']} skin"]
@@ -909,12 +915,21 @@ def caption(params_or_attributes: FaceParams | Mapping) -> str:
         mouth = "an open mouth" if mouth == "a neutral mouth" else mouth + " with an open mouth"
     parts.append(mouth)
     parts += [b["nose_size"]] if b["nose_size"] else []
-    for key in ("glasses", "hat", "beard"):
+    for key in EXTRAS:
         if v[key] != "none":
             parts.append(_EXTRA_PHRASE[(key, v[key])])
     parts += [w for w in (b["head_yaw"], b["head_roll"]) if w]
     parts.append(f"on a {v['background_colour']} background")
     return ", ".join(parts)
+
+
+def unnamed_extras(params_or_attributes: FaceParams | Mapping) -> list[str]:
+    """The phrases of every extra (:data:`EXTRAS`) that a face's caption leaves out because the face has none of
+    it, e.g. ``["a moustache", "a goatee", "a full beard"]`` for a face without a beard: what a diffusion
+    sampler's negative prompt can name, since a caption says nothing of what is absent."""
+    attrs = _attributes_of(params_or_attributes, "unnamed_extras")
+    return [phrase for key in EXTRAS if _attr_value(attrs, key) == "none"
+            for (k, _), phrase in _EXTRA_PHRASE.items() if k == key]
 
 
 def caption_tokens(text: str) -> list[str]:

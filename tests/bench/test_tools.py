@@ -12,6 +12,7 @@ import attribute_ceilings as ceil  # noqa: E402
 import compare_generators as compare  # noqa: E402
 import drag_seeds  # noqa: E402
 import fir_variants as fir  # noqa: E402
+import negative_extras  # noqa: E402
 import vae_decoder_bound as bound  # noqa: E402
 
 
@@ -91,3 +92,19 @@ def test_drag_seeds_parses_seed_ranges_and_sums_up_the_corners() -> None:
             {"distance_before_px": [8.0, 6.0], "distance_after_px": [5.0, 5.0]}]
     assert drag_seeds.summarise(rows) == {"seeds": 2, "mean_distance_before_px": 7.0, "mean_distance_after_px": 5.5,
                                           "corners_closer": 3, "corners": 4}
+
+
+def test_negative_extras_names_what_each_caption_leaves_out_and_counts_extras_drawn_anyway() -> None:
+    from dragrt.zoo import world
+
+    start = 1_000_000
+    prompts = negative_extras.negative_prompts(6, start)
+    for seed, prompt in zip(world.held_out_seeds(6, start), prompts):
+        assert prompt == ", ".join(world.unnamed_extras(world.sample_params(seed)))
+    # confusion[name][asked][read], class 0 "none": asked none 5 times, read as some extra twice
+    confusion = {name: [[0] * len(world.CATEGORICAL[name]) for _ in world.CATEGORICAL[name]]
+                 for name in world.CATEGORICAL}
+    confusion["beard"][0] = [3, 1, 1, 0]
+    confusion["beard"][2] = [4, 0, 6, 0]  # asked a goatee: not counted
+    confusion["glasses"][0] = [7, 0, 0]
+    assert negative_extras.false_extras(confusion) == {"glasses": [7, 0], "hat": [0, 0], "beard": [5, 2]}

@@ -395,6 +395,21 @@ def test_evaluate_folder_scores_an_export_at_each_guidance(smoke_run, exported, 
         zunet.evaluate_folder(exported, caption_start=2.5, device="cpu")
 
 
+def test_generate_takes_a_negative_prompt_per_caption(exported):
+    """Negative prompts replace CFG's empty prompt (diffusers' negative_prompt): the empty string gives the plain
+    samples bit for bit, another prompt other samples; one is needed per caption."""
+    unet, frozen = zunet.load_pipeline_parts(exported, torch.device("cpu"))
+    pipe = zunet.make_pipeline(unet, frozen, torch.float32)
+    caps = zunet.heldout_captions(3)[0]
+    kw = dict(steps=2, guidance=5.0, seed=1, batch=2, size=zunet.SMOKE_HPARAMS.image_size)
+    plain = zunet.generate(pipe, caps, **kw)
+    assert torch.equal(zunet.generate(pipe, caps, negative_prompts=["", "", ""], **kw), plain)
+    negative = zunet.generate(pipe, caps, negative_prompts=["a moustache", "a cap", ""], **kw)
+    assert (negative[:2] - plain[:2]).abs().amax() > 1e-3 and torch.equal(negative[2], plain[2])
+    with pytest.raises(ValueError, match="negative_prompts: 2 given for 3 captions; give one a caption"):
+        zunet.generate(pipe, caps, negative_prompts=["", ""], **kw)
+
+
 def _vae_variant(exported, folder, change):
     """A copy of the pipeline's autoencoder with ``change(name) -> bool`` selecting the tensors to perturb."""
     import shutil

@@ -175,6 +175,33 @@ def test_captions_use_the_vocabulary():
         world.caption({**p.attributes(), "hat": "crown"})
 
 
+def test_unnamed_extras_are_the_phrases_a_caption_leaves_out():
+    """A caption names an extra (glasses, hat, beard) only when present: unnamed_extras lists every phrase of each
+    extra the face has none of, and nothing of one it has."""
+    bare = world.sample_params(3).replace(glasses="none", hat="none", beard="none")
+
+    def added(key, c):  # the caption's part that an extra adds
+        (part,) = set(world.caption(bare.replace(**{key: c})).split(", ")) - set(world.caption(bare).split(", "))
+        return part
+
+    phrases = {key: [added(key, c) for c in CATEGORICAL[key][1:]] for key in world.EXTRAS}
+    assert phrases["beard"] == ["a moustache", "a goatee", "a full beard"]
+    for s in range(300):
+        p = world.sample_params(s)
+        cap, unnamed = world.caption(p), world.unnamed_extras(p)
+        for key in world.EXTRAS:
+            named = [ph for ph in phrases[key] if ph in cap.split(", ")]
+            if getattr(p, key) == "none":
+                assert not named and all(ph in unnamed for ph in phrases[key]), (s, key)
+            else:
+                assert len(named) == 1 and not set(phrases[key]) & set(unnamed), (s, key)
+        assert world.unnamed_extras(p.attributes()) == unnamed
+    assert world.unnamed_extras(bare) == [ph for key in world.EXTRAS for ph in phrases[key]]
+    assert world.unnamed_extras(bare.replace(glasses="round", hat="cap", beard="full")) == []
+    with pytest.raises(ValueError, match="unnamed_extras takes FaceParams or a mapping"):
+        world.unnamed_extras("a face")
+
+
 def test_caption_bins_are_what_the_caption_says():
     """caption_bins gives, per continuous attribute a caption describes, the phrase it uses ("" = not mentioned):
     the scorer of samples against their captions reads the same thresholds."""
