@@ -15,6 +15,8 @@
 # call first runs the CUDA test that holds the graphed step to the eager one, ~1 min, and trains eagerly if it fails).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # DRAGRT_VAE_LR=LR gives the VAE fine-tune another peak learning rate (--lr; default 3e-4 from shipped weights).
+# DRAGRT_SD_FACE_WEIGHT=W gives the UNet round's loss a weight 1 + W on the lower face (--lower-face-weight: where
+# faces-sd draws beards its captions do not ask for; `bench/tools/negative_extras.py` measures those).
 # DRAGRT_ZOO_UNET=0 skips the UNet round (and its CUDA test): the VAE round alone, up to END_S. After an encoder
 # round, `python -m dragrt.zoo.unet adopt-vae` gives the shipped faces-sd the new encoder (its samples unchanged).
 # DRAGRT_VAE_PART=encoder fine-tunes the encoder instead (--encoder-only: the decoder, which faces-sd's samples go
@@ -62,6 +64,8 @@ if [ "$unet" = 1 ] && [ ${#graphs[@]} -gt 0 ]; then  # the graphed step must tra
     || { echo "the CUDA-graph test failed (logs/graphs-test.log): faces-sd trains without --cuda-graphs"; graphs=(); }
   echo "CUDA-graph test done at $(el) s"
 fi
+sd_opts=()
+[ -n "${DRAGRT_SD_FACE_WEIGHT:-}" ] && sd_opts=(--lower-face-weight "$DRAGRT_SD_FACE_WEIGHT")
 vae_opts=()
 [ -n "${DRAGRT_VAE_MSE:-}" ] && vae_opts=(--mse-weight "$DRAGRT_VAE_MSE")
 [ -n "${DRAGRT_VAE_LR:-}" ] && vae_opts+=(--lr "$DRAGRT_VAE_LR")
@@ -101,7 +105,7 @@ else
   minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
   echo "faces-sd (UNet) from $(el) s, $minutes min"
   DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
-    --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" --export \
+    --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" "${sd_opts[@]}" --export \
     >"$logs/faces-sd.log" 2>&1
   echo "faces-sd exit $? at $(el) s"
   (cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)

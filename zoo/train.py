@@ -33,6 +33,7 @@ BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 #: Options handed to the trainer as given: (argparse dest, flag, the trainers that take it, ``train`` keyword).
 PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
                   ("lr", "--lr", ("faces-vae",), "lr"),
+                  ("lower_face_weight", "--lower-face-weight", ("faces-sd",), "lower_face_weight"),
                   ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"),
                   ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2", "faces-sd"), "cuda_graphs"),
                   ("channels_last", "--channels-last", ("faces-stylegan2",), "channels_last"))
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR",
                         help="faces-vae, new runs: peak learning rate (default: the recipe's, 3e-4 with --init)")
+    parser.add_argument("--lower-face-weight", type=float, default=None, metavar="W",
+                        help="faces-sd, new run: the loss weighs the lower face (where beards are drawn) 1 + W "
+                             "against 1 elsewhere (default 0: SD's plain loss)")
     parser.add_argument("--batch", type=int, default=None, metavar="N",
                         help=f"{', '.join(BATCH_TRAINERS)}, new runs: images per step (default: the recipe's; e.g. "
                              "4 for faces-vae on a CPU)")

@@ -125,6 +125,10 @@ class UNetHParams:
         lr, lr_floor, warmup, weight_decay, grad_clip: AdamW and its warmup + cosine schedule.
         ema_decay: EMA decay (with the ``(1 + n) / (10 + n)`` warmup).
         caption_dropout: probability of training on the empty prompt (classifier-free guidance).
+        lower_face_weight: extra weight of the loss on the lower face (:func:`lower_face_boxes`: where
+            moustaches, goatees and beards are drawn), ``1 + w`` there against 1 elsewhere, each sample's weights
+            normalised to mean 1; 0 (default): SD's plain loss. A fine-tune option aimed at the beards faces-sd
+            draws where its captions ask for none.
         min_snr_gamma: Min-SNR loss weighting ``min(SNR, gamma) / SNR`` (0 disables it).
         planned_seconds: training seconds the schedule is planned for, over all chunks.
         min_steps, max_steps: bounds of the planned schedule; ``fixed_steps`` > 0: no planning (smoke).
@@ -149,6 +153,7 @@ class UNetHParams:
     grad_clip: float = 1.0
     ema_decay: float = 0.9995
     caption_dropout: float = 0.1
+    lower_face_weight: float = 0.0
     min_snr_gamma: float = 5.0
     planned_seconds: float = 930.0
     min_steps: int = 2_000
@@ -184,6 +189,7 @@ def _validate(hp: UNetHParams) -> None:
         ("batch_size", hp.batch_size, 1, 1 << 16), ("fresh_per_step", hp.fresh_per_step, 1, 1 << 16),
         ("buffer_size", hp.buffer_size, hp.batch_size, 1 << 22), ("min_fill", hp.min_fill, 1, hp.buffer_size),
         ("caption_dropout", hp.caption_dropout, 0.0, 1.0), ("eval_steps", hp.eval_steps, 1, 1000),
+        ("lower_face_weight", hp.lower_face_weight, 0.0, 100.0),
         ("eval_samples", hp.eval_samples, 1, 100_000),
     ]
     for name, value, lo, hi in checks:
@@ -333,31 +339,62 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
 
 
 class LatentBuffer:
-    """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32) and text states ``[77, D]`` (bf16)."""
+    """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32), text states ``[77, D]`` (bf16) and
+    lower-face boxes ``[4]`` (fp32, :func:`lower_face_boxes`)."""
 
     def __init__(self, capacity: int, latent_shape: Sequence[int], text_shape: Sequence[int],
                  device: torch.device) -> None:
         self.capacity = capacity
         self.latents = torch.empty(capacity, *latent_shape, device=device)
         self.text = torch.empty(capacity, *text_shape, device=device, dtype=torch.bfloat16)
+        self.boxes = torch.empty(capacity, 4, device=device)
         self.count = 0  # insertions so far
 
     @property
     def size(self) -> int:
         return min(self.count, self.capacity)
 
-    def add(self, latents: torch.Tensor, text: torch.Tensor) -> None:
+    def add(self, latents: torch.Tensor, text: torch.Tensor, boxes: torch.Tensor) -> None:
         n = latents.shape[0]
         idx = (torch.arange(n, device=self.latents.device) + self.count) % self.capacity
         self.latents[idx] = latents.float()
         self.text[idx] = text.to(torch.bfloat16)
+        self.boxes[idx] = boxes.to(self.boxes.device, torch.float32)
         self.count += n
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.size == 0:
             raise ValueError("LatentBuffer.sample: the buffer is empty")
         idx = torch.randint(self.size, (n,), device=self.latents.device, generator=generator)
-        return self.latents[idx], self.text[idx].float()  # autocast (CUDA) casts it back for the UNet
+        return self.latents[idx], self.text[idx].float(), self.boxes[idx]  # autocast casts text back (CUDA)
+
+
+#: The landmarks whose box (padded by :data:`LOWER_FACE_PAD` of the image side) bounds the lower face: where the
+#: renderer draws moustaches, goatees and full beards.
+LOWER_FACE_LANDMARKS = ("nose_tip", "mouth_left", "mouth_right", "upper_lip", "lower_lip", "chin", "left_jaw",
+                        "right_jaw")
+LOWER_FACE_PAD = 1 / 32  # one latent pixel
+
+
+def lower_face_boxes(landmarks: torch.Tensor, size: int) -> torch.Tensor:
+    """Boxes ``[N, 4]`` (``x0, y0, x1, y1`` as fractions of the image side, clipped to [0, 1]) around the lower
+    face of ``size``-pixel renders, from their landmarks ``[N, L, 2]`` in pixels (``world.LANDMARK_NAMES``)."""
+    from dragrt.zoo import world
+
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (len(world.LANDMARK_NAMES), 2):
+        raise ValueError(f"lower_face_boxes: landmarks must be [N, {len(world.LANDMARK_NAMES)}, 2], got "
+                         f"{list(landmarks.shape)}")
+    pts = landmarks[:, [world.LANDMARK_NAMES.index(n) for n in LOWER_FACE_LANDMARKS]].float() / size
+    return torch.cat([pts.amin(1) - LOWER_FACE_PAD, pts.amax(1) + LOWER_FACE_PAD], 1).clamp(0.0, 1.0)
+
+
+def region_weights(boxes: torch.Tensor, hw: int, weight: float) -> torch.Tensor:
+    """Loss weights ``[N, 1, hw, hw]``: ``1 + weight`` at the latent pixels whose centres lie in ``boxes``
+    (``[N, 4]``, :func:`lower_face_boxes`), 1 elsewhere."""
+    centres = (torch.arange(hw, device=boxes.device, dtype=torch.float32) + 0.5) / hw
+    in_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3])
+    in_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4])
+    return (1.0 + weight * (in_y[:, :, None] & in_x[:, None, :]).float()).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -388,9 +425,11 @@ def load_init_unet(init: str | os.PathLike) -> tuple[dict[str, Any], UNet2DCondi
 
 def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas_cumprod: torch.Tensor,
                    generator: torch.Generator, *, min_snr_gamma: float = 0.0,
-                   timesteps: torch.Tensor | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction loss on SD's forward process ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``,
-    ``t`` uniform in ``[0, T)``; per-sample MSE weighted by ``min(SNR, gamma) / SNR`` when ``gamma > 0``."""
+    ``t`` uniform in ``[0, T)``; per-sample MSE weighted by ``min(SNR, gamma) / SNR`` when ``gamma > 0``.
+    ``weights`` (``[N, 1, h, w]``, :func:`region_weights`) weight each sample's squared errors by position,
+    normalised to mean 1, so that a sample's loss keeps its scale."""
     n = x0.shape[0]
     if timesteps is None:
         timesteps = torch.randint(len(alphas_cumprod), (n,), device=x0.device, generator=generator)
@@ -398,7 +437,10 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas
     a = alphas_cumprod[timesteps].float().view(n, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
     pred = unet(xt, timesteps, encoder_hidden_states=text).sample.float()
-    mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    if weights is None:
+        mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    else:
+        mse = ((pred - noise).pow(2) * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
         snr = (a / (1 - a)).view(n)
         mse = mse * snr.clamp(max=min_snr_gamma) / snr
@@ -432,7 +474,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
           smoke: bool = False, vae_path: str | os.PathLike | None = None, clip_path: str | os.PathLike | None = None,
           attributes_path: str | os.PathLike | None = None,
           init: str | os.PathLike | None = None, compile_mode: str | None = None,
-          cuda_graphs: bool = False) -> dict[str, Any]:
+          cuda_graphs: bool = False, lower_face_weight: float | None = None) -> dict[str, Any]:
     """Train (or resume) faces-sd in ``run_dir`` for at most ``minutes``; returns the metrics.
 
     The first chunk copies the frozen VAE, text tower and tokenizer (``vae_path``, default zoo:faces-vae;
@@ -446,7 +488,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     clipping and AdamW -- from one CUDA graph (:class:`dragrt.zoo.training.ReplayedStep`) instead of launching
     its ~5 400 kernels from Python: the same updates from the same seed. Measured alone on an H100 at batch 256
     (``bench/tools/zoo_step_variants.py unet``): 166 ms eager (75 ms of GPU work), 74 ms replayed, 37 ms
-    replayed with ``compile_mode='default'``.
+    replayed with ``compile_mode='default'``. ``lower_face_weight`` sets a new run's
+    :attr:`UNetHParams.lower_face_weight`.
     """
     from diffusers import DDIMScheduler
 
@@ -461,13 +504,18 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     if state is not None:
         if state.get("name") != NAME:
             raise ValueError(f"{run_dir} holds a checkpoint of {state.get('name')!r}, not {NAME!r}")
-        training.refuse_init_on_resume(run_dir, init is not None)
+        training.refuse_init_on_resume(run_dir, init is not None or lower_face_weight is not None,
+                                       "init and lower_face_weight")
         hp = UNetHParams(**{**state["hparams"], "guidance_scales": tuple(state["hparams"]["guidance_scales"])})
         seed, smoke = int(state["seed"]), bool(state["smoke"])
     else:
         hp = SMOKE_HPARAMS if smoke else HPARAMS
         if init is not None:
             hp = training.start_from(hp, init, {} if smoke else FINETUNE_CHANGES)
+        if lower_face_weight is not None:
+            if isinstance(lower_face_weight, bool) or not isinstance(lower_face_weight, (int, float)):
+                raise ValueError(f"lower_face_weight must be a number in [0, 100], got {lower_face_weight!r}")
+            hp = replace(hp, lower_face_weight=float(lower_face_weight))
     _validate(hp)
 
     frozen_dir = run_dir / FROZEN
@@ -521,7 +569,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     fill_start = time.monotonic()
     while not progress.done() and buffer.count < hp.min_fill:  # a finished run only evaluates
         batch = next(stream)
-        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast))
+        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
+                   lower_face_boxes(batch["landmarks"], hp.image_size))
     fill_seconds = time.monotonic() - fill_start
 
     compiled = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -531,12 +580,14 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     # a CUDA graph (cuda_graphs); a replayed AdamW reads its learning rate from a device tensor.
     x0_in = torch.empty(hp.batch_size, 4, latent_hw, latent_hw, device=dev)
     text_in = torch.empty(hp.batch_size, ctx_len, hidden, device=dev)
+    weights_in = torch.ones(hp.batch_size, 1, latent_hw, latent_hw, device=dev) if hp.lower_face_weight else None
     last_loss = torch.zeros((), device=dev)
     lr_now = _LearningRate(opt, hp.lr, dev, on_device=cuda_graphs)
 
     def step() -> None:
         with autocast:
-            loss = diffusion_loss(unet, x0_in, text_in, alphas_cumprod, gen, min_snr_gamma=hp.min_snr_gamma)
+            loss = diffusion_loss(unet, x0_in, text_in, alphas_cumprod, gen, min_snr_gamma=hp.min_snr_gamma,
+                                  weights=weights_in)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), hp.grad_clip, foreach=True)
@@ -554,10 +605,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     loop_start = time.monotonic()
     while not progress.done() and budget.elapsed < train_end:
         batch = next(stream)
-        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast))
-        x0, text = buffer.sample(hp.batch_size, gen)
+        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
+                   lower_face_boxes(batch["landmarks"], hp.image_size))
+        x0, text, boxes = buffer.sample(hp.batch_size, gen)
         drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
         x0_in.copy_(x0)
+        if weights_in is not None:
+            weights_in.copy_(region_weights(boxes, latent_hw, hp.lower_face_weight))
         torch.where(drop.view(-1, 1, 1), empty, text, out=text_in)
         lr_now.set(hp.lr * training.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
                                               hp.lr_floor))
@@ -1073,7 +1127,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
             "commit": metrics.get("commit", "?"), "hparams": json.dumps(state["hparams"], sort_keys=True),
             "started from": ("the UNet of " if state["hparams"].get("init") else "")
                             + training.card_start(state["hparams"]),
-            "command": training.card_command(NAME, state["hparams"]),
+            "command": training.card_command(NAME, state["hparams"], (
+                f" --lower-face-weight {state['hparams']['lower_face_weight']:g}"
+                if state["hparams"].get("lower_face_weight") else "")),
         },
         metrics={k: metrics[k] for k in keys if k in metrics},
         files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],

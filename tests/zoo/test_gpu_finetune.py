@@ -70,15 +70,17 @@ def test_a_vae_round_below_the_shipped_psnr_is_dropped_and_the_shipped_vae_resto
 
 def test_a_vae_round_above_the_shipped_psnr_is_kept_and_the_unet_trains_on_it(tree):
     root, _ = tree
-    r, calls = run(tree, 26.9, DRAGRT_VAE_LR="1e-3", DRAGRT_ZOO_GRAPHS="0")
+    r, calls = run(tree, 26.9, DRAGRT_VAE_LR="1e-3", DRAGRT_ZOO_GRAPHS="0", DRAGRT_SD_FACE_WEIGHT="4")
     assert r.returncode == 0, r.stderr
     assert "26.9 dB against the shipped 26.692 dB: kept" in r.stdout
     assert (root / "zoo/weights/faces-vae/exported").is_file()
     assert (root.parent / "out/faces-vae.tar").is_file()
     vae_call = next(c for c in calls if "train faces-vae" in c)
     assert "--decoder-only" in vae_call and "--lr 1e-3" in vae_call
-    assert any("train faces-sd" in c and "--init zoo:faces-sd" in c for c in calls)
+    assert any("train faces-sd" in c and "--init zoo:faces-sd" in c and "--lower-face-weight 4" in c for c in calls)
     assert not any("-m pytest" in c for c in calls)  # DRAGRT_ZOO_GRAPHS=0: no CUDA-graph test
+    r, calls = run(tree, 26.9, DRAGRT_VAE_PART="encoder", DRAGRT_ZOO_GRAPHS="0")
+    assert any("train faces-sd" in c and "--lower-face-weight" not in c for c in calls)  # SD's plain loss
 
 
 def test_bad_switches_are_refused_with_their_allowed_values(tree):

@@ -328,10 +328,102 @@ def test_latent_buffer_ring():
     with pytest.raises(ValueError, match="empty"):
         buf.sample(1, torch.Generator())
     for v in range(6):
-        buf.add(torch.full((1, 1, 1, 1), float(v)), torch.zeros(1, 2, 3))
+        buf.add(torch.full((1, 1, 1, 1), float(v)), torch.zeros(1, 2, 3), torch.full((1, 4), v / 10))
     assert buf.size == 4 and sorted(buf.latents.flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]
-    lat, text = buf.sample(8, torch.Generator().manual_seed(0))
+    lat, text, boxes = buf.sample(8, torch.Generator().manual_seed(0))
     assert lat.shape == (8, 1, 1, 1) and text.dtype == torch.float32
+    assert torch.allclose(boxes, lat.view(8, 1).expand(8, 4) / 10)  # each latent keeps its own box
+
+
+def test_lower_face_boxes_hold_every_beard_the_renderer_draws():
+    """The boxes bound where moustaches, goatees and full beards are drawn: the pixels a beard changes on the same
+    face lie inside its box (a full beard's edge may spill a little past the jaw points)."""
+    import numpy as np
+
+    for s in range(6):
+        p = world.sample_params(s).replace(beard="none")
+        bare = world.render(p, 128)
+        x0, y0, x1, y1 = (zunet.lower_face_boxes(torch.from_numpy(bare.landmarks)[None], 128)[0] * 128).tolist()
+        assert 0.05 < (x1 - x0) * (y1 - y0) / 128 ** 2 < 0.25, (s, (x0, y0, x1, y1))  # the lower face only
+        for beard, least in (("moustache", 1.0), ("goatee", 1.0), ("full", 0.95)):
+            changed = np.abs(world.render(p.replace(beard=beard), 128).image.astype(int)
+                             - bare.image.astype(int)).sum(-1) > 30
+            ys, xs = np.nonzero(changed)
+            inside = (xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)
+            assert len(xs) > 20 and inside.mean() >= least, (s, beard, inside.mean())
+    with pytest.raises(ValueError, match=r"landmarks must be \[N, 22, 2\], got \[3, 2\]"):
+        zunet.lower_face_boxes(torch.zeros(3, 2), 128)
+
+
+def test_region_weights_and_the_weighted_loss():
+    """region_weights marks the latent pixels whose centres lie in a box; a loss weighted by them counts errors
+    there 1 + w times, normalised per sample, and all-ones weights give the plain loss."""
+    from diffusers import DDIMScheduler
+
+    from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG
+
+    w = zunet.region_weights(torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]), 4, 3.0)
+    assert w.shape == (2, 1, 4, 4)
+    expect = torch.ones(4, 4)
+    expect[2:, 1] = 4.0  # centres 0.375 (x) and 0.625, 0.875 (y) inside; 0.125 / 0.625 outside
+    assert torch.equal(w[0, 0], expect) and torch.equal(w[1, 0], torch.ones(4, 4))  # an empty box weighs nothing
+
+    ac = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG).alphas_cumprod
+    x0 = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 700])
+    err = torch.zeros(2, 4, 4, 4)
+    err[0, :, 3, 1] = 1.0  # sample 0's prediction is off by 1 inside its box, sample 1's nowhere
+
+    def unet(x, t, encoder_hidden_states):  # predicts the very noise drawn (same generator seed) plus err
+        return SimpleNamespace(sample=(x - ac[t].sqrt().view(-1, 1, 1, 1) * x0)
+                               / (1 - ac[t]).sqrt().view(-1, 1, 1, 1) + err)
+
+    plain = zunet.diffusion_loss(unet, x0, None, ac, torch.Generator().manual_seed(0), timesteps=t)
+    ones = zunet.diffusion_loss(unet, x0, None, ac, torch.Generator().manual_seed(0), timesteps=t,
+                                weights=torch.ones(2, 1, 4, 4))
+    weighted = zunet.diffusion_loss(unet, x0, None, ac, torch.Generator().manual_seed(0), timesteps=t, weights=w)
+    assert plain.item() == pytest.approx(4 / 64 / 2, rel=1e-4) and ones.item() == pytest.approx(plain.item())
+    assert weighted.item() == pytest.approx(4 * 4.0 / 64 / (22 / 16) / 2, rel=1e-4)  # mean weight 22/16
+
+
+def test_lower_face_weight_trains_a_new_run_and_is_on_its_card(smoke_run, exported, tmp_path, monkeypatch):
+    """The loss of every step gets the lower-face weights of the step's own latents (1 + 4 in the box, 1 out,
+    the box a part of the image); the run records the weight; the card's command repeats it."""
+    import math
+
+    seen = []
+    loss = zunet.diffusion_loss
+
+    def spy(*args, weights=None, **kw):
+        seen.append(None if weights is None else weights.clone())
+        return loss(*args, weights=weights, **kw)
+
+    monkeypatch.setattr(zunet, "diffusion_loss", spy)
+    run = tmp_path / "run"
+    m = zunet.train(run, minutes=5, device="cpu", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
+                    clip_path=smoke_run.root / "clip", init=exported, lower_face_weight=4)
+    assert m["step"] == zunet.SMOKE_HPARAMS.fixed_steps == len(seen) and math.isfinite(m["loss_last"])
+    for w in seen:
+        assert w.shape == (4, 1, 8, 8) and set(w.unique().tolist()) == {1.0, 5.0}
+        assert 0.05 < (w == 5.0).float().mean() < 0.5
+    monkeypatch.setattr(zunet, "diffusion_loss", loss)
+    assert training.load_checkpoint(run)["hparams"]["lower_face_weight"] == 4.0
+    card = (zunet.export(run, tmp_path / "out") / training.CARD).read_text()
+    assert f"--init {exported} --lower-face-weight 4 --export" in card
+    with pytest.raises(ValueError, match="init and lower_face_weight apply to a new run only"):
+        zunet.train(run, minutes=1, device="cpu", smoke=True, lower_face_weight=4)
+    for bad in (-1, 101, True, "4"):
+        with pytest.raises(ValueError, match="lower_face_weight must be"):
+            zunet.train(tmp_path / f"bad{bad}", minutes=1, device="cpu", smoke=True,
+                        vae_path=smoke_run.root / "vae", clip_path=smoke_run.root / "clip", lower_face_weight=bad)
+    from dragrt.zoo import train as zoo_train
+
+    calls = []
+    monkeypatch.setattr(zunet, "train", lambda run_dir, **kw: calls.append(kw) or {"step": 0})
+    assert zoo_train.main(["faces-sd", "--run-dir", str(tmp_path / "x"), "--lower-face-weight", "2.5"]) == 0
+    assert calls[0]["lower_face_weight"] == 2.5
+    with pytest.raises(SystemExit):
+        zoo_train.main(["faces-vae", "--run-dir", str(tmp_path / "y"), "--lower-face-weight", "2"])
 
 
 def test_init_starts_a_new_run_from_an_exported_unet(smoke_run, exported, tmp_path):
