@@ -570,7 +570,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     while not progress.done() and buffer.count < hp.min_fill:  # a finished run only evaluates
         batch = next(stream)
         buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   lower_face_boxes(batch["landmarks"], hp.image_size))
+                   lower_face_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size))
     fill_seconds = time.monotonic() - fill_start
 
     compiled = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -606,7 +606,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     while not progress.done() and budget.elapsed < train_end:
         batch = next(stream)
         buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   lower_face_boxes(batch["landmarks"], hp.image_size))
+                   lower_face_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size))
         x0, text, boxes = buffer.sample(hp.batch_size, gen)
         drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
         x0_in.copy_(x0)

@@ -598,14 +598,21 @@ def test_learning_rate_on_the_device_is_one_tensor_filled_in_place():
 def test_cuda_graphs_train_as_the_eager_loop(smoke_run, tmp_path):
     """The training step replayed from a CUDA graph (compiled blocks or not) trains the UNet the eager loop trains
     from the same seed: the same draws from the trainer's own generator (registered with the graph), the same
-    learning-rate schedule (a device tensor the replay reads), up to cuDNN's choice of algorithms."""
+    learning-rate schedule (a device tensor the replay reads), up to cuDNN's choice of algorithms; with
+    ``lower_face_weight`` too (the step's weights a static buffer refilled before each replay)."""
     runs = {}
-    for graphs in (False, True):
-        run = tmp_path / f"graphs{graphs}"
-        m = zunet.train(run, minutes=5, device="cuda", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
-                        clip_path=smoke_run.root / "clip", cuda_graphs=graphs)
-        runs[graphs] = (m, training.load_checkpoint(run))
-    (eager, ck_eager), (graphed, ck_graphed) = runs[False], runs[True]
+    for weight in (None, 4.0):
+        for graphs in (False, True):
+            run = tmp_path / f"graphs{graphs}-weight{weight}"
+            m = zunet.train(run, minutes=5, device="cuda", seed=0, smoke=True, vae_path=smoke_run.root / "vae",
+                            clip_path=smoke_run.root / "clip", cuda_graphs=graphs, lower_face_weight=weight)
+            runs[graphs, weight] = (m, training.load_checkpoint(run))
+    for graphs in (False, True):  # the weighted runs weigh: their losses are not the plain ones
+        assert runs[graphs, 4.0][0]["loss_first"] != pytest.approx(runs[graphs, None][0]["loss_first"], rel=1e-3)
+    (weighted_eager, _), (weighted_graphed, _) = runs[False, 4.0], runs[True, 4.0]
+    for k in ("loss_first", "loss_last"):
+        assert weighted_graphed[k] == pytest.approx(weighted_eager[k], rel=2e-3, abs=1e-4), k
+    (eager, ck_eager), (graphed, ck_graphed) = runs[False, None], runs[True, None]
     assert graphed["replayed_step"] is True and eager["replayed_step"] is False
     assert graphed["step"] == eager["step"] == zunet.SMOKE_HPARAMS.fixed_steps
     for k in ("loss_first", "loss_last"):
