@@ -14,6 +14,7 @@ import drag_seeds  # noqa: E402
 import fir_variants as fir  # noqa: E402
 import negative_extras  # noqa: E402
 import vae_decoder_bound as bound  # noqa: E402
+import vae_psnr_by_attribute  # noqa: E402
 
 
 def test_gaussian_blur_is_a_normalised_gaussian_and_down_up_keeps_flat_images() -> None:
@@ -108,3 +109,18 @@ def test_negative_extras_names_what_each_caption_leaves_out_and_counts_extras_dr
     confusion["beard"][2] = [4, 0, 6, 0]  # asked a goatee: not counted
     confusion["glasses"][0] = [7, 0, 0]
     assert negative_extras.false_extras(confusion) == {"glasses": [7, 0], "hat": [0, 0], "beard": [5, 2]}
+
+
+def test_vae_psnr_by_attribute_groups_each_image_under_its_classes() -> None:
+    import numpy as np
+
+    from dragrt.zoo import world
+
+    params = [world.sample_params(0).replace(glasses="none", hat="cap"),
+              world.sample_params(1).replace(glasses="round", hat="cap"),
+              world.sample_params(2).replace(glasses="round", hat="none")]
+    table = vae_psnr_by_attribute.by_attribute(np.array([30.0, 20.0, 25.0]), params)
+    assert list(table) == list(world.CATEGORICAL_NAMES)
+    assert table["glasses"] == {"none": [1, 30.0], "round": [2, 22.5]}  # classes absent here are left out
+    assert table["hat"] == {"none": [1, 25.0], "cap": [2, 25.0]}  # in the renderer's class order
+    assert all(sum(n for n, _ in groups.values()) == 3 for groups in table.values())
