@@ -125,7 +125,7 @@ class UNetHParams:
         lr, lr_floor, warmup, weight_decay, grad_clip: AdamW and its warmup + cosine schedule.
         ema_decay: EMA decay (with the ``(1 + n) / (10 + n)`` warmup).
         caption_dropout: probability of training on the empty prompt (classifier-free guidance).
-        lower_face_weight: extra weight of the loss on the lower face (:func:`lower_face_boxes`: where
+        lower_face_weight: extra weight of the loss on the lower face (``training.REGIONS["lower_face"]``: where
             moustaches, goatees and beards are drawn), ``1 + w`` there against 1 elsewhere, each sample's weights
             normalised to mean 1; 0 (default): SD's plain loss. A fine-tune option aimed at the beards faces-sd
             draws where its captions ask for none.
@@ -340,7 +340,7 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
 
 class LatentBuffer:
     """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32), text states ``[77, D]`` (bf16) and
-    lower-face boxes ``[4]`` (fp32, :func:`lower_face_boxes`)."""
+    lower-face boxes ``[4]`` (fp32, :func:`dragrt.zoo.training.region_boxes`)."""
 
     def __init__(self, capacity: int, latent_shape: Sequence[int], text_shape: Sequence[int],
                  device: torch.device) -> None:
@@ -367,34 +367,6 @@ class LatentBuffer:
             raise ValueError("LatentBuffer.sample: the buffer is empty")
         idx = torch.randint(self.size, (n,), device=self.latents.device, generator=generator)
         return self.latents[idx], self.text[idx].float(), self.boxes[idx]  # autocast casts text back (CUDA)
-
-
-#: The landmarks whose box (padded by :data:`LOWER_FACE_PAD` of the image side) bounds the lower face: where the
-#: renderer draws moustaches, goatees and full beards.
-LOWER_FACE_LANDMARKS = ("nose_tip", "mouth_left", "mouth_right", "upper_lip", "lower_lip", "chin", "left_jaw",
-                        "right_jaw")
-LOWER_FACE_PAD = 1 / 32  # one latent pixel
-
-
-def lower_face_boxes(landmarks: torch.Tensor, size: int) -> torch.Tensor:
-    """Boxes ``[N, 4]`` (``x0, y0, x1, y1`` as fractions of the image side, clipped to [0, 1]) around the lower
-    face of ``size``-pixel renders, from their landmarks ``[N, L, 2]`` in pixels (``world.LANDMARK_NAMES``)."""
-    from dragrt.zoo import world
-
-    if landmarks.ndim != 3 or landmarks.shape[1:] != (len(world.LANDMARK_NAMES), 2):
-        raise ValueError(f"lower_face_boxes: landmarks must be [N, {len(world.LANDMARK_NAMES)}, 2], got "
-                         f"{list(landmarks.shape)}")
-    pts = landmarks[:, [world.LANDMARK_NAMES.index(n) for n in LOWER_FACE_LANDMARKS]].float() / size
-    return torch.cat([pts.amin(1) - LOWER_FACE_PAD, pts.amax(1) + LOWER_FACE_PAD], 1).clamp(0.0, 1.0)
-
-
-def region_weights(boxes: torch.Tensor, hw: int, weight: float) -> torch.Tensor:
-    """Loss weights ``[N, 1, hw, hw]``: ``1 + weight`` at the latent pixels whose centres lie in ``boxes``
-    (``[N, 4]``, :func:`lower_face_boxes`), 1 elsewhere."""
-    centres = (torch.arange(hw, device=boxes.device, dtype=torch.float32) + 0.5) / hw
-    in_x = (centres >= boxes[:, 0:1]) & (centres <= boxes[:, 2:3])
-    in_y = (centres >= boxes[:, 1:2]) & (centres <= boxes[:, 3:4])
-    return (1.0 + weight * (in_y[:, :, None] & in_x[:, None, :]).float()).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -428,8 +400,8 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas
                    timesteps: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction loss on SD's forward process ``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps``,
     ``t`` uniform in ``[0, T)``; per-sample MSE weighted by ``min(SNR, gamma) / SNR`` when ``gamma > 0``.
-    ``weights`` (``[N, 1, h, w]``, :func:`region_weights`) weight each sample's squared errors by position,
-    normalised to mean 1, so that a sample's loss keeps its scale."""
+    ``weights`` (``[N, 1, h, w]``, :func:`dragrt.zoo.training.region_weights`) weight each sample's squared
+    errors by position, normalised to mean 1, so that a sample's loss keeps its scale."""
     n = x0.shape[0]
     if timesteps is None:
         timesteps = torch.randint(len(alphas_cumprod), (n,), device=x0.device, generator=generator)
@@ -440,7 +412,7 @@ def diffusion_loss(unet: nn.Module, x0: torch.Tensor, text: torch.Tensor, alphas
     if weights is None:
         mse = (pred - noise).pow(2).mean(dim=(1, 2, 3))
     else:
-        mse = ((pred - noise).pow(2) * weights).mean(dim=(1, 2, 3)) / weights.mean(dim=(1, 2, 3))
+        mse = ((pred - noise).pow(2) * training.normalised_weights(weights)).mean(dim=(1, 2, 3))
     if min_snr_gamma > 0:
         snr = (a / (1 - a)).view(n)
         mse = mse * snr.clamp(max=min_snr_gamma) / snr
@@ -570,7 +542,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     while not progress.done() and buffer.count < hp.min_fill:  # a finished run only evaluates
         batch = next(stream)
         buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   lower_face_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size))
+                   training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size,
+                                         "lower_face"))
     fill_seconds = time.monotonic() - fill_start
 
     compiled = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -606,12 +579,13 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     while not progress.done() and budget.elapsed < train_end:
         batch = next(stream)
         buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   lower_face_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size))
+                   training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size,
+                                         "lower_face"))
         x0, text, boxes = buffer.sample(hp.batch_size, gen)
         drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
         x0_in.copy_(x0)
         if weights_in is not None:
-            weights_in.copy_(region_weights(boxes, latent_hw, hp.lower_face_weight))
+            weights_in.copy_(training.region_weights(boxes, latent_hw, hp.lower_face_weight))
         torch.where(drop.view(-1, 1, 1), empty, text, out=text_in)
         lr_now.set(hp.lr * training.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
                                               hp.lr_floor))

@@ -49,3 +49,40 @@ def test_staged_export_creates_a_new_folder_and_refuses_a_file(tmp_path):
     with pytest.raises(NotADirectoryError, match="dest=.*is a file"):
         _export("run-3", tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("region, attribute, least", [
+    ("lower_face", "beard", {"moustache": 1.0, "goatee": 1.0, "full": 0.95}),
+    ("eyes", "glasses", {"round": 0.95, "square": 0.95}),
+])
+def test_region_boxes_hold_what_the_renderer_draws_there(region, attribute, least):
+    """A region's box bounds what the renderer draws there: the pixels an extra changes on the same face lie inside
+    it (a full beard's edge may spill a little past the jaw points, a frame's corner past the pad), and the box is a
+    part of the image only."""
+    import numpy as np
+    import torch
+
+    from dragrt.zoo import world
+
+    for s in range(6):
+        p = world.sample_params(s).replace(**{attribute: "none"})
+        bare = world.render(p, 128)
+        x0, y0, x1, y1 = (training.region_boxes(torch.from_numpy(bare.landmarks)[None], 128, region)[0] * 128).tolist()
+        assert 0.04 < (x1 - x0) * (y1 - y0) / 128 ** 2 < 0.25, (s, (x0, y0, x1, y1))
+        for value, share in least.items():
+            changed = np.abs(world.render(p.replace(**{attribute: value}), 128).image.astype(int)
+                             - bare.image.astype(int)).sum(-1) > 30
+            ys, xs = np.nonzero(changed)
+            inside = (xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)
+            assert len(xs) > 20 and inside.mean() >= share, (s, value, inside.mean())
+
+
+def test_region_boxes_refuse_other_shapes_and_regions():
+    import torch
+
+    with pytest.raises(ValueError, match=r"landmarks must be \[N, 22, 2\], got \[3, 2\]"):
+        training.region_boxes(torch.zeros(3, 2), 128, "lower_face")
+    with pytest.raises(ValueError, match="region 'ears' is not one of lower_face, eyes"):
+        training.region_boxes(torch.zeros(1, 22, 2), 128, "ears")
+    w = torch.tensor([[[[1.0, 3.0]]], [[[2.0, 2.0]]]])
+    assert torch.equal(training.normalised_weights(w), torch.tensor([[[[0.5, 1.5]]], [[[1.0, 1.0]]]]))

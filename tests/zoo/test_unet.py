@@ -335,26 +335,6 @@ def test_latent_buffer_ring():
     assert torch.allclose(boxes, lat.view(8, 1).expand(8, 4) / 10)  # each latent keeps its own box
 
 
-def test_lower_face_boxes_hold_every_beard_the_renderer_draws():
-    """The boxes bound where moustaches, goatees and full beards are drawn: the pixels a beard changes on the same
-    face lie inside its box (a full beard's edge may spill a little past the jaw points)."""
-    import numpy as np
-
-    for s in range(6):
-        p = world.sample_params(s).replace(beard="none")
-        bare = world.render(p, 128)
-        x0, y0, x1, y1 = (zunet.lower_face_boxes(torch.from_numpy(bare.landmarks)[None], 128)[0] * 128).tolist()
-        assert 0.05 < (x1 - x0) * (y1 - y0) / 128 ** 2 < 0.25, (s, (x0, y0, x1, y1))  # the lower face only
-        for beard, least in (("moustache", 1.0), ("goatee", 1.0), ("full", 0.95)):
-            changed = np.abs(world.render(p.replace(beard=beard), 128).image.astype(int)
-                             - bare.image.astype(int)).sum(-1) > 30
-            ys, xs = np.nonzero(changed)
-            inside = (xs + 0.5 >= x0) & (xs + 0.5 <= x1) & (ys + 0.5 >= y0) & (ys + 0.5 <= y1)
-            assert len(xs) > 20 and inside.mean() >= least, (s, beard, inside.mean())
-    with pytest.raises(ValueError, match=r"landmarks must be \[N, 22, 2\], got \[3, 2\]"):
-        zunet.lower_face_boxes(torch.zeros(3, 2), 128)
-
-
 def test_region_weights_and_the_weighted_loss():
     """region_weights marks the latent pixels whose centres lie in a box; a loss weighted by them counts errors
     there 1 + w times, normalised per sample, and all-ones weights give the plain loss."""
@@ -362,7 +342,7 @@ def test_region_weights_and_the_weighted_loss():
 
     from dragrt.runtime.models.sd import SD15_SCHEDULER_CONFIG
 
-    w = zunet.region_weights(torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]), 4, 3.0)
+    w = training.region_weights(torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]), 4, 3.0)
     assert w.shape == (2, 1, 4, 4)
     expect = torch.ones(4, 4)
     expect[2:, 1] = 4.0  # centres 0.375 (x) and 0.625, 0.875 (y) inside; 0.125 / 0.625 outside
