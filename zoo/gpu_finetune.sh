@@ -15,6 +15,8 @@
 # call first runs the CUDA test that holds the graphed step to the eager one, ~1 min, and trains eagerly if it fails).
 # DRAGRT_VAE_MSE=W gives the VAE fine-tune an MSE term of weight W (--mse-weight; PSNR's own loss).
 # DRAGRT_VAE_LR=LR gives the VAE fine-tune another peak learning rate (--lr; default 3e-4 from shipped weights).
+# DRAGRT_VAE_EYE_WEIGHT=W gives the VAE round's pixel losses a weight 1 + W on the eyes (--eye-weight: where glasses'
+# frames are drawn, which cost its round trips 1.9 dB; `bench/tools/vae_psnr_by_attribute.py` measures it per class).
 # DRAGRT_SD_FACE_WEIGHT=W gives the UNet round's loss a weight 1 + W on the lower face (--lower-face-weight: where
 # faces-sd draws beards its captions do not ask for; `bench/tools/negative_extras.py` measures those).
 # DRAGRT_ZOO_UNET=0 skips the UNet round (and its CUDA test): the VAE round alone, up to END_S. After an encoder
@@ -69,6 +71,7 @@ sd_opts=()
 vae_opts=()
 [ -n "${DRAGRT_VAE_MSE:-}" ] && vae_opts=(--mse-weight "$DRAGRT_VAE_MSE")
 [ -n "${DRAGRT_VAE_LR:-}" ] && vae_opts+=(--lr "$DRAGRT_VAE_LR")
+[ -n "${DRAGRT_VAE_EYE_WEIGHT:-}" ] && vae_opts+=(--eye-weight "$DRAGRT_VAE_EYE_WEIGHT")
 stamp=$(date +%Y%m%dT%H%M%S)
 vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 

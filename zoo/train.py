@@ -34,6 +34,7 @@ BATCH_TRAINERS = ("faces-vae", "faces-stylegan2")
 PASSED_OPTIONS = (("mse_weight", "--mse-weight", ("faces-vae",), "mse_weight"),
                   ("lr", "--lr", ("faces-vae",), "lr"),
                   ("lower_face_weight", "--lower-face-weight", ("faces-sd",), "lower_face_weight"),
+                  ("eye_weight", "--eye-weight", ("faces-vae",), "eye_weight"),
                   ("compile", "--compile", COMPILE_TRAINERS, "compile_mode"),
                   ("cuda_graphs", "--cuda-graphs", ("faces-stylegan2", "faces-sd"), "cuda_graphs"),
                   ("channels_last", "--channels-last", ("faces-stylegan2",), "channels_last"))
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="faces-vae, new runs: weight of an MSE term in the loss (PSNR's own; 0 in the recipe)")
     parser.add_argument("--lr", type=float, default=None, metavar="LR",
                         help="faces-vae, new runs: peak learning rate (default: the recipe's, 3e-4 with --init)")
+    parser.add_argument("--eye-weight", type=float, default=None, metavar="W",
+                        help="faces-vae, new run: the pixel losses weigh the eyes (where glasses' frames are drawn) "
+                             "1 + W against 1 elsewhere (default 0: uniform)")
     parser.add_argument("--lower-face-weight", type=float, default=None, metavar="W",
                         help="faces-sd, new run: the loss weighs the lower face (where beards are drawn) 1 + W "
                              "against 1 elsewhere (default 0: SD's plain loss)")

@@ -57,13 +57,13 @@ def run(tree, db: float, **env) -> tuple[subprocess.CompletedProcess, list[str]]
 
 def test_a_vae_round_below_the_shipped_psnr_is_dropped_and_the_shipped_vae_restored(tree):
     root, _ = tree
-    r, calls = run(tree, 26.5, DRAGRT_ZOO_UNET="0", DRAGRT_VAE_PART="encoder")
+    r, calls = run(tree, 26.5, DRAGRT_ZOO_UNET="0", DRAGRT_VAE_PART="encoder", DRAGRT_VAE_EYE_WEIGHT="3")
     assert r.returncode == 0, r.stderr
     assert "26.5 dB against the shipped 26.692 dB: not kept" in r.stdout
     assert not (root / "zoo/weights/faces-vae/exported").exists()  # the export was undone
     assert (root / "zoo/weights/faces-vae/MODEL_CARD.md").is_file()
     assert not (root.parent / "out/faces-vae.tar").exists()
-    assert any("faces-vae" in c and "--encoder-only" in c for c in calls)
+    assert any("faces-vae" in c and "--encoder-only" in c and "--eye-weight 3" in c for c in calls)
     # DRAGRT_ZOO_UNET=0: no UNet round and no CUDA-graph test
     assert not any("train faces-sd" in c or "-m pytest" in c for c in calls)
 
@@ -76,7 +76,7 @@ def test_a_vae_round_above_the_shipped_psnr_is_kept_and_the_unet_trains_on_it(tr
     assert (root / "zoo/weights/faces-vae/exported").is_file()
     assert (root.parent / "out/faces-vae.tar").is_file()
     vae_call = next(c for c in calls if "train faces-vae" in c)
-    assert "--decoder-only" in vae_call and "--lr 1e-3" in vae_call
+    assert "--decoder-only" in vae_call and "--lr 1e-3" in vae_call and "--eye-weight" not in vae_call
     assert any("train faces-sd" in c and "--init zoo:faces-sd" in c and "--lower-face-weight 4" in c for c in calls)
     assert not any("-m pytest" in c for c in calls)  # DRAGRT_ZOO_GRAPHS=0: no CUDA-graph test
     r, calls = run(tree, 26.9, DRAGRT_VAE_PART="encoder", DRAGRT_ZOO_GRAPHS="0")

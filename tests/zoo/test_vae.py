@@ -324,6 +324,59 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
     torch.testing.assert_close(with_mse - base, 3.0 * parts["mse"], rtol=1e-5, atol=1e-6)
 
 
+def test_weighted_pixel_terms_count_the_weighted_pixels_more():
+    """With weights, each pixel term (L1, MSE, the edge L1) is a weighted mean, each image's weights normalised to
+    mean 1; all-ones weights give the plain loss."""
+    from types import SimpleNamespace
+
+    recon = torch.zeros(2, 3, 4, 4)
+    recon[0, :, 1, 2] = 0.5  # image 0 is off by 0.5 at one pixel (inside the box), image 1 is exact
+    stand_in = SimpleNamespace(
+        encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(
+            parameters=torch.cat([torch.zeros(2, 1, 1, 1), torch.full((2, 1, 1, 1), -30.0)], 1))),
+        decode=lambda z: SimpleNamespace(sample=recon))
+    hp = dataclasses.replace(zvae.SMOKE_HPARAMS, grad_weight=0.0, mse_weight=2.0, kl_weight=0.0)
+    x = torch.zeros(2, 3, 4, 4)
+    plain, parts = zvae.vae_loss(stand_in, x, hp, torch.Generator().manual_seed(0))
+    ones, _ = zvae.vae_loss(stand_in, x, hp, torch.Generator().manual_seed(0), weights=torch.ones(2, 1, 4, 4))
+    w = training.region_weights(torch.tensor([[0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 1.0, 1.0]]), 4, 3.0)
+    weighted, wparts = zvae.vae_loss(stand_in, x, hp, torch.Generator().manual_seed(0), weights=w)
+    assert parts["l1"].item() == pytest.approx(3 * 0.5 / 96) and ones.item() == pytest.approx(plain.item())
+    # image 0: 4 at (1, 2) of 16 pixels with one 4 -> mean weight 19/16; image 1: every pixel 4 -> weights all 1
+    assert wparts["l1"].item() == pytest.approx(3 * 0.5 * (4 / (19 / 16)) / 96)
+    assert wparts["mse"].item() == pytest.approx(3 * 0.25 * (4 / (19 / 16)) / 96)
+    assert weighted.item() == pytest.approx(wparts["l1"].item() + 2.0 * wparts["mse"].item())
+
+
+def test_eye_weight_trains_a_new_run_and_is_on_its_card(smoke_run, tmp_path, monkeypatch):
+    """Every step's pixel losses get the eye-region weights of the step's own renders; the run records the weight,
+    the card's command repeats it, a resumed run refuses it, and bad values are named."""
+    seen = []
+    loss = zvae.vae_loss
+
+    def spy(*args, weights=None, **kw):
+        seen.append(weights)
+        return loss(*args, weights=weights, **kw)
+
+    monkeypatch.setattr(zvae, "vae_loss", spy)
+    start = zvae.export(smoke_run[0], tmp_path / "start")
+    run = tmp_path / "run"
+    m = zvae.train(run, minutes=5, device="cpu", seed=0, smoke=True, init=start, encoder_only=True, eye_weight=4)
+    assert m["step"] == zvae.SMOKE_HPARAMS.fixed_steps == len(seen) and math.isfinite(m["psnr_db"])
+    for w in seen:
+        assert w.shape == (zvae.SMOKE_HPARAMS.batch_size, 1, 64, 64) and set(w.unique().tolist()) == {1.0, 5.0}
+        assert 0.03 < (w == 5.0).float().mean() < 0.3
+    assert training.load_checkpoint(run)["hparams"]["eye_weight"] == 4.0
+    card = (zvae.export(run, tmp_path / "out") / training.CARD).read_text()
+    assert "--encoder-only --eye-weight 4 --export" in card
+    with pytest.raises(ValueError, match="new run only"):
+        zvae.train(run, minutes=1, device="cpu", smoke=True, eye_weight=4)
+    for bad in (-1, 101, True):
+        with pytest.raises(ValueError, match=r"eye_weight=.* is not allowed; use a number in \[0, 100\]"):
+            zvae.train(tmp_path / "bad", minutes=1, device="cpu", smoke=True, eye_weight=bad)
+    monkeypatch.setattr(zvae, "vae_loss", loss)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["faces-vae", "--decoder-only"], "--decoder-only is for faces-vae with --init"),
     (["faces-clip", "--init", "zoo:faces-clip"], "--init is not supported for faces-clip"),
@@ -334,6 +387,9 @@ def test_mse_term_adds_its_weight_times_the_squared_error():
      "--encoder-only and --decoder-only exclude each other"),
     (["faces-sd", "--batch", "4"], "--batch is for faces-vae, faces-stylegan2"),
     (["faces-sd", "--lr", "1e-4"], "--lr is for faces-vae"),
+    (["faces-sd", "--eye-weight", "2"], "--eye-weight is for faces-vae"),
+    (["faces-vae", "--lower-face-weight", "2"], "--lower-face-weight is for faces-sd"),
+    (["faces-vae", "--eye-weight", "-1"], "eye_weight=-1.0 is not allowed; use a number in [0, 100]"),
     (["faces-vae", "--lr", "0"], "lr=0.0 is not allowed; use a number in (0, 0.01]"),
     (["faces-vae", "--batch", "0"], "batch_size=0 is not allowed; use an integer in [1, 1024]"),
 ])
