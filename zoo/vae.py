@@ -204,9 +204,11 @@ def vae_loss(vae: AutoencoderKL, images: torch.Tensor, hp: VAEHParams,
     z = mean + torch.exp(0.5 * logvar) * noise
     recon = vae.decode(z).sample.float()
     target = images.float()
-    w = 1.0 if weights is None else training.normalised_weights(weights.float())
-    wx = w if weights is None else w[..., :, 1:]
-    wy = w if weights is None else w[..., 1:, :]
+    if weights is None:
+        w = wx = wy = 1.0
+    else:
+        w = training.normalised_weights(weights.float())
+        wx, wy = w[..., :, 1:], w[..., 1:, :]
     l1 = ((recon - target).abs() * w).mean()
     grad = (((recon.diff(dim=-1) - target.diff(dim=-1)).abs() * wx).mean()
             + ((recon.diff(dim=-2) - target.diff(dim=-2)).abs() * wy).mean())
@@ -457,11 +459,11 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
         for group in opt.param_groups:
             group["lr"] = hp.lr * training.lr_factor(progress.step, hp.warmup, progress.schedule_steps or hp.max_steps,
                                             hp.lr_floor)
+        weights = None
+        if hp.eye_weight:
+            boxes = training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size, "eyes")
+            weights = training.region_weights(boxes, hp.image_size, hp.eye_weight)
         with autocast:
-            weights = None
-            if hp.eye_weight:
-                boxes = training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size, "eyes")
-                weights = training.region_weights(boxes, hp.image_size, hp.eye_weight)
             loss, parts = vae_loss(vae, batch["image"], hp, gen, weights=weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
