@@ -106,7 +106,8 @@ class VAEHParams:
             round trips 1.9 dB (``bench/tools/vae_psnr_by_attribute.py``).
         decoder_only: train the decoder (and ``post_quant_conv``) only, the encoder frozen: the latent space
             stays exactly that of the starting weights, so a diffusion model trained on it stays valid
-            (Stable Diffusion's ft-MSE autoencoder was made this way). Needs ``init``.
+            (Stable Diffusion's ft-MSE autoencoder was made this way); the export keeps the start's
+            ``scaling_factor`` (the scale the diffusion model was trained at). Needs ``init``.
         encoder_only: train the encoder (and ``quant_conv``) only, the decoder frozen: what a diffusion model's
             samples are decoded by stays bit for bit (its samples do not change) while the round trips of real
             images -- what inversion-based edits start from -- improve; the export keeps the starting
@@ -499,7 +500,8 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 8.0, device: str = "cu
     t0 = time.monotonic()
     held_out = heldout_images(hp.eval_images, hp.image_size)
     metrics: dict[str, Any] = evaluate(eval_vae, held_out, ceilings=True)
-    if hp.encoder_only:  # the diffusion model's latents keep the scale they were trained at
+    if hp.encoder_only or hp.decoder_only:  # the diffusion model's latents keep the scale they were trained at:
+        # the start's config (after encoder rounds it is an earlier encoder's scale, not this encoder's measured one)
         metrics["scaling_factor_measured"] = metrics["scaling_factor"]
         metrics["scaling_factor"] = float(config["scaling_factor"])
     metrics.update(_loss_window_metrics(losses))
@@ -591,7 +593,7 @@ def _start_flags(hparams: Mapping[str, Any], smoke: bool) -> str:
 @training.staged_export
 def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
     """Write the EMA weights of ``run_dir`` as a diffusers ``AutoencoderKL`` folder in fp16 (with the measured
-    ``scaling_factor``; an ``encoder_only`` run keeps its start's) and a model card into ``dest``; returns
+    ``scaling_factor``; a run with a frozen half keeps its start's) and a model card into ``dest``; returns
     ``dest``."""
     run_dir, dest = Path(run_dir), Path(dest)
     state = training.load_checkpoint(run_dir)

@@ -263,6 +263,16 @@ def test_decoder_only_finetune_keeps_the_latent_space(smoke_run, tmp_path):
     steps = zvae.SMOKE_HPARAMS.fixed_steps  # the start's own card, carried into this one: the chain's history
     assert f"- started from: {start} ({steps} steps at commit " in card and "from random initialisation)" in card
 
+    # A start whose config keeps an earlier encoder's scale (as the shipped one does after encoder rounds): the
+    # decoder round keeps that scale too, the one the diffusion model's latents were trained at.
+    config = json.loads((start / "config.json").read_text())
+    (start / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.77}))
+    m2 = zvae.train(tmp_path / "ft2", minutes=5, device="cpu", seed=1, smoke=True, init=start, decoder_only=True)
+    assert m2["scaling_factor"] == 0.77 and m2["scaling_factor_measured"] == pytest.approx(m["scaling_factor"],
+                                                                                          rel=1e-3)
+    assert json.loads((zvae.export(tmp_path / "ft2", tmp_path / "done2") / "config.json").read_text())[
+        "scaling_factor"] == pytest.approx(0.77)
+
     with pytest.raises(ValueError, match="decoder_only needs init"):
         zvae.train(tmp_path / "x", minutes=1, device="cpu", smoke=True, decoder_only=True)
     with pytest.raises(ValueError, match="new run only"):
