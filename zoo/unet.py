@@ -649,12 +649,16 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
 def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales: Sequence[float] = (5.0,),
                     samples: int = HPARAMS.eval_samples, steps: int = HPARAMS.eval_steps, device: str = "cpu",
                     attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES, seed: int = 0,
-                    caption_start: int = 0, progress: bool = False) -> dict[str, Any]:
+                    caption_start: int = 0, progress: bool = False,
+                    vae: str | os.PathLike | None = None) -> dict[str, Any]:
     """:func:`evaluate` of an exported pipeline folder (default the shipped ``zoo:faces-sd``) at each CFG scale
     of ``guidance_scales``: the same held-out captions and sampling seed as a training run's evaluation
     (``seed`` 0, ``caption_start`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16
     on a GPU). Choose settings (the CFG scale) on other captions, e.g. ``caption_start=VALIDATION_START``, and
-    report them on the card's. ``progress``: a progress bar while sampling (the CLI's)."""
+    report them on the card's. ``progress``: a progress bar while sampling (the CLI's). ``vae`` (an exported
+    AutoencoderKL folder or ``zoo:`` name with the pipeline's autoencoder config, ``scaling_factor`` included)
+    decodes the samples instead of the pipeline's ``vae/``: how another decoder (e.g. a ``--decoder-only``
+    fine-tune, whose latent space is the pipeline's) would change the samples' scores, without a UNet round."""
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
@@ -667,10 +671,32 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     _validate(hp)
     folder = training.resolve_zoo_path(path, "evaluate")
     unet, frozen = load_pipeline_parts(folder, dev)
+    if vae is not None:
+        other = training.resolve_zoo_path(vae, "evaluate")
+        _check_same_vae_config(other, folder / "vae", "evaluate", "decode this UNet's latents")
+        frozen.vae = zvae.load_vae(other, dev)
     out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start,
                    progress=progress)
-    out.update(folder=str(folder), device=str(dev))
+    out.update(folder=str(folder), device=str(dev), vae=str(vae) if vae is not None else str(folder / "vae"))
     return out
+
+
+def _check_same_vae_config(src: Path, dest: Path, who: str, purpose: str) -> None:
+    """``ValueError`` naming the differing keys when the autoencoder configs of folders ``src`` and ``dest`` differ
+    (provenance aside): ``src`` could not ``purpose``."""
+    from dragrt.zoo import registry
+
+    def config(folder: Path) -> dict[str, Any]:
+        f = folder / "config.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{who}: {folder} lacks config.json; expected an exported AutoencoderKL folder")
+        return registry.without_provenance(json.loads(f.read_text()))
+
+    new_cfg, old_cfg = config(src), config(dest)
+    if new_cfg != old_cfg:
+        differ = sorted(k for k in set(new_cfg) | set(old_cfg) if new_cfg.get(k) != old_cfg.get(k))
+        raise ValueError(f"{who}: {src} has another config than {dest} ({', '.join(differ)}): it could not "
+                         f"{purpose}")
 
 
 def load_pipeline_parts(path: str | os.PathLike, device: torch.device) -> tuple[UNet2DConditionModel, Frozen]:
@@ -715,14 +741,8 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     if registry.same_files(src, dest):  # the pipeline's own folder included (zoo:faces-vae as an alias)
         return False
 
-    def config(folder: Path) -> dict[str, Any]:
-        return registry.without_provenance(json.loads((folder / "config.json").read_text()))
-
-    new_cfg, old_cfg = config(src), config(dest)
-    if new_cfg != old_cfg:
-        differ = sorted(k for k in set(new_cfg) | set(old_cfg) if new_cfg.get(k) != old_cfg.get(k))
-        raise ValueError(f"adopt_vae: {vae} has another config than {dest} ({', '.join(differ)}): its latents "
-                         "would decode differently; fine-tune the pipeline's UNet on it instead")
+    _check_same_vae_config(src, dest, "adopt_vae", "decode the pipeline's latents as before; fine-tune the "
+                           "pipeline's UNet on it instead")
     new_w, old_w = load_file(str(src / zvae.WEIGHTS_FILE)), load_file(str(dest / zvae.WEIGHTS_FILE))
     decoding = sorted(k for k in set(new_w) | set(old_w) if k.startswith(DECODING_PARTS))
     changed = [k for k in decoding if k not in new_w or k not in old_w or not torch.equal(new_w[k], old_w[k])]
@@ -765,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"first held-out seed of the captions (default 0, the card's; {VALIDATION_START}: the "
                          "validation captions to choose settings on)")
     ev.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ev.add_argument("--vae", default=None, metavar="FOLDER",
+                    help="decode the samples with this autoencoder instead of the pipeline's (same config; e.g. a "
+                         "--decoder-only fine-tune)")
     ad = sub.add_parser("adopt-vae", help="give the pipeline an autoencoder with the same decoder (a new encoder)")
     ad.add_argument("vae", nargs="?", default=DEFAULT_VAE, help="exported AutoencoderKL folder or zoo:NAME")
     ad.add_argument("--pipeline", default="zoo:" + NAME, help="exported pipeline folder or zoo:NAME")
@@ -784,11 +807,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         m = evaluate_folder(args.folder, guidance_scales=args.guidance, samples=args.samples, steps=args.steps,
-                            device=args.device, caption_start=args.caption_start, progress=True)
+                            device=args.device, caption_start=args.caption_start, progress=True, vae=args.vae)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    keys = ("folder", "device", "eval_samples", "caption_start", "eval_ddim_steps", "attribute_accuracy_by_guidance",
-            "attribute_accuracy_per_attribute", "attribute_confusion", "classifier_on_renders",
+    keys = ("folder", "vae", "device", "eval_samples", "caption_start", "eval_ddim_steps",
+            "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute", "attribute_confusion",
+            "classifier_on_renders",
             "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute", "attribute_note",
             "caption_agreement_by_guidance", "caption_agreement_per_attribute",
             "caption_agreement_on_renders", "caption_agreement_on_vae_round_trips", "caption_agreement_note")

@@ -535,6 +535,39 @@ def test_adopt_vae_takes_a_new_encoder_and_keeps_the_samples(exported, tmp_path,
     assert "decoder tensors differ" in capsys.readouterr().err
 
 
+def test_evaluate_folder_decodes_with_another_vae_of_the_same_config(smoke_run, exported, tmp_path, capsys,
+                                                                     monkeypatch):
+    """--vae: the pipeline's samples decoded by another autoencoder of its config (a decoder fine-tune): the pipeline's
+    own vae/ gives the plain evaluation's numbers, another decoder other images; a config that would decode the
+    latents at another scale is refused, naming the key."""
+    kw = dict(guidance_scales=(5.0,), samples=4, steps=2, device="cpu", attributes_path=smoke_run.attributes)
+    plain = zunet.evaluate_folder(exported, **kw)
+    same = zunet.evaluate_folder(exported, vae=exported / "vae", **kw)
+    assert same["attribute_accuracy"] == plain["attribute_accuracy"] and same["vae"] == str(exported / "vae")
+    assert plain["vae"] == str(exported / "vae")
+
+    seen = []
+    real = zunet.generate
+
+    def spy(pipe, *args, **kws):
+        seen.append(real(pipe, *args, **kws))
+        return seen[-1]
+
+    monkeypatch.setattr(zunet, "generate", spy)
+    new_decoder = _vae_variant(exported, tmp_path / "dec", lambda k: k.startswith("decoder.conv_out"))
+    zunet.evaluate_folder(exported, **kw)
+    other = zunet.evaluate_folder(exported, vae=new_decoder, **kw)
+    assert other["vae"] == str(new_decoder) and (seen[0] - seen[1]).abs().amax() > 1e-3  # other images
+    new_scale = _vae_variant(exported, tmp_path / "scale", lambda k: False)
+    cfg = json.loads((new_scale / "config.json").read_text())
+    (new_scale / "config.json").write_text(json.dumps({**cfg, "scaling_factor": cfg["scaling_factor"] * 2}))
+    with pytest.raises(ValueError, match=r"has another config than .* \(scaling_factor\): it could not decode"):
+        zunet.evaluate_folder(exported, vae=new_scale, **kw)
+    with pytest.raises(SystemExit):
+        zunet.main(["evaluate", str(exported), "--vae", str(tmp_path / "missing"), "--device", "cpu"])
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_cuda_graphs_are_a_clear_error_where_they_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA device, got device='cpu'"):
         zunet.train(tmp_path / "a", minutes=1, device="cpu", smoke=True, cuda_graphs=True)
