@@ -108,7 +108,8 @@ else
   minutes=$($py -c "print(round(($end_s - 15 - $(el)) / 60, 2))")
   echo "faces-sd (UNet) from $(el) s, $minutes min"
   DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) )) $py -m dragrt.zoo.train faces-sd \
-    --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" "${sd_opts[@]}" --export \
+    --run-dir "$sd_run" --minutes "$minutes" --init zoo:faces-sd "${compile[@]}" "${graphs[@]}" "${sd_opts[@]}" \
+    --export \
     >"$logs/faces-sd.log" 2>&1
   echo "faces-sd exit $? at $(el) s"
   (cd zoo/weights && tar -cf "$out/faces-sd.tar" faces-sd)
