@@ -339,34 +339,39 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Sequence[str]) -> torch.Tensor:
 
 
 class LatentBuffer:
-    """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32), text states ``[77, D]`` (bf16) and
-    lower-face boxes ``[4]`` (fp32, :func:`dragrt.zoo.training.region_boxes`)."""
+    """A ring buffer on the device of scaled latents ``[4, h, w]`` (fp32), text states ``[77, D]`` (bf16) and,
+    with ``boxes`` (a run with a lower-face loss weight), lower-face boxes ``[4]`` (fp32,
+    :func:`dragrt.zoo.training.region_boxes`; ``None`` in :meth:`sample` without)."""
 
     def __init__(self, capacity: int, latent_shape: Sequence[int], text_shape: Sequence[int],
-                 device: torch.device) -> None:
+                 device: torch.device, *, boxes: bool = True) -> None:
         self.capacity = capacity
         self.latents = torch.empty(capacity, *latent_shape, device=device)
         self.text = torch.empty(capacity, *text_shape, device=device, dtype=torch.bfloat16)
-        self.boxes = torch.empty(capacity, 4, device=device)
+        self.boxes = torch.empty(capacity, 4, device=device) if boxes else None
         self.count = 0  # insertions so far
 
     @property
     def size(self) -> int:
         return min(self.count, self.capacity)
 
-    def add(self, latents: torch.Tensor, text: torch.Tensor, boxes: torch.Tensor) -> None:
+    def add(self, latents: torch.Tensor, text: torch.Tensor, boxes: torch.Tensor | None = None) -> None:
+        if (boxes is None) != (self.boxes is None):
+            raise ValueError("LatentBuffer.add: boxes are given exactly when the buffer keeps them")
         n = latents.shape[0]
         idx = (torch.arange(n, device=self.latents.device) + self.count) % self.capacity
         self.latents[idx] = latents.float()
         self.text[idx] = text.to(torch.bfloat16)
-        self.boxes[idx] = boxes.to(self.boxes.device, torch.float32)
+        if self.boxes is not None:
+            self.boxes[idx] = boxes.to(self.boxes.device, torch.float32)
         self.count += n
 
-    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if self.size == 0:
             raise ValueError("LatentBuffer.sample: the buffer is empty")
         idx = torch.randint(self.size, (n,), device=self.latents.device, generator=generator)
-        return self.latents[idx], self.text[idx].float(), self.boxes[idx]  # autocast casts text back (CUDA)
+        boxes = None if self.boxes is None else self.boxes[idx]
+        return self.latents[idx], self.text[idx].float(), boxes  # autocast casts text back (CUDA)
 
 
 @torch.no_grad()
@@ -535,15 +540,22 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     stream = zvae.BatchStream(hp.fresh_per_step, seed=seed, step=start_step, size=hp.image_size,
                               num_workers=hp.num_workers, device=dev)
     ctx_len = int(frozen.text_encoder.config.max_position_embeddings)
-    buffer = LatentBuffer(hp.buffer_size, (4, latent_hw, latent_hw), (ctx_len, hidden), dev)
+    weighted = hp.lower_face_weight > 0
+    buffer = LatentBuffer(hp.buffer_size, (4, latent_hw, latent_hw), (ctx_len, hidden), dev, boxes=weighted)
     empty = encode_text(frozen, [""], dev, autocast).to(torch.bfloat16).float()  # [1, 77, D], as buffered
+
+    def buffer_batch(buf: LatentBuffer) -> None:
+        """Encode the stream's next batch into ``buf`` (with its lower-face boxes when the loss weighs them)."""
+        batch = next(stream)
+        boxes = None
+        if weighted:  # pinned landmarks, moved without blocking
+            boxes = training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size,
+                                          "lower_face")
+        buf.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast), boxes)
 
     fill_start = time.monotonic()
     while not progress.done() and buffer.count < hp.min_fill:  # a finished run only evaluates
-        batch = next(stream)
-        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size,
-                                         "lower_face"))
+        buffer_batch(buffer)
     fill_seconds = time.monotonic() - fill_start
 
     compiled = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
@@ -553,7 +565,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     # a CUDA graph (cuda_graphs); a replayed AdamW reads its learning rate from a device tensor.
     x0_in = torch.empty(hp.batch_size, 4, latent_hw, latent_hw, device=dev)
     text_in = torch.empty(hp.batch_size, ctx_len, hidden, device=dev)
-    weights_in = torch.ones(hp.batch_size, 1, latent_hw, latent_hw, device=dev) if hp.lower_face_weight else None
+    weights_in = torch.ones(hp.batch_size, 1, latent_hw, latent_hw, device=dev) if weighted else None
     last_loss = torch.zeros((), device=dev)
     lr_now = _LearningRate(opt, hp.lr, dev, on_device=cuda_graphs)
 
@@ -577,10 +589,7 @@ def train(run_dir: str | os.PathLike, *, minutes: float = 9.0, device: str = "cu
     train_end = budget.seconds - hp.reserve_s
     loop_start = time.monotonic()
     while not progress.done() and budget.elapsed < train_end:
-        batch = next(stream)
-        buffer.add(*encode_batch(frozen, batch["image"], batch["caption"], gen, autocast),
-                   training.region_boxes(batch["landmarks"].to(dev, non_blocking=True), hp.image_size,
-                                         "lower_face"))
+        buffer_batch(buffer)
         x0, text, boxes = buffer.sample(hp.batch_size, gen)
         drop = torch.rand(hp.batch_size, device=dev, generator=gen) < hp.caption_dropout
         x0_in.copy_(x0)
