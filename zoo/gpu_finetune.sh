@@ -78,12 +78,25 @@ vae_run="$runs/faces-vae-$stamp" sd_run="$runs/faces-sd-$stamp"
 if [ "$vae_minutes" = 0 ]; then  # the UNet alone (VAE_MINUTES 0)
   echo "faces-vae skipped (VAE_MINUTES 0)"
 else
+  # The round gets at most what its timeout leaves (60 s kept for packing, 15 s for the trainer's start): a longer
+  # --minutes had the timeout kill it mid-schedule, before its checkpoint and export (2026-12-06: 9.4 min in 516 s).
+  vae_window=$(( end_s - $(el) - 60 ))
+  capped=$($py -c 'import math, sys; m = float(sys.argv[1]); assert m > 0 and math.isfinite(m)
+print(round(min(m, (int(sys.argv[2]) - 15) / 60), 2))' \
+    "$vae_minutes" "$vae_window" 2>/dev/null) || {
+    echo "VAE_MINUTES=$vae_minutes is not allowed; use a positive number of minutes (0 skips the VAE round)" >&2; exit 2; }
+  if $py -c 'import sys; sys.exit(0 if float(sys.argv[1]) < 0.5 else 1)' "$capped"; then
+    echo "END_S $end_s leaves the VAE round $capped min: too short to train, evaluate and export; use a larger END_S" >&2
+    exit 2
+  fi
+  $py -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$capped" "$vae_minutes" \
+    && echo "VAE_MINUTES $vae_minutes capped to $capped: what END_S $end_s leaves the round"
   echo "faces-vae ($part) from $(el) s"
   # A round that does not beat the shipped PSNR is not kept: the UNet round then trains on the shipped VAE.
   shipped_db=$(sed -n 's/^- psnr_db: //p' zoo/weights/faces-vae/MODEL_CARD.md | head -1)
   rm -rf "$runs/faces-vae.shipped" && cp -a zoo/weights/faces-vae "$runs/faces-vae.shipped"
-  DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout $(( end_s - $(el) - 60 )) $py -m dragrt.zoo.train faces-vae \
-    --run-dir "$vae_run" --minutes "$vae_minutes" --init zoo:faces-vae "$part" "${compile[@]}" "${vae_opts[@]}" --export \
+  DRAGRT_ZOO_WORKERS=${DRAGRT_ZOO_WORKERS:-6} timeout "$vae_window" $py -m dragrt.zoo.train faces-vae \
+    --run-dir "$vae_run" --minutes "$capped" --init zoo:faces-vae "$part" "${compile[@]}" "${vae_opts[@]}" --export \
     >"$logs/faces-vae.log" 2>&1
   echo "faces-vae exit $? at $(el) s"
   # one check: prints the round's PSNR, succeeds only when it beats the shipped one

@@ -88,3 +88,33 @@ def test_bad_switches_are_refused_with_their_allowed_values(tree):
     assert r.returncode == 2 and "DRAGRT_ZOO_UNET=yes is not allowed; use 0 or 1" in r.stderr
     r, _ = run(tree, 26.9, DRAGRT_VAE_PART="both")
     assert r.returncode == 2 and "use decoder or encoder" in r.stderr
+
+
+def test_the_vae_minutes_are_capped_to_what_the_rounds_timeout_leaves(tree):
+    """A VAE round asked for more minutes than END_S leaves is given fewer, so that the trainer stops, saves and
+    exports before the timeout instead of being killed mid-schedule (2026-12-06: --minutes 9.4, a 516 s timeout)."""
+    root, stub = tree
+
+    def vae_minutes(minutes: str, end_s: str) -> tuple[subprocess.CompletedProcess, float | None]:
+        log = root.parent / "calls.log"
+        log.unlink(missing_ok=True)
+        env = {**os.environ, "PYTHON": str(stub), "STUB_LOG": str(log), "STUB_DB": "26.9", "DRAGRT_ZOO_UNET": "0",
+               "REAL_PY": shutil.which("python3") or "python3", "DRAGRT_ZOO_RUNS": str(root.parent / "runs")}
+        r = subprocess.run(["bash", str(root / "zoo/gpu_finetune.sh"), str(root.parent / "out"), minutes, end_s],
+                           capture_output=True, text=True, env=env, timeout=120)
+        calls = log.read_text().splitlines() if log.is_file() else []
+        call = next((c.split() for c in calls if "train faces-vae" in c), None)
+        return r, float(call[call.index("--minutes") + 1]) if call else None
+
+    r, got = vae_minutes("9.4", "596")
+    assert r.returncode == 0, r.stderr
+    assert got is not None and 8.0 <= got <= (596 - 60 - 15) / 60  # ~8.68 min, less the seconds already spent
+    assert f"VAE_MINUTES 9.4 capped to {got}" in r.stdout
+    r, got = vae_minutes("3.5", "596")
+    assert got == 3.5 and "capped" not in r.stdout
+    r, got = vae_minutes("soon", "596")
+    assert r.returncode == 2 and got is None and "VAE_MINUTES=soon is not allowed; use a positive number" in r.stderr
+    r, got = vae_minutes("-2", "596")
+    assert r.returncode == 2 and got is None and "VAE_MINUTES=-2 is not allowed" in r.stderr
+    r, got = vae_minutes("3.5", "90")
+    assert r.returncode == 2 and got is None and "use a larger END_S" in r.stderr
