@@ -32,7 +32,8 @@
 # Measured on one H200 (2026-12-04): two calls took faces-vae from 25.0 to 26.1 dB and faces-sd from 0.49 to
 # 0.56 of sampled attributes (decoder 17 steps/s at batch 32, UNet 4.7 steps/s at batch 256). On an H100
 # (2026-12-05), with --cuda-graphs: UNet 10.2-10.65 steps/s; faces-sd 0.556 -> 0.725 (this script, encoder
-# round first) -> 0.783 (a UNet-only call of ~6 min); faces-vae's encoder 26.59 -> 26.69 dB.
+# round first) -> 0.783 (a UNet-only call of ~6 min); faces-vae's encoder 26.59 -> 26.69 dB. 2026-12-06, H100:
+# DRAGRT_SD_FACE_WEIGHT=4 with VAE_MINUTES 0, END_S 565 took faces-sd 0.7834 -> 0.8025 (4 145 steps, 9.77 steps/s).
 set -uo pipefail
 out=${1:?usage: bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]}
 vae_minutes=${2:-3.5}
