@@ -167,6 +167,34 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     return path
 
 
+def replace_card_metrics(text: str, metrics: Mapping[str, Any], status: str | None) -> str:
+    """A card's ``text`` (as :func:`write_card` writes it) with the ``- key: value`` lines of its ``## Metrics``
+    section set to ``metrics`` (lines it lacks are added at the section's end; other lines, hand-written notes
+    included, are kept) and its ``## Status`` section set to ``status`` (removed when None)."""
+    head, sep, rest = text.partition("\n## Metrics\n")
+    if not sep:
+        raise ValueError("the card has no '## Metrics' section; re-export the model to rewrite it")
+    section, more, tail = rest.partition("\n## ")
+    lines = section.split("\n")
+    todo = dict(metrics)
+    for i, ln in enumerate(lines):
+        key = ln[2:].split(": ", 1)[0] if ln.startswith("- ") and ": " in ln else None
+        if key in todo:
+            lines[i] = f"- {key}: {todo.pop(key)}"
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=0)
+    lines[last + 1:last + 1] = [f"- {k}: {v}" for k, v in todo.items()]
+    # the status section sits between the summary and "## Data" (write_card's order)
+    before, st, after = head.partition("\n## Status\n")
+    if st:
+        after = after[after.index("\n## "):] if "\n## " in after else ""
+        head = before + after
+    if status:
+        at = head.find("\n## ")
+        block = f"\n## Status\n\n{status}\n"
+        head = head + block if at < 0 else head[:at] + block + head[at:]
+    return head + sep + "\n".join(lines) + more + tail
+
+
 #: ``torch.compile`` modes a trainer accepts (``--compile MODE``; off by default).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 

@@ -659,7 +659,8 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
                     samples: int = HPARAMS.eval_samples, steps: int = HPARAMS.eval_steps, device: str = "cpu",
                     attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES, seed: int = 0,
                     caption_start: int = 0, progress: bool = False,
-                    vae: str | os.PathLike | None = None) -> dict[str, Any]:
+                    vae: str | os.PathLike | None = None, grid_path: str | os.PathLike | None = None
+                    ) -> dict[str, Any]:
     """:func:`evaluate` of an exported pipeline folder (default the shipped ``zoo:faces-sd``) at each CFG scale
     of ``guidance_scales``: the same held-out captions and sampling seed as a training run's evaluation
     (``seed`` 0, ``caption_start`` 0), so the shipped card's number comes back at its scale (fp32 on a CPU, fp16
@@ -667,7 +668,8 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
     report them on the card's. ``progress``: a progress bar while sampling (the CLI's). ``vae`` (an exported
     AutoencoderKL folder or ``zoo:`` name with the pipeline's autoencoder config, ``scaling_factor`` included)
     decodes the samples instead of the pipeline's ``vae/``: how another decoder (e.g. a ``--decoder-only``
-    fine-tune, whose latent space is the pipeline's) would change the samples' scores, without a UNet round."""
+    fine-tune, whose latent space is the pipeline's) would change the samples' scores, without a UNet round.
+    ``grid_path``: the first samples at the first scale as a PNG grid there, as a training run's ``samples.png``."""
     scales = tuple(float(g) for g in guidance_scales)
     if not scales or not all(math.isfinite(g) and g >= 1.0 for g in scales):
         raise ValueError(f"guidance_scales must be one or more finite numbers >= 1, got {list(guidance_scales)}")
@@ -685,7 +687,7 @@ def evaluate_folder(path: str | os.PathLike = "zoo:" + NAME, *, guidance_scales:
         _check_same_vae_config(other, folder / "vae", "evaluate", "decode this UNet's latents")
         frozen.vae = zvae.load_vae(other, dev)
     out = evaluate(unet, frozen, hp, attributes_path=attributes_path, seed=seed, caption_start=caption_start,
-                   progress=progress)
+                   progress=progress, grid_path=Path(grid_path) if grid_path is not None else None)
     out.update(folder=str(folder), device=str(dev), vae=str(vae) if vae is not None else str(folder / "vae"))
     return out
 
@@ -724,17 +726,51 @@ def load_pipeline_parts(path: str | os.PathLike, device: torch.device) -> tuple[
 DECODING_PARTS = zvae.HALF_PREFIXES["decoder"]
 #: How the pipeline card's line about an adopted autoencoder starts (one such line: the latest adoption's).
 _ADOPTED_LINE = "- vae/ replaced on "
+#: How the card's line about an adopted autoencoder with another decoder starts (one per adoption: a history).
+_DECODER_LINE = "- decoder replaced on "
+#: The metrics a faces-sd card lists (what :func:`export` writes and ``adopt_vae(remeasure=...)`` re-measures).
+CARD_METRICS = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
+                "classifier_on_renders", "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute",
+                "caption_agreement", "caption_agreement_per_attribute", "caption_agreement_on_renders",
+                "caption_agreement_on_vae_round_trips", "main_guidance", "eval_samples", "eval_ddim_steps",
+                "attribute_note")
 
 
-def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME) -> bool:
-    """Give the exported pipeline ``pipeline`` the autoencoder ``vae`` (its ``vae/`` files replaced) when ``vae``
-    decodes exactly as the pipeline's own: the same config, ``scaling_factor`` included, and bit-identical
-    ``decoder`` and ``post_quant_conv`` weights. The pipeline's samples, and every sample metric on its card, then
-    stay as they are; only its encoder changes -- the round trips of images, which inversion-based edits
-    (DragDiffusion) start from. This is how an ``--encoder-only`` faces-vae fine-tune reaches faces-sd without
-    retraining its UNet. A dated line on the pipeline's card records it (replacing an earlier adoption's).
-    Returns ``False`` when the pipeline has these very files already; ``ValueError`` (saying what differs) when
-    ``vae`` would change the samples."""
+def _card_status(metrics: Mapping[str, Any]) -> str | None:
+    """The card's status line for ``metrics`` (None when they meet the 80 % target)."""
+    return training.target_status(
+        metrics, f"{metrics.get('attribute_accuracy')} of sampled attributes correct (CFG "
+                 f"{metrics.get('main_guidance')}; the classifier scores "
+                 f"{metrics.get('classifier_on_vae_round_trips')} on VAE round trips of renders, the ceiling "
+                 "this VAE allows)", "0.8", NAME)
+
+
+def _card_values(text: str) -> dict[str, str]:
+    """The ``- key: value`` lines of a card's ``## Metrics`` section, as text."""
+    at = text.find("\n## Metrics\n")
+    if at < 0:
+        return {}
+    section = text[at + 1:].split("\n## ", 1)[0]
+    return dict(ln[2:].split(": ", 1) for ln in section.splitlines() if ln.startswith("- ") and ": " in ln)
+
+
+def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME, *,
+              remeasure: str | None = None, attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES,
+              grid_path: str | os.PathLike | None = None) -> bool:
+    """Give the exported pipeline ``pipeline`` the autoencoder ``vae`` (its ``vae/`` files replaced); it must have
+    the pipeline's config, ``scaling_factor`` included (the latent space the UNet was trained in).
+
+    When ``vae`` decodes exactly as the pipeline's own (bit-identical ``decoder`` and ``post_quant_conv``: an
+    ``--encoder-only`` faces-vae fine-tune), the samples and every sample metric on the card stay as they are;
+    only the round trips of images change, which inversion-based edits (DragDiffusion) start from. A dated line
+    on the card says so (replacing an earlier adoption's).
+
+    Another decoder (a ``--decoder-only`` fine-tune) changes the samples, so it is refused (``ValueError`` saying
+    what differs) unless ``remeasure`` names a device: the card's evaluation (its captions, seed, CFG scale,
+    sample and step counts) then runs again through ``vae`` before anything is replaced, the card's sample
+    metrics and status are rewritten with the new numbers, and a dated line keeps the old ones (``grid_path``:
+    the first of those samples as a PNG grid, as a training run's ``samples.png``). Returns
+    ``False`` when the pipeline has these very files already."""
     from safetensors.torch import load_file
 
     from dragrt.zoo import registry
@@ -755,32 +791,62 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     new_w, old_w = load_file(str(src / zvae.WEIGHTS_FILE)), load_file(str(dest / zvae.WEIGHTS_FILE))
     decoding = sorted(k for k in set(new_w) | set(old_w) if k.startswith(DECODING_PARTS))
     changed = [k for k in decoding if k not in new_w or k not in old_w or not torch.equal(new_w[k], old_w[k])]
+    card = dest.parent / training.CARD
+    remeasured = None
     if not decoding or changed:
-        raise ValueError(f"adopt_vae: {vae} decodes differently from {dest} ({len(changed)} of {len(decoding)} "
-                         f"decoder tensors differ, e.g. {changed[:2]}): the pipeline's samples would change; "
-                         "fine-tune the pipeline's UNet on it instead")
+        if remeasure is None:
+            raise ValueError(f"adopt_vae: {vae} decodes differently from {dest} ({len(changed)} of {len(decoding)} "
+                             f"decoder tensors differ, e.g. {changed[:2]}): the pipeline's samples would change; "
+                             "re-measure its card through it (remeasure=DEVICE, --remeasure DEVICE) or fine-tune "
+                             "the pipeline's UNet on it instead")
+        try:
+            torch.device(remeasure)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"adopt_vae: remeasure={remeasure!r} is not a device; use e.g. 'cpu' or 'cuda'") from None
+        if not card.is_file():
+            raise FileNotFoundError(f"adopt_vae: {card} is missing; remeasure rewrites the card's sample metrics")
+        before = _card_values(card.read_text())
+        try:
+            settings = dict(guidance_scales=(float(before.get("main_guidance", HPARAMS.main_guidance)),),
+                            samples=int(before.get("eval_samples", HPARAMS.eval_samples)),
+                            steps=int(before.get("eval_ddim_steps", HPARAMS.eval_steps)))
+        except ValueError as exc:
+            raise ValueError(f"adopt_vae: {card}'s main_guidance, eval_samples or eval_ddim_steps is not a "
+                             f"number ({exc}); fix the card or re-export the pipeline") from None
+        remeasured = evaluate_folder(dest.parent, device=remeasure, attributes_path=attributes_path,
+                                     vae=src, progress=True, grid_path=grid_path, **settings)
     for f in files:  # a new file, then a rename: whoever has the old one memory-mapped keeps reading it intact
         tmp = dest / f"{f}.tmp"
         tmp.write_bytes((src / f).read_bytes())
         os.replace(tmp, dest / f)
-    card = dest.parent / training.CARD
-    if card.is_file():
-        line = (f"{_ADOPTED_LINE}{time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder "
-                f"of {vae}: the same decoder and scaling_factor, bit for bit, so the samples and their metrics above "
-                "are unchanged; its encoder differs: the round trips of images (what inversion-based edits start "
-                f"from; the round-trip ceilings above were measured before) are those on {vae}'s card\n")
-        text = "".join(ln for ln in card.read_text().splitlines(keepends=True)
-                       if not ln.startswith(_ADOPTED_LINE))  # the card says what vae/ is now
-        at = text.find("\n## Files")
-        card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
+    if not card.is_file():
+        return True
+    stamp = f"{time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder of {vae}"
+    # the card says what vae/ is now: an earlier encoder adoption's line no longer holds
+    text = "".join(ln for ln in card.read_text().splitlines(keepends=True) if not ln.startswith(_ADOPTED_LINE))
+    if remeasured is None:
+        line = (f"{_ADOPTED_LINE}{stamp}: the same decoder and scaling_factor, bit for bit, so the samples and "
+                "their metrics above are unchanged; its encoder differs: the round trips of images (what "
+                "inversion-based edits start from; the round-trip ceilings above were measured before) are those "
+                f"on {vae}'s card\n")
+    else:
+        shown = ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement")
+        was = ", ".join(f"{k} {before.get(k, '?')} -> {remeasured.get(k, '?')}" for k in shown)
+        line = (f"{_DECODER_LINE}{stamp}, whose decoder differs: the sample metrics above were re-measured "
+                f"through it on {remeasure} (`python -m dragrt.zoo.unet adopt-vae VAE --remeasure DEVICE`: the "
+                f"card's captions, seed and settings): {was}\n")
+        text = training.replace_card_metrics(text, {k: remeasured[k] for k in CARD_METRICS if k in remeasured},
+                                             _card_status(remeasured))
+    at = text.find("\n## Files")
+    card.write_text(text + line if at < 0 else text[:at].rstrip("\n") + "\n" + line + text[at:])
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dragrt.zoo.unet evaluate [FOLDER] [--guidance 3 5 7.5] [--device cpu]``: the attribute accuracy
     (and caption agreement) of an exported faces-sd pipeline (default the shipped one) at each CFG scale.
-    ``python -m dragrt.zoo.unet adopt-vae [VAE] [--pipeline FOLDER]``: :func:`adopt_vae` (default: the shipped
-    zoo:faces-vae into the shipped zoo:faces-sd)."""
+    ``python -m dragrt.zoo.unet adopt-vae [VAE] [--pipeline FOLDER] [--remeasure DEVICE]``: :func:`adopt_vae`
+    (default: the shipped zoo:faces-vae into the shipped zoo:faces-sd)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m dragrt.zoo.unet", description=main.__doc__)
@@ -797,13 +863,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--vae", default=None, metavar="FOLDER",
                     help="decode the samples with this autoencoder instead of the pipeline's (same config; e.g. a "
                          "--decoder-only fine-tune)")
-    ad = sub.add_parser("adopt-vae", help="give the pipeline an autoencoder with the same decoder (a new encoder)")
+    ad = sub.add_parser("adopt-vae", help="give the pipeline another autoencoder of its config (a new encoder; a new "
+                                          "decoder with --remeasure)")
     ad.add_argument("vae", nargs="?", default=DEFAULT_VAE, help="exported AutoencoderKL folder or zoo:NAME")
     ad.add_argument("--pipeline", default="zoo:" + NAME, help="exported pipeline folder or zoo:NAME")
+    ad.add_argument("--remeasure", default=None, metavar="DEVICE",
+                    help="for another decoder: re-run the card's evaluation through it on DEVICE (cpu: ~9 min) and "
+                         "rewrite the card's sample metrics")
+    ad.add_argument("--grid", default=None, metavar="PNG", help="with --remeasure: save the first samples there")
     args = parser.parse_args(argv)
     if args.command == "adopt-vae":
         try:
-            changed = adopt_vae(args.vae, args.pipeline)
+            if args.grid is not None and args.remeasure is None:
+                raise ValueError("--grid saves the samples of --remeasure; give --remeasure DEVICE too")
+            changed = adopt_vae(args.vae, args.pipeline, remeasure=args.remeasure, grid_path=args.grid)
         except (ValueError, FileNotFoundError) as exc:
             parser.error(str(exc))
         print(f"{args.pipeline}: vae/ is now that of {args.vae}" if changed
@@ -1110,11 +1183,6 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
              for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")}
     metrics = training.read_metrics(run_dir)
     progress = state["progress"]
-    keys = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
-            "classifier_on_renders", "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute",
-            "caption_agreement", "caption_agreement_per_attribute", "caption_agreement_on_renders",
-            "caption_agreement_on_vae_round_trips", "main_guidance", "eval_samples", "eval_ddim_steps",
-            "attribute_note")
     training.write_card(
         dest, name=NAME,
         summary=("Text-to-image latent diffusion in Stable Diffusion 1.5's pipeline shape (diffusers "
@@ -1138,13 +1206,9 @@ def export(run_dir: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 f" --lower-face-weight {state['hparams']['lower_face_weight']:g}"
                 if state["hparams"].get("lower_face_weight") else "")),
         },
-        metrics={k: metrics[k] for k in keys if k in metrics},
+        metrics={k: metrics[k] for k in CARD_METRICS if k in metrics},
         files=["model_index.json", "unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/"],
-        status=training.target_status(
-            metrics, f"{metrics.get('attribute_accuracy')} of sampled attributes correct (CFG "
-                     f"{metrics.get('main_guidance')}; the classifier scores "
-                     f"{metrics.get('classifier_on_vae_round_trips')} on VAE round trips of renders, the ceiling "
-                     "this VAE allows)", "0.8", NAME),
+        status=_card_status(metrics),
     )
     return dest
 

@@ -532,7 +532,48 @@ def test_adopt_vae_takes_a_new_encoder_and_keeps_the_samples(exported, tmp_path,
     assert card.count("- vae/ replaced on ") == 1 and f"autoencoder of {newer_encoder}:" in card
     with pytest.raises(SystemExit):
         zunet.main(["adopt-vae", str(new_decoder), "--pipeline", str(pipe)])
-    assert "decoder tensors differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "decoder tensors differ" in err and "--remeasure DEVICE" in err
+
+
+def test_adopt_vae_with_another_decoder_remeasures_the_card(smoke_run, exported, tmp_path, capsys):
+    """A decoder fine-tune changes the samples: with remeasure the card's evaluation runs again through it (its
+    settings read from the card) before vae/ is replaced, the sample metrics and the status follow the new
+    numbers, and a dated line keeps the old ones; a bad device is named before anything changes."""
+    import shutil
+
+    pipe = tmp_path / "faces-sd"
+    shutil.copytree(exported, pipe)
+    card_before = (pipe / training.CARD).read_text()
+    old = zunet._card_values(card_before)
+    new_decoder = _vae_variant(exported, tmp_path / "dec", lambda k: k.startswith("decoder.conv_out"))
+    with pytest.raises(ValueError, match=r"remeasure='gpu0' is not a device; use e.g. 'cpu' or 'cuda'"):
+        zunet.adopt_vae(new_decoder, pipe, remeasure="gpu0")
+    with pytest.raises(SystemExit):
+        zunet.main(["adopt-vae", str(new_decoder), "--pipeline", str(pipe), "--grid", str(tmp_path / "g.png")])
+    assert "--grid saves the samples of --remeasure; give --remeasure DEVICE too" in capsys.readouterr().err
+    assert (pipe / training.CARD).read_text() == card_before
+
+    assert zunet.adopt_vae(new_decoder, pipe, remeasure="cpu", attributes_path=smoke_run.attributes,
+                           grid_path=tmp_path / "grid.png") is True
+    assert "sampling held-out captions" in capsys.readouterr().err
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "grid.json").is_file()  # the samples and captions
+    w = load_file(str(pipe / "vae" / zvae.WEIGHTS_FILE))
+    assert all(torch.equal(v, load_file(str(new_decoder / zvae.WEIGHTS_FILE))[k]) for k, v in w.items())
+    # the card's numbers are those of its own evaluation through the new decoder
+    want = zunet.evaluate_folder(exported, vae=new_decoder, device="cpu", attributes_path=smoke_run.attributes,
+                                 guidance_scales=(float(old["main_guidance"]),), samples=int(old["eval_samples"]),
+                                 steps=int(old["eval_ddim_steps"]))
+    card = (pipe / training.CARD).read_text()
+    got = zunet._card_values(card)
+    for key in ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement"):
+        assert got[key] == str(want[key]), key
+    assert ("**Below target:**" in card) == (want["attribute_accuracy"] < 0.8)
+    line = next(ln for ln in card.splitlines() if ln.startswith("- decoder replaced on "))
+    assert f"attribute_accuracy {old['attribute_accuracy']} -> {want['attribute_accuracy']}" in line
+    assert card.index(line) < card.index("## Files") and "- vae/ replaced on " not in card
+    assert card.split("## Training")[1].split("## Metrics")[0] == \
+        card_before.split("## Training")[1].split("## Metrics")[0]  # the rest of the card kept
 
 
 def test_evaluate_folder_decodes_with_another_vae_of_the_same_config(smoke_run, exported, tmp_path, capsys,
