@@ -167,6 +167,14 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     return path
 
 
+def card_values(text: str, section: str = "Metrics") -> dict[str, str]:
+    """The ``- key: value`` lines of a card's ``## {section}`` section (as :func:`write_card` writes them), as
+    text; empty when the card has no such section."""
+    _, sep, rest = text.partition(f"\n## {section}\n")
+    body = rest.partition("\n## ")[0] if sep else ""
+    return dict(ln[2:].split(": ", 1) for ln in body.splitlines() if ln.startswith("- ") and ": " in ln)
+
+
 def replace_card_metrics(text: str, metrics: Mapping[str, Any], status: str | None) -> str:
     """A card's ``text`` (as :func:`write_card` writes it) with the ``- key: value`` lines of its ``## Metrics``
     section set to ``metrics`` (lines it lacks are added at the section's end; other lines, hand-written notes

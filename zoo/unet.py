@@ -745,15 +745,6 @@ def _card_status(metrics: Mapping[str, Any]) -> str | None:
                  "this VAE allows)", "0.8", NAME)
 
 
-def _card_values(text: str) -> dict[str, str]:
-    """The ``- key: value`` lines of a card's ``## Metrics`` section, as text."""
-    at = text.find("\n## Metrics\n")
-    if at < 0:
-        return {}
-    section = text[at + 1:].split("\n## ", 1)[0]
-    return dict(ln[2:].split(": ", 1) for ln in section.splitlines() if ln.startswith("- ") and ": " in ln)
-
-
 def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME, *,
               remeasure: str | None = None, attributes_path: str | os.PathLike = DEFAULT_ATTRIBUTES,
               grid_path: str | os.PathLike | None = None) -> bool:
@@ -805,7 +796,7 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
             raise ValueError(f"adopt_vae: remeasure={remeasure!r} is not a device; use e.g. 'cpu' or 'cuda'") from None
         if not card.is_file():
             raise FileNotFoundError(f"adopt_vae: {card} is missing; remeasure rewrites the card's sample metrics")
-        before = _card_values(card.read_text())
+        before = training.card_values(card.read_text())
         try:
             settings = dict(guidance_scales=(float(before.get("main_guidance", HPARAMS.main_guidance)),),
                             samples=int(before.get("eval_samples", HPARAMS.eval_samples)),
@@ -832,9 +823,11 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     else:
         shown = ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement")
         was = ", ".join(f"{k} {before.get(k, '?')} -> {remeasured.get(k, '?')}" for k in shown)
+        on = training.card_values(text, "Training").get("device", "?")
+        precision = "fp16" if torch.device(remeasure).type == "cuda" else "fp32"
         line = (f"{_DECODER_LINE}{stamp}, whose decoder differs: the sample metrics above were re-measured "
-                f"through it on {remeasure} (`python -m dragrt.zoo.unet adopt-vae VAE --remeasure DEVICE`: the "
-                f"card's captions, seed and settings): {was}\n")
+                f"through it on {remeasure} in {precision} (`python -m dragrt.zoo.unet adopt-vae VAE --remeasure "
+                f"DEVICE`: the card's captions, seed and settings; the numbers before, from {on}): {was}\n")
         text = training.replace_card_metrics(text, {k: remeasured[k] for k in CARD_METRICS if k in remeasured},
                                              _card_status(remeasured))
     at = text.find("\n## Files")

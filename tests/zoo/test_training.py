@@ -86,3 +86,24 @@ def test_region_boxes_refuse_other_shapes_and_regions():
         training.region_boxes(torch.zeros(1, 22, 2), 128, "ears")
     w = torch.tensor([[[[1.0, 3.0]]], [[[2.0, 2.0]]]])
     assert torch.equal(training.normalised_weights(w), torch.tensor([[[[0.5, 1.5]]], [[[1.0, 1.0]]]]))
+
+
+def test_replace_card_metrics_rewrites_the_metrics_and_the_status_and_keeps_the_notes(tmp_path):
+    card = training.write_card(tmp_path, name="m", summary="A model.", data="Renders.", training={"device": "cpu"},
+                               metrics={"score": 0.5, "per": {"a": 1.0}}, files=["w.safetensors"],
+                               status="**Below target:** 0.5 against 0.8.")
+    text = card.read_text().replace("\n\n## Files", "\n- a note: kept as written\n\n## Files")
+    assert training.card_values(text) == {"score": "0.5", "per": "{'a': 1.0}", "a note": "kept as written"}
+    assert training.card_values(text, "Training") == {"device": "cpu"}
+
+    met = training.replace_card_metrics(text, {"score": 0.9, "new": 3}, None)
+    assert training.card_values(met) == {"score": "0.9", "per": "{'a': 1.0}", "a note": "kept as written",
+                                         "new": "3"}
+    assert "## Status" not in met and "Below target" not in met
+    assert met.index("# zoo:m") < met.index("## Data") < met.index("## Metrics") < met.index("## Files")
+    assert met.split("## Files")[1] == text.split("## Files")[1]
+    below = training.replace_card_metrics(met, {"score": 0.1}, "**Below target:** 0.1 against 0.8.")
+    assert below.index("A model.") < below.index("## Status\n\n**Below target:** 0.1") < below.index("## Data")
+    assert training.replace_card_metrics(below, {}, "**Below target:** 0.1 against 0.8.") == below  # idempotent
+    with pytest.raises(ValueError, match="the card has no '## Metrics' section"):
+        training.replace_card_metrics("# zoo:m\n\nA model.\n", {"score": 1}, None)

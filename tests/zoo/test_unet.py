@@ -545,7 +545,7 @@ def test_adopt_vae_with_another_decoder_remeasures_the_card(smoke_run, exported,
     pipe = tmp_path / "faces-sd"
     shutil.copytree(exported, pipe)
     card_before = (pipe / training.CARD).read_text()
-    old = zunet._card_values(card_before)
+    old = training.card_values(card_before)
     new_decoder = _vae_variant(exported, tmp_path / "dec", lambda k: k.startswith("decoder.conv_out"))
     with pytest.raises(ValueError, match=r"remeasure='gpu0' is not a device; use e.g. 'cpu' or 'cuda'"):
         zunet.adopt_vae(new_decoder, pipe, remeasure="gpu0")
@@ -565,12 +565,13 @@ def test_adopt_vae_with_another_decoder_remeasures_the_card(smoke_run, exported,
                                  guidance_scales=(float(old["main_guidance"]),), samples=int(old["eval_samples"]),
                                  steps=int(old["eval_ddim_steps"]))
     card = (pipe / training.CARD).read_text()
-    got = zunet._card_values(card)
+    got = training.card_values(card)
     for key in ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement"):
         assert got[key] == str(want[key]), key
     assert ("**Below target:**" in card) == (want["attribute_accuracy"] < 0.8)
     line = next(ln for ln in card.splitlines() if ln.startswith("- decoder replaced on "))
     assert f"attribute_accuracy {old['attribute_accuracy']} -> {want['attribute_accuracy']}" in line
+    assert "re-measured through it on cpu in fp32" in line and "the numbers before, from cpu" in line
     assert card.index(line) < card.index("## Files") and "- vae/ replaced on " not in card
     assert card.split("## Training")[1].split("## Metrics")[0] == \
         card_before.split("## Training")[1].split("## Metrics")[0]  # the rest of the card kept
