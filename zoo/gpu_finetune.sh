@@ -82,16 +82,24 @@ else
   # The round gets at most what its timeout leaves (60 s kept for packing, 15 s for the trainer's start): a longer
   # --minutes had the timeout kill it mid-schedule, before its checkpoint and export (2026-12-06: 9.4 min in 516 s).
   vae_window=$(( end_s - $(el) - 60 ))
-  capped=$($py -c 'import math, sys; m = float(sys.argv[1]); assert m > 0 and math.isfinite(m)
-print(round(min(m, (int(sys.argv[2]) - 15) / 60), 2))' \
-    "$vae_minutes" "$vae_window" 2>/dev/null) || {
-    echo "VAE_MINUTES=$vae_minutes is not allowed; use a positive number of minutes (0 skips the VAE round)" >&2; exit 2; }
-  if $py -c 'import sys; sys.exit(0 if float(sys.argv[1]) < 0.5 else 1)' "$capped"; then
-    echo "END_S $end_s leaves the VAE round $capped min: too short to train, evaluate and export; use a larger END_S" >&2
-    exit 2
-  fi
-  $py -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$capped" "$vae_minutes" \
-    && echo "VAE_MINUTES $vae_minutes capped to $capped: what END_S $end_s leaves the round"
+  # one check prints the minutes the round gets; exit 2: VAE_MINUTES is not a positive number; 3: END_S leaves too
+  # little; 4: the minutes were capped
+  capped=$($py -c 'import math, sys
+try:
+    m = float(sys.argv[1]); assert m > 0 and math.isfinite(m)
+except (ValueError, AssertionError):
+    sys.exit(2)
+c = round(min(m, (int(sys.argv[2]) - 15) / 60), 2)
+print(c)
+sys.exit(3 if c < 0.5 else 4 if c < m else 0)' "$vae_minutes" "$vae_window")
+  case $? in
+    0) ;;
+    2) echo "VAE_MINUTES=$vae_minutes is not allowed; use a positive number of minutes (0 skips the VAE round)" >&2
+       exit 2 ;;
+    3) echo "END_S $end_s leaves the VAE round $capped min: too short to train, evaluate and export; use a larger END_S" >&2
+       exit 2 ;;
+    4) echo "VAE_MINUTES $vae_minutes capped to $capped: what END_S $end_s leaves the round" ;;
+  esac
   echo "faces-vae ($part) from $(el) s"
   # A round that does not beat the shipped PSNR is not kept: the UNet round then trains on the shipped VAE.
   shipped_db=$(sed -n 's/^- psnr_db: //p' zoo/weights/faces-vae/MODEL_CARD.md | head -1)

@@ -167,12 +167,20 @@ def write_card(dest: str | os.PathLike, *, name: str, summary: str, data: str, t
     return path
 
 
+def _card_item(line: str) -> tuple[str, str] | None:
+    """``(key, value)`` of a card's ``- key: value`` line (as :func:`write_card` writes them), else None."""
+    if not line.startswith("- ") or ": " not in line:
+        return None
+    key, value = line[2:].split(": ", 1)
+    return key, value
+
+
 def card_values(text: str, section: str = "Metrics") -> dict[str, str]:
-    """The ``- key: value`` lines of a card's ``## {section}`` section (as :func:`write_card` writes them), as
-    text; empty when the card has no such section."""
+    """The ``- key: value`` lines of a card's ``## {section}`` section, as text; empty when the card has no such
+    section."""
     _, sep, rest = text.partition(f"\n## {section}\n")
     body = rest.partition("\n## ")[0] if sep else ""
-    return dict(ln[2:].split(": ", 1) for ln in body.splitlines() if ln.startswith("- ") and ": " in ln)
+    return dict(item for item in map(_card_item, body.splitlines()) if item is not None)
 
 
 def replace_card_metrics(text: str, metrics: Mapping[str, Any], status: str | None) -> str:
@@ -186,7 +194,7 @@ def replace_card_metrics(text: str, metrics: Mapping[str, Any], status: str | No
     lines = section.split("\n")
     todo = dict(metrics)
     for i, ln in enumerate(lines):
-        key = ln[2:].split(": ", 1)[0] if ln.startswith("- ") and ": " in ln else None
+        key = (_card_item(ln) or (None,))[0]
         if key in todo:
             lines[i] = f"- {key}: {todo.pop(key)}"
     last = max((i for i, ln in enumerate(lines) if ln.strip()), default=0)

@@ -783,6 +783,7 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     decoding = sorted(k for k in set(new_w) | set(old_w) if k.startswith(DECODING_PARTS))
     changed = [k for k in decoding if k not in new_w or k not in old_w or not torch.equal(new_w[k], old_w[k])]
     card = dest.parent / training.CARD
+    card_text = card.read_text() if card.is_file() else None
     remeasured = None
     if not decoding or changed:
         if remeasure is None:
@@ -791,12 +792,12 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
                              "re-measure its card through it (remeasure=DEVICE, --remeasure DEVICE) or fine-tune "
                              "the pipeline's UNet on it instead")
         try:
-            torch.device(remeasure)
+            remeasure_dev = torch.device(remeasure)
         except (RuntimeError, TypeError):
             raise ValueError(f"adopt_vae: remeasure={remeasure!r} is not a device; use e.g. 'cpu' or 'cuda'") from None
-        if not card.is_file():
+        if card_text is None:
             raise FileNotFoundError(f"adopt_vae: {card} is missing; remeasure rewrites the card's sample metrics")
-        before = training.card_values(card.read_text())
+        before = training.card_values(card_text)
         try:
             settings = dict(guidance_scales=(float(before.get("main_guidance", HPARAMS.main_guidance)),),
                             samples=int(before.get("eval_samples", HPARAMS.eval_samples)),
@@ -810,11 +811,11 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         tmp = dest / f"{f}.tmp"
         tmp.write_bytes((src / f).read_bytes())
         os.replace(tmp, dest / f)
-    if not card.is_file():
+    if card_text is None:
         return True
     stamp = f"{time.strftime('%Y-%m-%d')} (commit {training.git_commit()}) by the autoencoder of {vae}"
     # the card says what vae/ is now: an earlier encoder adoption's line no longer holds
-    text = "".join(ln for ln in card.read_text().splitlines(keepends=True) if not ln.startswith(_ADOPTED_LINE))
+    text = "".join(ln for ln in card_text.splitlines(keepends=True) if not ln.startswith(_ADOPTED_LINE))
     if remeasured is None:
         line = (f"{_ADOPTED_LINE}{stamp}: the same decoder and scaling_factor, bit for bit, so the samples and "
                 "their metrics above are unchanged; its encoder differs: the round trips of images (what "
@@ -824,7 +825,7 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         shown = ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement")
         was = ", ".join(f"{k} {before.get(k, '?')} -> {remeasured.get(k, '?')}" for k in shown)
         on = training.card_values(text, "Training").get("device", "?")
-        precision = "fp16" if torch.device(remeasure).type == "cuda" else "fp32"
+        precision = "fp16" if remeasure_dev.type == "cuda" else "fp32"  # evaluate's sampling dtype
         line = (f"{_DECODER_LINE}{stamp}, whose decoder differs: the sample metrics above were re-measured "
                 f"through it on {remeasure} in {precision} (`python -m dragrt.zoo.unet adopt-vae VAE --remeasure "
                 f"DEVICE`: the card's captions, seed and settings; the numbers before, from {on}): {was}\n")
