@@ -62,18 +62,18 @@ def alias_target(folder: Path) -> Path | None:
 
 def available() -> dict[str, Path]:
     """Shipped zoo models: name -> the folder with their files (a folder counts once it holds a file other than its
-    card, or an alias to a folder that does)."""
+    card, or an alias to a folder that does). A folder's own weight files win over an alias left beside them (an
+    export untarred over the alias, before :func:`share_identical` has dropped it): they are the newer model."""
     if not WEIGHTS_DIR.is_dir():
         return {}
     out = {}
     for d in sorted(WEIGHTS_DIR.iterdir()):
         if not d.is_dir() or d.name.startswith((".", "_")):
             continue
-        target = alias_target(d)
-        if target is not None and _holds_weights(target):
-            out[d.name] = target
-        elif target is None and _holds_weights(d):
+        if _holds_weights(d):
             out[d.name] = d
+        elif (target := alias_target(d)) is not None and _holds_weights(target):
+            out[d.name] = target
     return out
 
 

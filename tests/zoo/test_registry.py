@@ -83,6 +83,9 @@ def test_an_export_unpacked_over_an_alias_replaces_it(weights):
     _folder(weights / "faces-vae", {**vae, "MODEL_CARD.md": "card"})
     assert registry.share_identical(weights) == ["faces-vae"]
     _folder(weights / "faces-vae", {**vae, "w.safetensors": "new decoder"})  # a tar from the device, alias left over
+    # before anything drops the alias, zoo:faces-vae is already the new files, not the alias's old ones (2026-12-06:
+    # an adopt-vae right after the untar found faces-sd's vae/ "already" identical to zoo:faces-vae)
+    assert registry.resolve("zoo:faces-vae") == weights / "faces-vae"
     assert registry.share_identical(weights) == []
     assert registry.resolve("zoo:faces-vae") == weights / "faces-vae"  # its own, newer files
     assert not (weights / "faces-vae" / registry.ALIAS_FILE).exists()
