@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -728,6 +729,8 @@ DECODING_PARTS = zvae.HALF_PREFIXES["decoder"]
 _ADOPTED_LINE = "- vae/ replaced on "
 #: How the card's line about an adopted autoencoder with another decoder starts (one per adoption: a history).
 _DECODER_LINE = "- decoder replaced on "
+#: In such a line: the device (and, since 2026-12-06, the dtype) of the re-measure.
+_REMEASURED = re.compile(r"re-measured through it on (\S+?)(?: in (fp16|fp32))?[ (]")
 #: The metrics a faces-sd card lists (what :func:`export` writes and ``adopt_vae(remeasure=...)`` re-measures).
 CARD_METRICS = ("attribute_accuracy", "attribute_accuracy_by_guidance", "attribute_accuracy_per_attribute",
                 "classifier_on_renders", "classifier_on_vae_round_trips", "classifier_on_vae_round_trips_per_attribute",
@@ -743,6 +746,21 @@ def _card_status(metrics: Mapping[str, Any]) -> str | None:
                  f"{metrics.get('main_guidance')}; the classifier scores "
                  f"{metrics.get('classifier_on_vae_round_trips')} on VAE round trips of renders, the ceiling "
                  "this VAE allows)", "0.8", NAME)
+
+
+def _precision(device: str) -> str:
+    """The dtype :func:`evaluate_folder` samples in on ``device`` (a torch device type, or a card's device line)."""
+    return "fp32" if device.startswith("cpu") else "fp16"
+
+
+def _measured_on(card_text: str) -> str:
+    """Where a card's sample metrics were measured, as ``DEVICE in DTYPE``: the latest re-measure's (its
+    ``- decoder replaced on`` line), else the export's (its evaluation ran on the training device)."""
+    for line in reversed(card_text.splitlines()):
+        if line.startswith(_DECODER_LINE) and (m := _REMEASURED.search(line)):
+            return f"{m.group(1)} in {m.group(2) or _precision(m.group(1))}"
+    device = training.card_values(card_text, "Training").get("device", "?")
+    return f"{device} in {_precision(device)}"
 
 
 def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike = "zoo:" + NAME, *,
@@ -824,11 +842,10 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
     else:
         shown = ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement")
         was = ", ".join(f"{k} {before.get(k, '?')} -> {remeasured.get(k, '?')}" for k in shown)
-        on = training.card_values(text, "Training").get("device", "?")
-        precision = "fp16" if remeasure_dev.type == "cuda" else "fp32"  # evaluate's sampling dtype
         line = (f"{_DECODER_LINE}{stamp}, whose decoder differs: the sample metrics above were re-measured "
-                f"through it on {remeasure} in {precision} (`python -m dragrt.zoo.unet adopt-vae VAE --remeasure "
-                f"DEVICE`: the card's captions, seed and settings; the numbers before, from {on}): {was}\n")
+                f"through it on {remeasure} in {_precision(remeasure_dev.type)} (`python -m dragrt.zoo.unet "
+                f"adopt-vae VAE --remeasure DEVICE`: the card's captions, seed and settings; the numbers before, "
+                f"from {_measured_on(text)}): {was}\n")
         text = training.replace_card_metrics(text, {k: remeasured[k] for k in CARD_METRICS if k in remeasured},
                                              _card_status(remeasured))
     at = text.find("\n## Files")

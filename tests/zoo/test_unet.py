@@ -577,6 +577,21 @@ def test_adopt_vae_with_another_decoder_remeasures_the_card(smoke_run, exported,
         card_before.split("## Training")[1].split("## Metrics")[0]  # the rest of the card kept
 
 
+def test_a_remeasure_names_where_the_numbers_it_replaces_were_measured():
+    """The history line of a re-measure says where the card's numbers before it came from: the latest re-measure's
+    device and dtype, else the export's (its training device; fp16 on a GPU, as evaluate_folder samples there).
+    2026-12-06: a second re-measure named the H100 of the export for numbers a CPU re-measure had written."""
+    card = "# x\n\n## Training\n\n- device: NVIDIA H100 80GB HBM3\n\n## Metrics\n\n- attribute_accuracy: 0.8\n"
+    assert zunet._measured_on(card) == "NVIDIA H100 80GB HBM3 in fp16"
+    assert zunet._measured_on(card.replace("NVIDIA H100 80GB HBM3", "cpu (2 cores)")) == "cpu (2 cores) in fp32"
+    first = "- decoder replaced on 2026-12-06 (commit a) by X, whose decoder differs: the sample metrics above were " \
+            "re-measured through it on cpu (`python -m ...`): attribute_accuracy 0.8 -> 0.81\n"  # before dtypes
+    assert zunet._measured_on(card + first) == "cpu in fp32"
+    second = first.replace("on cpu (", "on cuda:0 in fp16 (")
+    assert zunet._measured_on(card + first + second) == "cuda:0 in fp16"
+    assert zunet._measured_on(card + second + first) == "cpu in fp32"  # the latest line wins
+
+
 def test_evaluate_folder_decodes_with_another_vae_of_the_same_config(smoke_run, exported, tmp_path, capsys,
                                                                      monkeypatch):
     """--vae: the pipeline's samples decoded by another autoencoder of its config (a decoder fine-tune): the pipeline's
