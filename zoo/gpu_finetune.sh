@@ -33,7 +33,10 @@
 # 0.56 of sampled attributes (decoder 17 steps/s at batch 32, UNet 4.7 steps/s at batch 256). On an H100
 # (2026-12-05), with --cuda-graphs: UNet 10.2-10.65 steps/s; faces-sd 0.556 -> 0.725 (this script, encoder
 # round first) -> 0.783 (a UNet-only call of ~6 min); faces-vae's encoder 26.59 -> 26.69 dB. 2026-12-06, H100:
-# DRAGRT_SD_FACE_WEIGHT=4 with VAE_MINUTES 0, END_S 565 took faces-sd 0.7834 -> 0.8025 (4 145 steps, 9.77 steps/s).
+# DRAGRT_SD_FACE_WEIGHT=4 with VAE_MINUTES 0, END_S 565 took faces-sd 0.7834 -> 0.8025 (4 145 steps, 9.77 steps/s);
+# a compiled decoder round (DRAGRT_VAE_PART=decoder DRAGRT_VAE_EYE_WEIGHT=2 DRAGRT_ZOO_COMPILE=default
+# DRAGRT_ZOO_UNET=0 DRAGRT_VAE_MSE=1, VAE_MINUTES 9.4, END_S 585: 8.32 min) took faces-vae 27.633 -> 29.963 dB
+# (11 544 steps, 25.95 steps/s).
 set -uo pipefail
 out=${1:?usage: bash zoo/gpu_finetune.sh OUT_DIR [VAE_MINUTES] [END_S]}
 vae_minutes=${2:-3.5}
