@@ -186,9 +186,9 @@ _EVAL_EPILOG = (
     "turn head; one and several handles; with and without masks), targets from the renderer's ground truth, scored "
     "by the zoo's landmark regressor (drag error), PSNR/SSIM and an attribute-model feature distance outside the "
     "edited region. Both modes run on the same tasks; one JSON record per run (bench/quality.py explains every "
-    "number). dragdiffusion runs on zoo:faces-sd and draggan on zoo:faces-stylegan2 by default (128 px, where DragGAN's radii are kept at those "
-    "of 256 px, 2 and 6 px, and its features come from b64, half the image). oracle and "
-    "identity are calibration editors (a perfect edit; no edit). dragbench runs DragDiffusion over a local "
+    "number). dragdiffusion runs on zoo:faces-sd and draggan on zoo:faces-stylegan2 by default (128 px, where "
+    "DragGAN's radii are kept at those of 256 px, 2 and 6 px, and its features come from b64, half the image). "
+    "oracle and identity are calibration editors (a perfect edit; no edit). dragbench runs DragDiffusion over a local "
     "DragBench folder (--dragbench DIR, --model an SD1.x) and scores mean distance (DIFT features of --model) and "
     "PSNR/SSIM at 224x224 (bench/dragbench.py).")
 
