@@ -84,10 +84,9 @@ def _vae(n: int, dev: torch.device) -> dict[str, Any]:
 def _sd(n: int, dev: torch.device) -> dict[str, Any]:
     from dragrt.zoo import unet as zunet
 
-    card = training.card_values(registry.card_path("zoo:" + zunet.NAME).read_text())
-    return zunet.evaluate_folder(samples=n, device=str(dev), progress=True,
-                                 guidance_scales=(float(card.get("main_guidance", zunet.HPARAMS.main_guidance)),),
-                                 steps=int(card.get("eval_ddim_steps", zunet.HPARAMS.eval_steps)))
+    card = registry.card_path("zoo:" + zunet.NAME)
+    settings = zunet.card_eval_settings(training.card_values(card.read_text()), f"check: {card}")
+    return zunet.evaluate_folder(device=str(dev), progress=True, **{**settings, "samples": n})
 
 
 def _stylegan2(n: int, dev: torch.device) -> dict[str, Any]:

@@ -748,6 +748,19 @@ def _card_status(metrics: Mapping[str, Any]) -> str | None:
                  "this VAE allows)", "0.8", NAME)
 
 
+def card_eval_settings(card: Mapping[str, str], where: str) -> dict[str, Any]:
+    """The :func:`evaluate_folder` settings a card's sample metrics were measured with (its ``main_guidance``,
+    ``eval_samples`` and ``eval_ddim_steps``; the defaults where it lacks one), from :func:`training.card_values`;
+    ``ValueError`` naming ``where`` for a value that is not a number."""
+    try:
+        return dict(guidance_scales=(float(card.get("main_guidance", HPARAMS.main_guidance)),),
+                    samples=int(card.get("eval_samples", HPARAMS.eval_samples)),
+                    steps=int(card.get("eval_ddim_steps", HPARAMS.eval_steps)))
+    except ValueError as exc:
+        raise ValueError(f"{where}: the card's main_guidance, eval_samples or eval_ddim_steps is not a number "
+                         f"({exc}); fix the card or re-export the pipeline") from None
+
+
 def _precision(device: str) -> str:
     """The dtype :func:`evaluate_folder` samples in on ``device`` (a torch device type, or a card's device line)."""
     return "fp32" if device.startswith("cpu") else "fp16"
@@ -816,15 +829,9 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         if card_text is None:
             raise FileNotFoundError(f"adopt_vae: {card} is missing; remeasure rewrites the card's sample metrics")
         before = training.card_values(card_text)
-        try:
-            settings = dict(guidance_scales=(float(before.get("main_guidance", HPARAMS.main_guidance)),),
-                            samples=int(before.get("eval_samples", HPARAMS.eval_samples)),
-                            steps=int(before.get("eval_ddim_steps", HPARAMS.eval_steps)))
-        except ValueError as exc:
-            raise ValueError(f"adopt_vae: {card}'s main_guidance, eval_samples or eval_ddim_steps is not a "
-                             f"number ({exc}); fix the card or re-export the pipeline") from None
         remeasured = evaluate_folder(dest.parent, device=remeasure, attributes_path=attributes_path,
-                                     vae=src, progress=True, grid_path=grid_path, **settings)
+                                     vae=src, progress=True, grid_path=grid_path,
+                                     **card_eval_settings(before, f"adopt_vae: {card}"))
     for f in files:  # a new file, then a rename: whoever has the old one memory-mapped keeps reading it intact
         tmp = dest / f"{f}.tmp"
         tmp.write_bytes((src / f).read_bytes())

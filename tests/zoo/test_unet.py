@@ -577,6 +577,16 @@ def test_adopt_vae_with_another_decoder_remeasures_the_card(smoke_run, exported,
         card_before.split("## Training")[1].split("## Metrics")[0]  # the rest of the card kept
 
 
+def test_card_eval_settings_are_the_cards_own_with_the_defaults_for_what_it_lacks():
+    """What adopt-vae --remeasure and python -m dragrt.zoo.check sample with: the card's CFG scale, sample and step
+    counts; a card value that is not a number is named with its caller."""
+    got = zunet.card_eval_settings({"main_guidance": "7.5", "eval_samples": "8"}, "here")
+    assert got == {"guidance_scales": (7.5,), "samples": 8, "steps": zunet.HPARAMS.eval_steps}
+    with pytest.raises(ValueError, match=r"^here: the card's main_guidance, eval_samples or eval_ddim_steps is not a "
+                                         r"number"):
+        zunet.card_eval_settings({"eval_ddim_steps": "fifty"}, "here")
+
+
 def test_a_remeasure_names_where_the_numbers_it_replaces_were_measured():
     """The history line of a re-measure says where the card's numbers before it came from: the latest re-measure's
     device and dtype, else the export's (its training device; fp16 on a GPU, as evaluate_folder samples there).
