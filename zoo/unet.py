@@ -762,8 +762,9 @@ def card_eval_settings(card: Mapping[str, str], where: str) -> dict[str, Any]:
 
 
 def _precision(device: str) -> str:
-    """The dtype :func:`evaluate_folder` samples in on ``device`` (a torch device type, or a card's device line)."""
-    return "fp32" if device.startswith("cpu") else "fp16"
+    """The dtype :func:`evaluate_folder` samples in on ``device`` (a torch device, or a card's device line: a CUDA
+    GPU's name): fp16 on CUDA, fp32 elsewhere."""
+    return "fp16" if device.startswith(("cuda", "NVIDIA")) else "fp32"
 
 
 def _measured_on(card_text: str) -> str:
@@ -850,7 +851,7 @@ def adopt_vae(vae: str | os.PathLike = DEFAULT_VAE, pipeline: str | os.PathLike 
         shown = ("attribute_accuracy", "classifier_on_vae_round_trips", "caption_agreement")
         was = ", ".join(f"{k} {before.get(k, '?')} -> {remeasured.get(k, '?')}" for k in shown)
         line = (f"{_DECODER_LINE}{stamp}, whose decoder differs: the sample metrics above were re-measured "
-                f"through it on {remeasure} in {_precision(remeasure_dev.type)} (`python -m dragrt.zoo.unet "
+                f"through it on {remeasure} in {_precision(str(remeasure_dev))} (`python -m dragrt.zoo.unet "
                 f"adopt-vae VAE --remeasure DEVICE`: the card's captions, seed and settings; the numbers before, "
                 f"from {_measured_on(text)}): {was}\n")
         text = training.replace_card_metrics(text, {k: remeasured[k] for k in CARD_METRICS if k in remeasured},

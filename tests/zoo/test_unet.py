@@ -600,6 +600,8 @@ def test_a_remeasure_names_where_the_numbers_it_replaces_were_measured():
     second = first.replace("on cpu (", "on cuda:0 in fp16 (")
     assert zunet._measured_on(card + first + second) == "cuda:0 in fp16"
     assert zunet._measured_on(card + second + first) == "cpu in fp32"  # the latest line wins
+    third = first.replace("on cpu (", "on mps (")  # sampled in fp32 there too, as everywhere but on CUDA
+    assert zunet._measured_on(card + third) == "mps in fp32"
 
 
 def test_evaluate_folder_decodes_with_another_vae_of_the_same_config(smoke_run, exported, tmp_path, capsys,
