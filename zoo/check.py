@@ -196,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no zoo model is installed; train one with: " + registry.train_command("faces-landmarks"))
     ok = True
     for name in names:
+        n = CHECKS[name].images if args.images is None else args.images
+        print(f"measuring zoo:{name} on {n} {CHECKS[name].counts} ...", file=sys.stderr, flush=True)
         try:
             result = check(name, args.images, args.device)
         except (ValueError, FileNotFoundError) as exc:

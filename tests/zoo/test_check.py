@@ -33,7 +33,8 @@ def test_a_missed_target_is_shown_and_fails_the_exit_status(monkeypatch, capsys)
     monkeypatch.setitem(check.CHECKS, "faces-vae", fake)
     monkeypatch.setattr(registry, "installed", lambda *names: True)
     assert check.main(["zoo:faces-vae", "--images", "4"]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "measuring zoo:faces-vae on 4 held-out renders ..." in err  # before the (minutes of) measuring
     assert "psnr_db" in out and "27.5" in out and ">= 28  MISSES" in out
     assert "categorical_accuracy_round_trips" in out  # not measured: shown as '-'
     res = check.check("faces-vae", images=4)
