@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,12 @@ def test_the_dragdiffusion_demo_runs_on_the_shipped_default(tmp_path, capsys):
     assert "DragDiffusion on zoo:faces-sd" in capsys.readouterr().out
     record = json.loads((out / "edit.json").read_text())
     assert record["runs"][0]["steps"] <= 2 and (out / "after.png").is_file()
+    # the mouth is masked, as a user would draw it: the handle inside the mask, most of the face outside
+    from PIL import Image
+
+    mask = np.asarray(Image.open(out / "edit_mask.png")) > 0
+    hx, hy = record["runs"][0]["points"][0]["handle"]  # where the run started
+    assert record["runs"][0]["mask"] and mask[round(hy), round(hx)] and 0.02 < mask.mean() < 0.2
 
 
 def test_a_plain_diffusers_from_pretrained_loads_and_samples():
