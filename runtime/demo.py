@@ -370,18 +370,13 @@ def _print_smile(rec: dict) -> None:
               f"{smile[1]:.2f} after")
 
 
-#: The demo's DragDiffusion mask: the box of these landmarks, padded on each side by this fraction of the image.
-MOUTH_LANDMARKS = ("mouth_left", "mouth_right", "upper_lip", "lower_lip")
-MOUTH_MASK_PAD = 28 / 256
-
-
 def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL, seed: int = 0, max_steps: int = 80,
                       device: str = "auto", progress: bool = True) -> dict:
     """DragDiffusion through :class:`~dragrt.runtime.session.EditSession` on an SD1.x pipeline (``model``: a
     diffusers folder, a single ``.safetensors`` or ``zoo:<name>``), on a face of the zoo's world rendered at the
     pipeline's native size: the handle is a mouth corner, the target where the same face's corner goes when it
     smiles more (renderer ground truth), the prompt the face's caption, and a mask over the mouth (the box of
-    :data:`MOUTH_LANDMARKS`, padded by :data:`MOUTH_MASK_PAD` of the image), as a user draws one in
+    its landmarks, padded by 28 px at 256: ``dragrt.zoo.training.REGIONS["mouth"]``), as a user draws one in
     DragDiffusion's editor: the method's mask term holds the rest of the face (on seed 0's face, the edit keeps
     27.3 dB PSNR of the render, 28.8 outside the mask, against 25.4 without a mask). Writes
     before.png (the mask's outline in yellow), after.png, drag.gif (previews every 5 iterations) and the edit
@@ -392,7 +387,7 @@ def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL
     from dragrt.runtime.models.attention import transformer_self_attentions
     from dragrt.runtime.models.sd import load_sd
     from dragrt.runtime.session import EditSession
-    from dragrt.zoo import world
+    from dragrt.zoo import training, world
 
     if not 1 <= max_steps <= 1000:
         raise ValueError(f"max_steps={max_steps} is not allowed; use 1 to 1000")
@@ -412,10 +407,8 @@ def run_dragdiffusion(out_dir: Path, *, model: str = DRAGDIFFUSION_DEFAULT_MODEL
     session = EditSession.from_image(sd, face.image, face.caption, config=config, runtime=runtime,
                                      model_id=str(model))
     session.add_point(handle, target)
-    mouth = face.landmarks[[world.LANDMARK_NAMES.index(n) for n in MOUTH_LANDMARKS]]
-    pad = MOUTH_MASK_PAD * size
-    x0, y0 = np.clip(np.floor(mouth.min(0) - pad), 0, size).astype(int)
-    x1, y1 = np.clip(np.ceil(mouth.max(0) + pad), 0, size).astype(int)
+    box = training.region_boxes(torch.from_numpy(face.landmarks)[None], size, "mouth")[0].double().numpy() * size
+    (x0, y0), (x1, y1) = np.floor(box[:2]).astype(int), np.ceil(box[2:]).astype(int)
     mask = np.zeros((size, size), np.float32)
     mask[y0:y1, x0:x1] = 1.0
     session.set_mask(mask)

@@ -409,16 +409,18 @@ def resolve_zoo_path(path: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-#: Face regions a trainer's loss can weigh more (``--lower-face-weight``, ``--eye-weight``): the landmarks whose box,
-#: padded by a fraction of the image side, bounds what the renderer draws there. ``lower_face``: every moustache,
-#: goatee and full beard (96-99 % of a full beard's pixels; padded by one 8x latent pixel at 256 px); ``eyes``:
-#: the glasses' frames (97-100 % of their pixels with a 24 px pad at 256 px).
+#: Face regions as the box of some landmarks, padded by a fraction of the image side. A trainer's loss can weigh
+#: two more (``--lower-face-weight``, ``--eye-weight``), each bounding what the renderer draws there:
+#: ``lower_face``: every moustache, goatee and full beard (96-99 % of a full beard's pixels; padded by one 8x
+#: latent pixel at 256 px); ``eyes``: the glasses' frames (97-100 % of their pixels with a 24 px pad at 256 px).
+#: ``mouth`` (28 px pad at 256 px) is the mask of ``dragrt demo --method dragdiffusion``.
 REGIONS: dict[str, tuple[tuple[str, ...], float]] = {
     "lower_face": (("nose_tip", "mouth_left", "mouth_right", "upper_lip", "lower_lip", "chin", "left_jaw",
                     "right_jaw"), 1 / 32),
     "eyes": (("left_eye_outer", "left_eye_inner", "right_eye_inner", "right_eye_outer", "left_eye_top",
               "left_eye_bottom", "right_eye_top", "right_eye_bottom", "left_pupil", "right_pupil", "left_brow_outer",
               "left_brow_inner", "right_brow_inner", "right_brow_outer"), 3 / 32),
+    "mouth": (("mouth_left", "mouth_right", "upper_lip", "lower_lip"), 7 / 64),
 }
 
 
