@@ -78,7 +78,7 @@ def _vae(n: int, dev: torch.device) -> dict[str, Any]:
     from dragrt.zoo import vae as zvae
 
     model = zvae.load_vae(device=dev, dtype=torch.float32)
-    return zvae.evaluate(model, zvae.heldout_images(n, 256), ceilings=True)
+    return zvae.evaluate(model, zvae.heldout_images(n, int(model.config.sample_size)), ceilings=True)
 
 
 def _sd(n: int, dev: torch.device) -> dict[str, Any]:
@@ -90,13 +90,12 @@ def _sd(n: int, dev: torch.device) -> dict[str, Any]:
 
 
 def _stylegan2(n: int, dev: torch.device) -> dict[str, Any]:
+    from dragrt.runtime.models.stylegan2_convert import load_generator
     from dragrt.zoo import stylegan2_train as sgt
 
-    start = sgt.shipped_start("zoo:" + sgt.NAME)
-    cfg = dataclasses.replace(start.config, eval_samples=n, eval_reals=n, num_workers=0)
-    g_ema = sgt.Generator.from_config(cfg.generator_config())
-    g_ema.load_state_dict(start.generator)
-    return sgt.evaluate(g_ema.to(dev).eval().requires_grad_(False), cfg, dev)
+    g_ema = load_generator("zoo:" + sgt.NAME, device=dev).float()  # as the DragGAN engine loads it
+    cfg = sgt.TrainConfig.from_dict(g_ema.checkpoint_record["source"]["train_config"])
+    return sgt.evaluate(g_ema, dataclasses.replace(cfg, eval_samples=n, eval_reals=n, num_workers=0), dev)
 
 
 CHECKS: dict[str, Check] = {
@@ -142,8 +141,7 @@ def check(name: str, images: int | None = None, device: str = "cpu") -> dict[str
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"device={device!r} is not a device; use e.g. 'cpu' or 'cuda'") from None
-    if not registry.installed(name):
-        registry.resolve("zoo:" + name)  # raises FileNotFoundError naming the training command
+    registry.resolve("zoo:" + name)  # a missing model: FileNotFoundError naming its training command
     card = training.card_values(registry.card_path("zoo:" + name).read_text())
     t0 = time.monotonic()
     measured = spec.measure(n, dev)
